@@ -1,0 +1,445 @@
+"""Applying an origin's changes to a target: transactional, exactly once, in the origin's order.
+
+A window (see reader.py) is copied into a temporary stage table on the target, then applied in
+pieces of whole source transactions. Each piece commits together with the target's position for
+that origin, so a crash at any instant repeats nothing and loses nothing. Inside a piece the
+changes are applied set-wise per table: the last change of each row wins over earlier ones of
+the same origin, and each row's version (hybrid clock, origin) decides against the local version
+(conflict.py). The target session runs with session_replication_role = replica, so the
+application's triggers and foreign keys stay quiet and nothing applied is captured again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg import sql
+
+from pgconcord import catalog, conflict, reader
+from pgconcord.catalog import Table
+from pgconcord.config import NodeConfig
+from pgconcord.errors import PgconcordError, SchemaError
+from pgconcord.transport import connect
+
+log = logging.getLogger(__name__)
+
+Connection = psycopg.Connection[tuple[object, ...]]
+
+DEFAULT_PIECE_ROWS = 50_000
+# How often an idle pair moves its position forward, so the origin can purge its log.
+IDLE_ADVANCE_SECONDS = 10
+
+_TEMPORARY_TABLES = """
+CREATE TEMPORARY TABLE IF NOT EXISTS pgconcord_stage (
+    transaction_order bigint, id bigint, schema_name text, table_name text, operation "char",
+    row_key jsonb, clock bigint, previous_clock bigint, previous_origin text, new_row jsonb);
+CREATE TEMPORARY TABLE IF NOT EXISTS pgconcord_decision (
+    row_key jsonb, operation "char", clock bigint, new_row jsonb,
+    previous_clock bigint, previous_origin text,
+    local_clock bigint, local_origin text, local_deleted boolean);
+CREATE TEMPORARY TABLE IF NOT EXISTS pgconcord_winner (row_key jsonb);
+"""
+
+
+class ApplyError(PgconcordError):
+    """Changes from an origin cannot be applied; they stay queued and are retried."""
+
+
+class Superseded(Exception):
+    """Another process moved this pair's position while we worked; start over from it."""
+
+
+@dataclass(frozen=True)
+class Position:
+    applied_snapshot: str
+    window_snapshot: str | None
+    window_done: int | None
+
+
+@dataclass
+class PullResult:
+    origin: str
+    target: str
+    changes: int = 0
+    transactions: int = 0
+    conflicts: int = 0
+
+
+@dataclass(frozen=True)
+class TablePlan:
+    """How to apply one table's changes on this target."""
+
+    table: Table
+    table_id: int
+    columns: tuple[str, ...]  # stored columns the origin sends and the target has
+
+
+class Puller:
+    """Moves one origin's changes into one target. Not thread-safe: one per thread."""
+
+    def __init__(
+        self, origin: NodeConfig, target: NodeConfig, *, piece_rows: int = DEFAULT_PIECE_ROWS
+    ) -> None:
+        self.origin = origin
+        self.target = target
+        self.piece_rows = piece_rows
+        self._origin_connection: Connection | None = None
+        self._target_connection: Connection | None = None
+
+    # -- connections ---------------------------------------------------------------------
+
+    def _origin(self) -> Connection:
+        if self._origin_connection is None or self._origin_connection.closed:
+            self._origin_connection = connect(self.origin)
+        return self._origin_connection
+
+    def _target(self) -> Connection:
+        if self._target_connection is None or self._target_connection.closed:
+            connection = connect(self.target)
+            try:
+                connection.execute("SET session_replication_role = replica")
+            except pg_errors.InsufficientPrivilege:
+                connection.close()
+                raise ApplyError(
+                    f"node {self.target.name}: the agent's role may not set"
+                    " session_replication_role (needs superuser, or on PostgreSQL 15+"
+                    " GRANT SET ON PARAMETER session_replication_role)"
+                ) from None
+            # With a short deadlock timeout this session notices a deadlock first and is the
+            # one rolled back (and retried), not the application's transaction.
+            try:
+                connection.execute("SET deadlock_timeout = '50ms'")
+            except pg_errors.InsufficientPrivilege:
+                connection.rollback()
+            connection.execute(_TEMPORARY_TABLES)
+            connection.commit()
+            self._target_connection = connection
+        return self._target_connection
+
+    def close(self) -> None:
+        for connection in (self._origin_connection, self._target_connection):
+            if connection is not None and not connection.closed:
+                connection.close()
+        self._origin_connection = self._target_connection = None
+
+    # -- the pull --------------------------------------------------------------------------
+
+    def pull(self, should_stop: Callable[[], bool] = lambda: False) -> PullResult:
+        """Apply windows until the origin has nothing newer. Connection failures raise
+        NodeUnavailable; the caller retries later."""
+        result = PullResult(origin=self.origin.name, target=self.target.name)
+        try:
+            while not should_stop():
+                try:
+                    if not self._pull_window(result, should_stop):
+                        break
+                except Superseded:
+                    log.debug(
+                        "%s -> %s: position moved by another process",
+                        self.origin.name,
+                        self.target.name,
+                    )
+                except pg_errors.DeadlockDetected:
+                    self._rollback()
+        except psycopg.OperationalError as error:
+            self.close()
+            from pgconcord.transport import describe_connection_error
+
+            failed = self.origin.name if _is_closed(self._origin_connection) else self.target.name
+            from pgconcord.errors import NodeUnavailable
+
+            raise NodeUnavailable(failed, describe_connection_error(error)) from None
+        except BaseException:
+            self._rollback()
+            raise
+        return result
+
+    def _rollback(self) -> None:
+        for connection in (self._origin_connection, self._target_connection):
+            if connection is not None and not connection.closed:
+                connection.rollback()
+
+    def _pull_window(self, result: PullResult, should_stop: Callable[[], bool]) -> bool:
+        """Apply one window; False when there was nothing to apply."""
+        origin, target = self._origin(), self._target()
+        position = self._read_position(target, lock=False)
+        target.commit()
+        if position.window_snapshot is None:
+            snapshot = reader.begin_snapshot(origin)
+            window = reader.Window(position.applied_snapshot, snapshot, 0)
+            if not reader.window_has_changes(origin, window):
+                origin.rollback()
+                self._advance_idle(target, position, snapshot)
+                return False
+        else:
+            origin.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            window = reader.Window(
+                position.applied_snapshot, position.window_snapshot, position.window_done or 0
+            )
+        staged = self._stage(origin, target, window)
+        plans = self._plans(origin, target)
+        origin.commit()
+        pieces = self._pieces(target, many=staged > self.piece_rows)
+        done = window.done
+        for index, (last_order, rows, transactions) in enumerate(pieces):
+            if should_stop():
+                return False
+            final = index == len(pieces) - 1
+            expected = (
+                position
+                if index == 0
+                else Position(window.applied_snapshot, window.window_snapshot, done)
+            )
+            conflicts = self._apply_piece(target, plans, expected, window, done, last_order, final)
+            done = last_order
+            result.changes += rows
+            result.transactions += transactions
+            result.conflicts += conflicts
+        if not pieces:
+            self._finish_empty_window(target, position, window)
+        return True
+
+    # -- position ------------------------------------------------------------------------
+
+    def _read_position(self, target: Connection, *, lock: bool) -> Position:
+        query = (
+            "SELECT applied_snapshot::text, window_snapshot::text, window_done"
+            " FROM pgconcord.position WHERE origin = %s"
+        )
+        row = target.execute(
+            query + (" FOR UPDATE" if lock else ""), (self.origin.name,)
+        ).fetchone()
+        if row is None:
+            raise ApplyError(
+                f"node {self.target.name} has no position for origin {self.origin.name};"
+                " run pgconcord setup"
+            )
+        done = row[2]
+        return Position(
+            str(row[0]),
+            None if row[1] is None else str(row[1]),
+            None if done is None else int(str(done)),
+        )
+
+    def _advance_idle(self, target: Connection, position: Position, snapshot: str) -> None:
+        target.execute(
+            "UPDATE pgconcord.position SET applied_snapshot = %s, updated_at = now()"
+            " WHERE origin = %s AND applied_snapshot::text = %s AND window_snapshot IS NULL"
+            " AND updated_at < now() - make_interval(secs => %s)",
+            (snapshot, self.origin.name, position.applied_snapshot, IDLE_ADVANCE_SECONDS),
+        )
+        target.commit()
+
+    def _finish_empty_window(
+        self, target: Connection, position: Position, window: reader.Window
+    ) -> None:
+        with target.transaction():
+            if self._read_position(target, lock=True) != position:
+                raise Superseded
+            target.execute(
+                "UPDATE pgconcord.position SET applied_snapshot = %s, window_snapshot = NULL,"
+                " window_done = NULL, updated_at = now() WHERE origin = %s",
+                (window.window_snapshot, self.origin.name),
+            )
+
+    # -- staging -------------------------------------------------------------------------
+
+    def _stage(self, origin: Connection, target: Connection, window: reader.Window) -> int:
+        with target.transaction():
+            target.execute("TRUNCATE pgconcord_stage")
+            target.execute("DROP INDEX IF EXISTS pgconcord_stage_order")
+            with target.cursor() as cursor, cursor.copy("COPY pgconcord_stage FROM STDIN") as copy:
+                for block in reader.stream_window(origin, window):
+                    copy.write(block)
+            row = target.execute("SELECT count(*) FROM pgconcord_stage").fetchone()
+            staged = int(str(row[0])) if row else 0
+            if staged > 10_000:
+                target.execute("ANALYZE pgconcord_stage")
+        return staged
+
+    def _plans(self, origin: Connection, target: Connection) -> dict[tuple[str, str], TablePlan]:
+        """Check the staged tables exist on the target with every column the origin sends."""
+        names = {
+            (str(schema), str(table))
+            for schema, table in target.execute(
+                "SELECT DISTINCT schema_name, table_name FROM pgconcord_stage"
+            )
+        }
+        if not names:
+            return {}
+        at_origin = reader.origin_tables(origin, names)
+        registered = catalog.registered_tables(target)
+        at_target = {
+            (t.schema, t.name): t
+            for t in catalog.discover_tables(target, sorted({s for s, _ in names}), set())
+        }
+        target.commit()
+        plans = {}
+        for name in sorted(names):
+            qualified = ".".join(name)
+            source, destination = at_origin.get(name), at_target.get(name)
+            if destination is None or name not in registered:
+                raise SchemaError(
+                    f"table {qualified}: changes from {self.origin.name} cannot be applied on"
+                    f" {self.target.name}: the table is missing there"
+                    + ("" if destination is None else " from replication (run pgconcord setup)")
+                )
+            if source is None:
+                raise SchemaError(f"table {qualified}: no longer exists on {self.origin.name}")
+            target_columns = {c.name for c in destination.stored_columns}
+            for column in source.stored_columns:
+                if column.name not in target_columns:
+                    raise SchemaError(
+                        f"table {qualified}: column {column.name} exists on {self.origin.name}"
+                        f" but not on {self.target.name}"
+                    )
+            if source.key_columns != destination.key_columns:
+                raise SchemaError(
+                    f"table {qualified}: primary key differs between {self.origin.name}"
+                    f" ({', '.join(source.key_columns)}) and {self.target.name}"
+                    f" ({', '.join(destination.key_columns)})"
+                )
+            plans[name] = TablePlan(
+                table=destination,
+                table_id=registered[name],
+                columns=tuple(c.name for c in source.stored_columns),
+            )
+        return plans
+
+    def _pieces(self, target: Connection, *, many: bool) -> list[tuple[int, int, int]]:
+        """(last transaction order, rows, transactions) of each piece, in order."""
+        if many:
+            target.execute(
+                "CREATE INDEX pgconcord_stage_order ON pgconcord_stage (transaction_order)"
+            )
+        rows = target.execute(
+            """
+            SELECT max(transaction_order), sum(changes), count(*)
+              FROM (SELECT transaction_order, changes,
+                           (sum(changes) OVER (ORDER BY transaction_order) - changes) / %s
+                             AS piece
+                      FROM (SELECT transaction_order, count(*) AS changes
+                              FROM pgconcord_stage GROUP BY transaction_order) AS per_transaction
+                   ) AS numbered
+             GROUP BY piece ORDER BY 1
+            """,
+            (self.piece_rows,),
+        ).fetchall()
+        target.commit()
+        return [(int(str(a)), int(str(b)), int(str(c))) for a, b, c in rows]
+
+    # -- applying ------------------------------------------------------------------------
+
+    def _apply_piece(
+        self,
+        target: Connection,
+        plans: dict[tuple[str, str], TablePlan],
+        expected: Position,
+        window: reader.Window,
+        after: int,
+        last_order: int,
+        final: bool,
+    ) -> int:
+        selection = sql.SQL("s.transaction_order > {} AND s.transaction_order <= {}").format(
+            sql.Literal(after), sql.Literal(last_order)
+        )
+        try:
+            return self._apply_selection(
+                target, plans, expected, window, [selection], selection, last_order, final
+            )
+        except (pg_errors.UniqueViolation, pg_errors.ExclusionViolation):
+            # Set-wise apply lost the order between rows (a value moved from one row to
+            # another inside the piece); apply the piece change by change instead.
+            ids = target.execute(
+                sql.SQL(
+                    "SELECT s.id FROM pgconcord_stage s WHERE {} ORDER BY s.transaction_order, s.id"
+                ).format(selection)
+            ).fetchall()
+            target.rollback()
+            selections = [sql.SQL("s.id = {}").format(sql.Literal(int(str(row[0])))) for row in ids]
+            return self._apply_selection(
+                target, plans, expected, window, selections, selection, last_order, final
+            )
+
+    def _apply_selection(
+        self,
+        target: Connection,
+        plans: dict[tuple[str, str], TablePlan],
+        expected: Position,
+        window: reader.Window,
+        selections: list[sql.Composable],
+        piece: sql.Composable,
+        last_order: int,
+        final: bool,
+    ) -> int:
+        conflicts = 0
+        with target.transaction():
+            if self._read_position(target, lock=True) != expected:
+                raise Superseded
+            for selection in selections:
+                for (schema, name), plan in plans.items():
+                    try:
+                        conflicts += self._apply_table(target, plan, schema, name, selection)
+                    except (pg_errors.UniqueViolation, pg_errors.ExclusionViolation):
+                        raise
+                    except psycopg.DatabaseError as error:
+                        if isinstance(error, psycopg.OperationalError | pg_errors.DeadlockDetected):
+                            raise
+                        raise ApplyError(
+                            f"applying changes from {self.origin.name} to table"
+                            f" {schema}.{name} on {self.target.name} failed:"
+                            f" {str(error).strip().splitlines()[0]}; they stay queued"
+                        ) from None
+            summary = target.execute(
+                sql.SQL("SELECT count(*), max(s.clock) FROM pgconcord_stage s WHERE {}").format(
+                    piece
+                )
+            ).fetchone()
+            changes = int(str(summary[0])) if summary else 0
+            if final:
+                values = (window.window_snapshot, None, None)
+            else:
+                values = (window.applied_snapshot, window.window_snapshot, last_order)
+            target.execute(
+                "UPDATE pgconcord.position SET applied_snapshot = %s, window_snapshot = %s,"
+                " window_done = %s, applied_changes = applied_changes + %s,"
+                " last_applied_clock = greatest(last_applied_clock, %s), updated_at = now()"
+                " WHERE origin = %s",
+                (*values, changes, summary[1] if summary else None, self.origin.name),
+            )
+        return conflicts
+
+    def _apply_table(
+        self,
+        target: Connection,
+        plan: TablePlan,
+        schema: str,
+        name: str,
+        selection: sql.Composable,
+    ) -> int:
+        statements = conflict.table_statements(plan.table, plan.columns)
+        parameters = {
+            "schema": schema,
+            "table": name,
+            "table_id": plan.table_id,
+            "origin": self.origin.name,
+        }
+        target.execute("TRUNCATE pgconcord_decision, pgconcord_winner")
+        filled = target.execute(statements.decide(selection), parameters)
+        if filled.rowcount == 0:
+            return 0
+        if filled.rowcount > 10_000:
+            target.execute("ANALYZE pgconcord_decision")
+        target.execute(statements.choose_winners, parameters)
+        recorded = target.execute(statements.record_conflicts, parameters).rowcount
+        target.execute(statements.delete_rows, parameters)
+        target.execute(statements.upsert_rows, parameters)
+        return max(recorded, 0)
+
+
+def _is_closed(connection: Connection | None) -> bool:
+    return connection is None or connection.closed or connection.broken

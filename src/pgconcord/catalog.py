@@ -1,0 +1,246 @@
+"""pgconcord's own schema in each node's database: versioned migrations, node identity, the
+registry of replicated tables and the capture triggers on them."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+import psycopg
+from psycopg import sql
+
+from pgconcord.errors import ConfigError, SchemaError
+
+SCHEMA = "pgconcord"
+_MIGRATION_FILE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
+# Serializes concurrent setups of one database (two operators, or setup racing an agent).
+_SETUP_LOCK = 0x70676363  # "pgcc"
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type_name: str
+    generated: bool
+
+
+@dataclass(frozen=True)
+class Table:
+    schema: str
+    name: str
+    key_columns: tuple[str, ...]
+    columns: tuple[Column, ...]
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    @property
+    def identifier(self) -> sql.Composed:
+        return sql.Identifier(self.schema, self.name)
+
+    @property
+    def stored_columns(self) -> tuple[Column, ...]:
+        """Columns whose values are replicated; generated ones are recomputed on each node."""
+        return tuple(column for column in self.columns if not column.generated)
+
+
+def read_sql(name: str) -> str:
+    return resources.files("pgconcord").joinpath("sql", name).read_text(encoding="utf-8")
+
+
+def migrations() -> list[tuple[int, str]]:
+    found = []
+    for entry in resources.files("pgconcord").joinpath("sql").iterdir():
+        match = _MIGRATION_FILE.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), entry.name))
+    return sorted(found)
+
+
+def latest_version() -> int:
+    return migrations()[-1][0]
+
+
+def installed_version(connection: psycopg.Connection[tuple[object, ...]]) -> int:
+    row = connection.execute(
+        "SELECT to_regclass('pgconcord.catalog_version') IS NOT NULL"
+    ).fetchone()
+    if not row or not row[0]:
+        return 0
+    version = connection.execute("SELECT version FROM pgconcord.catalog_version").fetchone()
+    return int(str(version[0])) if version else 0
+
+
+def migrate(connection: psycopg.Connection[tuple[object, ...]]) -> int:
+    """Bring the catalog to the newest version inside the caller's transaction."""
+    connection.execute("SELECT pg_advisory_xact_lock(%s)", (_SETUP_LOCK,))
+    current = installed_version(connection)
+    for version, file_name in migrations():
+        if version <= current:
+            continue
+        connection.execute(read_sql(file_name).encode())
+        connection.execute(
+            "INSERT INTO pgconcord.catalog_version (version) VALUES (%s)"
+            " ON CONFLICT (singleton) DO UPDATE SET version = excluded.version",
+            (version,),
+        )
+        current = version
+    return current
+
+
+def local_node_name(connection: psycopg.Connection[tuple[object, ...]]) -> str | None:
+    if installed_version(connection) == 0:
+        return None
+    row = connection.execute("SELECT name FROM pgconcord.local_node").fetchone()
+    return str(row[0]) if row else None
+
+
+def check_identity(connection: psycopg.Connection[tuple[object, ...]], node_name: str) -> None:
+    """Refuse a database that already belongs to another node name."""
+    existing = local_node_name(connection)
+    if existing is not None and existing != node_name:
+        raise ConfigError(
+            f"node {node_name}: its database is already set up as node '{existing}'"
+            " (two config entries for one database, or a renamed node)"
+        )
+
+
+def claim_identity(
+    connection: psycopg.Connection[tuple[object, ...]], node_name: str, cluster_name: str
+) -> None:
+    check_identity(connection, node_name)
+    connection.execute(
+        "INSERT INTO pgconcord.local_node (name, cluster_name) VALUES (%s, %s)"
+        " ON CONFLICT (singleton) DO UPDATE SET cluster_name = excluded.cluster_name",
+        (node_name, cluster_name),
+    )
+
+
+_DISCOVER_TABLES = """
+SELECT n.nspname, c.relname,
+       (SELECT array_agg(a.attname::text ORDER BY array_position(i.indkey::int2[], a.attnum))
+          FROM pg_index i
+          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[])
+         WHERE i.indrelid = c.oid AND i.indisprimary) AS key_columns,
+       (SELECT array_agg(array[a.attname::text, format_type(a.atttypid, a.atttypmod),
+                               (a.attgenerated <> '')::text] ORDER BY a.attnum)
+          FROM pg_attribute a
+         WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) AS columns
+  FROM pg_class c
+  JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = ANY (%s) AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+ ORDER BY 1, 2
+"""
+
+
+def discover_tables(
+    connection: psycopg.Connection[tuple[object, ...]],
+    schemas: list[str],
+    excluded: set[str],
+) -> list[Table]:
+    """Every table of the replicated schemas, minus the excluded ones (partitions are reached
+    through their parent)."""
+    tables = []
+    for schema, name, key_columns, columns in connection.execute(_DISCOVER_TABLES, (schemas,)):
+        table_schema, table_name = str(schema), str(name)
+        if f"{table_schema}.{table_name}" in excluded:
+            continue
+        column_rows = columns if isinstance(columns, list) else []
+        tables.append(
+            Table(
+                schema=table_schema,
+                name=table_name,
+                key_columns=tuple(key_columns) if isinstance(key_columns, list) else (),
+                columns=tuple(
+                    Column(name=c[0], type_name=c[1], generated=c[2] == "true") for c in column_rows
+                ),
+            )
+        )
+    return tables
+
+
+def registered_tables(
+    connection: psycopg.Connection[tuple[object, ...]],
+) -> dict[tuple[str, str], int]:
+    """(schema, table) -> local table id of every table whose changes are captured here."""
+    rows = connection.execute(
+        "SELECT schema_name, table_name, id FROM pgconcord.replicated_table"
+    ).fetchall()
+    return {(str(schema), str(name)): int(str(table_id)) for schema, name, table_id in rows}
+
+
+def install_capture(
+    connection: psycopg.Connection[tuple[object, ...]], table: Table, node_name: str
+) -> int:
+    """Register the table and (re)create its capture triggers; idempotent."""
+    if not table.key_columns:
+        raise SchemaError(f"table {table.qualified_name} has no primary key")
+    row = connection.execute(
+        "INSERT INTO pgconcord.replicated_table (schema_name, table_name, key_columns)"
+        " VALUES (%s, %s, %s) ON CONFLICT (schema_name, table_name)"
+        " DO UPDATE SET key_columns = excluded.key_columns RETURNING id",
+        (table.schema, table.name, list(table.key_columns)),
+    ).fetchone()
+    assert row is not None
+    table_id = int(str(row[0]))
+    function_name = sql.Identifier(f"capture_{table_id}")
+
+    def key_object(record: str) -> sql.Composed:
+        pairs = [
+            sql.SQL("{}, {}.{}").format(
+                sql.Literal(column), sql.SQL(record), sql.Identifier(column)
+            )
+            for column in table.key_columns
+        ]
+        return sql.SQL("jsonb_build_object({})").format(sql.SQL(", ").join(pairs))
+
+    function = sql.SQL(read_sql("capture_trigger.sql")).format(
+        function_name=function_name,
+        table_id=sql.Literal(table_id),
+        node_name=sql.Literal(node_name),
+        new_key=key_object("NEW"),
+        old_key=key_object("OLD"),
+    )
+    connection.execute(function)
+    triggers = [
+        ("pgconcord_capture", "AFTER INSERT OR UPDATE OR DELETE", "ROW", function_name),
+        (
+            "pgconcord_notify",
+            "AFTER INSERT OR UPDATE OR DELETE",
+            "STATEMENT",
+            sql.Identifier("notify_change"),
+        ),
+        ("pgconcord_truncate", "BEFORE TRUNCATE", "STATEMENT", sql.Identifier("refuse_truncate")),
+    ]
+    for trigger_name, events, level, target in triggers:
+        connection.execute(
+            sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
+                sql.Identifier(trigger_name), table.identifier
+            )
+        )
+        connection.execute(
+            sql.SQL(
+                "CREATE TRIGGER {} {} ON {} FOR EACH {} EXECUTE FUNCTION pgconcord.{}()"
+            ).format(
+                sql.Identifier(trigger_name),
+                sql.SQL(events),
+                table.identifier,
+                sql.SQL(level),
+                target,
+            )
+        )
+    return table_id
+
+
+def ensure_positions(
+    connection: psycopg.Connection[tuple[object, ...]], origins: list[str]
+) -> None:
+    """A new peer starts from the beginning of each origin's change log."""
+    for origin in origins:
+        connection.execute(
+            "INSERT INTO pgconcord.position (origin, applied_snapshot)"
+            " VALUES (%s, '1:1:') ON CONFLICT (origin) DO NOTHING",
+            (origin,),
+        )

@@ -1,0 +1,495 @@
+"""Load and validate the cluster TOML file.
+
+The file format is a contract other tools and scripts rely on (DESIGN.md, "The interface"), so
+every key is checked here, once, and every problem becomes a single-line ConfigError that names
+the file and the key: the commands built on top can then trust the config without re-checking.
+"""
+
+import json
+import os
+import re
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
+
+from pgconcord.errors import ConfigError
+
+__all__ = [
+    "CONFIG_ENVIRONMENT_VARIABLE",
+    "ClusterConfig",
+    "ClusterSection",
+    "ConflictConfig",
+    "ConflictPolicy",
+    "NodeConfig",
+    "ReplicationConfig",
+    "TableConflictConfig",
+    "load_config",
+    "parse_config",
+    "redacted_dsn",
+]
+
+CONFIG_ENVIRONMENT_VARIABLE = "PGCONCORD_CONFIG"
+
+ConflictPolicy = Literal["last-writer-wins", "node-priority", "keep-existing"]
+
+# Node and cluster names end up inside PostgreSQL identifiers, NOTIFY channels and file names on
+# every platform, so they are limited to what needs no quoting anywhere; 63 is PostgreSQL's
+# identifier length limit (NAMEDATALEN - 1).
+_NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,62}")
+_NAME_RULE = "1 to 63 lowercase letters, digits, '_' or '-', starting with a letter"
+
+_PASSWORD_REFUSAL = "dsn contains a password; put it in ~/.pgpass or PGPASSWORD instead"
+_SSL_PASSWORD_REFUSAL = (
+    "dsn contains an sslpassword; pgconcord never stores passwords, "
+    "use a client key without a passphrase (protected by its file permissions) instead"
+)
+
+# When libpq cannot parse a dsn its message may quote the dsn, password included, so a dsn that
+# merely looks like it carries a password is refused as such instead of being echoed back.
+_LOOKS_LIKE_PASSWORD = re.compile(
+    r"(?<![A-Za-z0-9_])(?:ssl)?password\s*="  # key=value form, or a URI query parameter
+    r"|^\s*[A-Za-z][A-Za-z0-9+.-]*://[^/?#@]*:[^/?#@]*@",  # URI user:password@host
+)
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+# Error types of our own, so that the one-line formatter knows how to place the key path.
+_INVALID = "pgconcord_invalid"  # message relative to the error's location (plus a sub-path)
+_SELF_LOCATED = "pgconcord_self_located"  # message already says where, e.g. "node north: ..."
+_UNKNOWN_KEY = "pgconcord_unknown_key"
+
+_TOML_TYPE_EXPECTED = {
+    "string_type": "a string",
+    "list_type": "an array",
+    "dict_type": "a table",
+    "model_type": "a table",
+    "model_attributes_type": "a table",
+}
+
+
+def _invalid(message: str, *subpath: str | int) -> PydanticCustomError:
+    # The message travels in the context rather than as the template, because a template is
+    # run through str.format-like substitution and a message may contain braces.
+    return PydanticCustomError(_INVALID, "{message}", {"message": message, "subpath": subpath})
+
+
+def _check_name(name: str) -> str:
+    if not name:
+        raise _invalid(f"must not be empty; a name is {_NAME_RULE}")
+    if not _NAME_PATTERN.fullmatch(name):
+        raise _invalid(f"{name!r} is not a valid name; a name is {_NAME_RULE}")
+    return name
+
+
+def _check_text(text: str) -> str:
+    if not text.strip():
+        raise _invalid("must not be empty")
+    return text
+
+
+def _split_table_name(qualified_name: str) -> tuple[str, str] | None:
+    schema, dot, table = qualified_name.partition(".")
+    # Exactly one dot: quoted identifiers containing dots are not supported (yet).
+    if not dot or not schema.strip() or not table.strip() or "." in table:
+        return None
+    return schema, table
+
+
+def _check_table_name(qualified_name: str) -> str:
+    if _split_table_name(qualified_name) is None:
+        raise _invalid(f"{qualified_name!r} is not a table name of the form 'schema.table'")
+    return qualified_name
+
+
+Name = Annotated[str, AfterValidator(_check_name)]
+Text = Annotated[str, AfterValidator(_check_text)]
+TableName = Annotated[str, AfterValidator(_check_table_name)]
+
+
+def _dsn_parameters(dsn: str) -> dict[str, str]:
+    return {key: str(value) for key, value in conninfo_to_dict(dsn).items()}
+
+
+def _dsn_problem(dsn: str) -> str | None:
+    try:
+        parameters = _dsn_parameters(dsn)
+    except psycopg.Error as error:
+        if _LOOKS_LIKE_PASSWORD.search(dsn):
+            return _PASSWORD_REFUSAL
+        return f"dsn is malformed: {_one_line(str(error))}"
+    # An empty password is allowed: libpq then falls back to ~/.pgpass as if none was given.
+    if parameters.get("password"):
+        return _PASSWORD_REFUSAL
+    if parameters.get("sslpassword"):
+        return _SSL_PASSWORD_REFUSAL
+    if not parameters:
+        # Everything would come from PG* environment variables, which differ from one site to
+        # the next although every site reads the same file.
+        return "dsn is empty; name the database, e.g. host=... dbname=..."
+    return None
+
+
+def _database_identity(dsn: str) -> tuple[str, str, str]:
+    parameters = _dsn_parameters(dsn)
+    host = parameters.get("host") or parameters.get("hostaddr") or ""
+    port = parameters.get("port") or "5432"
+    # libpq's default database is the one named like the user.
+    dbname = parameters.get("dbname") or parameters.get("user") or ""
+    return host, port, dbname
+
+
+def redacted_dsn(dsn: str) -> str:
+    """Return `dsn` without its password (and sslpassword), fit for logs and status output."""
+    try:
+        parameters = _dsn_parameters(dsn)
+    except psycopg.Error:
+        # Cannot tell where a password would be in a string libpq cannot parse.
+        return "<malformed dsn>"
+    secrets = {"password", "sslpassword"}
+    if secrets.isdisjoint(parameters):
+        return dsn
+    return make_conninfo(
+        "", **{key: value for key, value in parameters.items() if key not in secrets}
+    )
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+class _Section(BaseModel):
+    """A table of the TOML file: immutable, strictly typed, and with no key left unchecked."""
+
+    # Strict: TOML values are already typed, so a coercion would only hide a mistake.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_keys(cls, data: Any) -> Any:
+        # Done here rather than by extra="forbid" alone so the message can list the keys that
+        # are allowed, which is what someone fixing a typo needs.
+        if isinstance(data, dict):
+            allowed = [name for name, field in cls.model_fields.items() if not field.exclude]
+            for key in data:
+                if key not in allowed:
+                    raise PydanticCustomError(
+                        _UNKNOWN_KEY,
+                        "unknown key {key} (expected one of: {allowed})",
+                        {"key": str(key), "allowed": ", ".join(allowed)},
+                    )
+        return data
+
+
+class NodeConfig(_Section):
+    """One PostgreSQL database of the cluster: `[[node]]`."""
+
+    name: Name
+    dsn: str
+
+    @field_validator("dsn")
+    @classmethod
+    def _check_dsn(cls, dsn: str, info: ValidationInfo) -> str:
+        problem = _dsn_problem(dsn)
+        if problem is None:
+            return dsn
+        node_name = info.data.get("name")
+        if isinstance(node_name, str):
+            raise PydanticCustomError(
+                _SELF_LOCATED, "{message}", {"message": f"node {node_name}: {problem}"}
+            )
+        raise _invalid(problem)
+
+
+class ClusterSection(_Section):
+    """`[cluster]`."""
+
+    name: Name
+
+
+class ReplicationConfig(_Section):
+    """`[replication]`: which tables are replicated."""
+
+    schemas: list[Text] = Field(default_factory=lambda: ["public"])
+    exclude: list[TableName] = Field(default_factory=list)
+
+    @field_validator("schemas")
+    @classmethod
+    def _require_a_schema(cls, schemas: list[str]) -> list[str]:
+        if not schemas:
+            raise _invalid("must name at least one schema")
+        return schemas
+
+    @model_validator(mode="after")
+    def _check_excluded_tables_are_replicated(self) -> "ReplicationConfig":
+        # Excluding a table of a schema that is not replicated has no effect, so it is almost
+        # surely a misspelt schema, and the table it meant would then be replicated.
+        for index, entry in enumerate(self.exclude):
+            schema, _table = _split_table_name(entry) or ("", "")
+            if schema not in self.schemas:
+                raise _invalid(
+                    f"{entry!r} is not in a replicated schema "
+                    f"(replication.schemas: {', '.join(self.schemas)})",
+                    "exclude",
+                    index,
+                )
+        return self
+
+    def is_excluded(self, schema: str, table: str) -> bool:
+        """Whether `schema.table` is listed in `exclude` (names compared exactly)."""
+        return f"{schema}.{table}" in self.exclude
+
+
+class TableConflictConfig(_Section):
+    """`[conflict.table."schema.table"]`: how conflicts on one table are resolved."""
+
+    policy: Text | None = None
+    delta_columns: list[Text] = Field(default_factory=list)
+    priority: list[Name] = Field(default_factory=list)
+    resolver: Text | None = None
+
+
+class ConflictConfig(_Section):
+    """`[conflict]`: the default policy and per-table overrides."""
+
+    default: ConflictPolicy = "last-writer-wins"
+    table: dict[TableName, TableConflictConfig] = Field(default_factory=dict)
+
+
+class ClusterConfig(_Section):
+    """The whole cluster file."""
+
+    cluster: ClusterSection
+    node: list[NodeConfig]
+    replication: ReplicationConfig = Field(default_factory=ReplicationConfig)
+    conflict: ConflictConfig = Field(default_factory=ConflictConfig)
+    # Set by load_config, never read from the file: excluded fields are not accepted as keys.
+    source_path: Path | None = Field(default=None, exclude=True)
+
+    @field_validator("node")
+    @classmethod
+    def _require_a_node(cls, nodes: list[NodeConfig]) -> list[NodeConfig]:
+        if not nodes:
+            raise _invalid("at least one [[node]] table is required")
+        return nodes
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> "ClusterConfig":
+        self._check_nodes_are_distinct()
+        self._check_conflict_tables()
+        return self
+
+    def _check_nodes_are_distinct(self) -> None:
+        index_by_name: dict[str, int] = {}
+        name_by_identity: dict[tuple[str, str, str], str] = {}
+        for index, node in enumerate(self.node):
+            if node.name in index_by_name:
+                raise _invalid(
+                    f"duplicate node name {node.name!r} (node[{index_by_name[node.name]}] "
+                    "has it too); node names must be unique",
+                    "node",
+                    index,
+                    "name",
+                )
+            index_by_name[node.name] = index
+            # Two entries for one database would make it replicate into itself.
+            identity = _database_identity(node.dsn)
+            if identity in name_by_identity:
+                host, port, dbname = identity
+                raise _invalid(
+                    f"nodes {name_by_identity[identity]} and {node.name} have the same database "
+                    f"(host={host or '<default>'} port={port} dbname={dbname or '<default>'}); "
+                    "each node must be a different database"
+                )
+            name_by_identity[identity] = node.name
+
+    def _check_conflict_tables(self) -> None:
+        names = self.node_names
+        for qualified_name, table_config in self.conflict.table.items():
+            schema, table = _split_table_name(qualified_name) or ("", "")
+            # A per-table setting for a table that is not replicated is a typo that would
+            # silently leave the real table on the default policy.
+            if schema not in self.replication.schemas:
+                raise _invalid(
+                    f"{qualified_name!r} is not in a replicated schema "
+                    f"(replication.schemas: {', '.join(self.replication.schemas)})",
+                    "conflict",
+                    "table",
+                    qualified_name,
+                )
+            if self.replication.is_excluded(schema, table):
+                raise _invalid(
+                    f"{qualified_name!r} is excluded from replication (replication.exclude)",
+                    "conflict",
+                    "table",
+                    qualified_name,
+                )
+            seen: set[str] = set()
+            for index, name in enumerate(table_config.priority):
+                problem = None
+                if name not in names:
+                    problem = f"unknown node {name!r} (the config names: {', '.join(names)})"
+                elif name in seen:
+                    problem = f"node {name!r} is listed twice"
+                if problem:
+                    raise _invalid(problem, "conflict", "table", qualified_name, "priority", index)
+                seen.add(name)
+
+    @property
+    def nodes(self) -> list[NodeConfig]:
+        return self.node
+
+    @property
+    def node_names(self) -> list[str]:
+        return [node.name for node in self.node]
+
+    def node_by_name(self, name: str) -> NodeConfig:
+        for node in self.node:
+            if node.name == name:
+                return node
+        raise ConfigError(f"unknown node {name!r} (the config names: {', '.join(self.node_names)})")
+
+    def is_excluded(self, schema: str, table: str) -> bool:
+        """Whether `schema.table` is listed in replication.exclude (names compared exactly)."""
+        return self.replication.is_excluded(schema, table)
+
+    def is_replicated(self, schema: str, table: str) -> bool:
+        """Whether `schema.table` is in a replicated schema and not excluded."""
+        return schema in self.replication.schemas and not self.is_excluded(schema, table)
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> ClusterConfig:
+    """Read and validate the cluster file at `path`, or at $PGCONCORD_CONFIG when `path` is None.
+
+    Raises ConfigError, with a one-line message naming the file, when it cannot be used.
+    """
+    if path is None:
+        path = os.environ.get(CONFIG_ENVIRONMENT_VARIABLE) or None
+        if path is None:
+            raise ConfigError(f"no config: pass --config FILE or set {CONFIG_ENVIRONMENT_VARIABLE}")
+    source = os.fspath(path)
+    try:
+        content = Path(path).read_bytes()
+    except OSError as error:
+        raise ConfigError(f"{source}: cannot read: {error.strerror or error}") from None
+    try:
+        # utf-8-sig: Windows editors may start the file with a byte order mark TOML forbids.
+        text = content.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{source}: cannot read: not UTF-8 text (byte {error.start} is invalid)"
+        ) from None
+    config = parse_config(text, source)
+    # Absolute, so that later uses do not depend on the working directory staying the same.
+    return config.model_copy(update={"source_path": Path(path).absolute()})
+
+
+def parse_config(text: str, source: str = "<string>") -> ClusterConfig:
+    """Validate the TOML `text`; `source` names it in error messages."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(_describe_syntax_error(error, source)) from None
+    try:
+        return ClusterConfig.model_validate(document)
+    except ValidationError as error:
+        # "from None": pydantic's own message quotes the input values, dsn passwords included,
+        # and a chained traceback would print it.
+        raise ConfigError(_describe_validation_error(error, source)) from None
+
+
+def _describe_syntax_error(error: tomllib.TOMLDecodeError, source: str) -> str:
+    message = str(error)
+    position = re.fullmatch(r"(?s)(.*) \(at line (\d+), column (\d+)\)", message)
+    if position:
+        reason, line, column = position.groups()
+        reason = _lowercase_first(_one_line(reason))
+        return f"{source}: line {line}: TOML syntax error: {reason} (column {column})"
+    return f"{source}: TOML syntax error: {_lowercase_first(_one_line(message))}"
+
+
+def _describe_validation_error(error: ValidationError, source: str) -> str:
+    # Every error is reported on one line: the first one, which is enough to fix and retry.
+    details = error.errors(include_url=False)
+    description = _describe_error(details[0])
+    if len(details) > 1:
+        description += f" (and {len(details) - 1} more)"
+    return f"{source}: {description}"
+
+
+def _describe_error(detail: ErrorDetails) -> str:
+    context = detail.get("ctx", {})
+    location = [part for part in detail["loc"] if part != "[key]"]
+    kind = detail["type"]
+    if kind == _UNKNOWN_KEY:
+        return (
+            f"unknown key '{_render_path([*location, context['key']])}' "
+            f"(expected one of: {context['allowed']})"
+        )
+    if kind == _SELF_LOCATED:
+        return str(context["message"])
+    if kind == _INVALID:
+        message = str(context["message"])
+        location.extend(context["subpath"])
+    elif kind == "missing":
+        message = "field required"
+    elif kind in _TOML_TYPE_EXPECTED:
+        message = f"expected {_TOML_TYPE_EXPECTED[kind]}, got {_toml_type(detail['input'])}"
+        if location == ["node"] and isinstance(detail["input"], dict):
+            message += "; write [[node]] (double brackets), once per node"
+    elif kind == "literal_error":
+        message = f"{detail['input']!r} is not allowed (expected {context['expected']})"
+    elif kind == "extra_forbidden":
+        return f"unknown key '{_render_path(location)}'"
+    else:
+        message = _lowercase_first(detail["msg"])
+    if location == ["node"] and kind in ("missing", _INVALID):
+        message = "at least one [[node]] table is required"
+    return f"{_render_path(location)}: {message}" if location else message
+
+
+def _render_path(location: Sequence[str | int]) -> str:
+    """The key path as written in TOML: `node[1].dsn`, `conflict.table."public.accounts"`."""
+    path = ""
+    for part in location:
+        if isinstance(part, int):
+            path += f"[{part}]"
+            continue
+        key = part if _BARE_KEY.fullmatch(part) else json.dumps(part, ensure_ascii=False)
+        path += f".{key}" if path else key
+    return path
+
+
+def _toml_type(value: object) -> str:
+    # Checked in this order because bool is a subclass of int.
+    names: list[tuple[type, str]] = [
+        (bool, "a boolean"),
+        (int, "an integer"),
+        (float, "a float"),
+        (str, "a string"),
+        (list, "an array"),
+        (dict, "a table"),
+        (type(None), "nothing"),
+    ]
+    for python_type, name in names:
+        if isinstance(value, python_type):
+            return name
+    return "a date or time"
+
+
+def _lowercase_first(text: str) -> str:
+    return text[:1].lower() + text[1:]

@@ -1,0 +1,191 @@
+"""Conflict resolution: every node picks the same winner alone, and records what it saw.
+
+Each row carries a version (clock, origin): the hybrid logical clock of its last write, in
+microseconds, and the node that wrote it. Capture makes a write's clock one past the version it
+replaced, so a write that follows another in causal order always has the greater version, even
+from a node whose wall clock lags. Concurrent writes are ordered by clock, then by node name
+(byte order): the greater version wins everywhere, deletes included (tombstones keep a deleted
+row's version). So an update that arrives after a delete resurrects the row only if it was
+written later than the delete, and that is recorded as an update_deleted conflict.
+
+A conflict is recorded when the target holds a version the incoming change's writer had not
+seen (local version differs from the one the change replaced, and is not older than it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import NamedTuple
+
+from psycopg import sql
+
+from pgconcord.catalog import Table
+
+
+class Version(NamedTuple):
+    clock: int
+    origin: str
+
+    def sort_key(self) -> tuple[int, bytes]:
+        # Node names compare as bytes (COLLATE "C" in SQL) so no locale can disagree.
+        return (self.clock, self.origin.encode())
+
+
+def incoming_wins(incoming: Version, local: Version | None) -> bool:
+    """Last writer wins: the reference of the rule the apply SQL implements."""
+    return local is None or incoming.sort_key() > local.sort_key()
+
+
+def is_conflict(previous: Version | None, local: Version | None) -> bool:
+    """Did the target hold a version the incoming change's writer had not seen?"""
+    if local is None or local == previous:
+        return False
+    return previous is None or local.sort_key() > previous.sort_key()
+
+
+def conflict_type(operation: str, local_deleted: bool) -> str:
+    """PostgreSQL's vocabulary where it has a word; insert_deleted is ours (an insert meeting
+    a tombstone), and a delete meeting a tombstone is delete_missing."""
+    match operation, local_deleted:
+        case "I", False:
+            return "insert_exists"
+        case "I", True:
+            return "insert_deleted"
+        case "U", False:
+            return "update_origin_differs"
+        case "U", True:
+            return "update_deleted"
+        case "D", False:
+            return "delete_origin_differs"
+        case _:
+            return "delete_missing"
+
+
+_CONFLICT_TYPE_SQL = """
+CASE
+    WHEN d.operation = 'I' AND NOT d.local_deleted THEN 'insert_exists'
+    WHEN d.operation = 'I' THEN 'insert_deleted'
+    WHEN d.operation = 'U' AND NOT d.local_deleted THEN 'update_origin_differs'
+    WHEN d.operation = 'U' THEN 'update_deleted'
+    WHEN d.operation = 'D' AND NOT d.local_deleted THEN 'delete_origin_differs'
+    ELSE 'delete_missing'
+END"""
+
+_DECIDE = """
+INSERT INTO pgconcord_decision
+SELECT i.row_key, i.operation, i.clock, i.new_row, i.previous_clock, i.previous_origin,
+       v.clock, v.origin, v.deleted
+  FROM (SELECT DISTINCT ON (s.row_key) s.row_key, s.operation, s.clock, s.new_row,
+               first_value(s.previous_clock) OVER earliest AS previous_clock,
+               first_value(s.previous_origin) OVER earliest AS previous_origin
+          FROM pgconcord_stage s
+         WHERE s.schema_name = %(schema)s AND s.table_name = %(table)s AND ({selection})
+        WINDOW earliest AS (PARTITION BY s.row_key ORDER BY s.id)
+         ORDER BY s.row_key, s.id DESC) AS i
+  LEFT JOIN pgconcord.row_version v ON v.table_id = %(table_id)s AND v.row_key = i.row_key
+"""
+
+# The version table decides, under its row locks: a local write committing meanwhile is
+# waited for and then compared, never overwritten blindly. Sorted to lock in one order.
+_CHOOSE_WINNERS = """
+WITH won AS (
+    INSERT INTO pgconcord.row_version AS v (table_id, row_key, clock, origin, deleted)
+    SELECT %(table_id)s, d.row_key, d.clock, %(origin)s, d.operation = 'D'
+      FROM pgconcord_decision d ORDER BY d.row_key
+    ON CONFLICT (table_id, row_key) DO UPDATE
+       SET clock = excluded.clock, origin = excluded.origin, deleted = excluded.deleted,
+           previous_clock = NULL, previous_origin = NULL
+     WHERE (v.clock, v.origin COLLATE "C") < (excluded.clock, excluded.origin COLLATE "C")
+    RETURNING v.row_key)
+INSERT INTO pgconcord_winner SELECT row_key FROM won
+"""
+
+_RECORD_CONFLICTS = (
+    """
+INSERT INTO pgconcord.conflict
+    (schema_name, table_name, row_key, conflict_type, resolution, local_clock, local_origin,
+     local_row, incoming_clock, incoming_origin, incoming_operation, incoming_row)
+SELECT %(schema)s, %(table)s, d.row_key, """
+    + _CONFLICT_TYPE_SQL
+    + """,
+       CASE WHEN w.row_key IS NULL THEN 'local' ELSE 'incoming' END,
+       d.local_clock, d.local_origin, l.local_row, d.clock, %(origin)s, d.operation, d.new_row
+  FROM pgconcord_decision d
+  LEFT JOIN pgconcord_winner w ON w.row_key = d.row_key
+  LEFT JOIN LATERAL (SELECT to_jsonb(t) AS local_row
+                       FROM {table} t, jsonb_populate_record(NULL::{table}, d.row_key) k
+                      WHERE {key_match}) AS l ON true
+ WHERE d.local_clock IS NOT NULL
+   AND (d.local_clock, d.local_origin) IS DISTINCT FROM (d.previous_clock, d.previous_origin)
+   AND (d.previous_clock IS NULL
+        OR (d.local_clock, d.local_origin COLLATE "C")
+           > (d.previous_clock, d.previous_origin COLLATE "C"))
+"""
+)
+
+_DELETE_ROWS = """
+DELETE FROM {table} t
+ USING pgconcord_decision d
+  JOIN pgconcord_winner w ON w.row_key = d.row_key
+ CROSS JOIN LATERAL jsonb_populate_record(NULL::{table}, d.row_key) k
+ WHERE d.operation = 'D' AND {key_match}
+"""
+
+_UPSERT_ROWS = """
+INSERT INTO {table} AS t ({columns}) OVERRIDING SYSTEM VALUE
+SELECT {record_columns}
+  FROM pgconcord_decision d
+  JOIN pgconcord_winner w ON w.row_key = d.row_key
+ CROSS JOIN LATERAL jsonb_populate_record(NULL::{table}, d.new_row) r
+ WHERE d.operation <> 'D'
+    ON CONFLICT ({key_columns}) DO {on_conflict}
+"""
+
+
+@dataclass(frozen=True)
+class TableStatements:
+    decide_template: sql.SQL
+    choose_winners: sql.Composed | sql.SQL
+    record_conflicts: sql.Composed
+    delete_rows: sql.Composed
+    upsert_rows: sql.Composed
+
+    def decide(self, selection: sql.Composable) -> sql.Composed:
+        return self.decide_template.format(selection=selection)
+
+
+@lru_cache(maxsize=512)
+def table_statements(table: Table, columns: tuple[str, ...]) -> TableStatements:
+    """The set-wise statements that apply one piece of changes to one table."""
+    identifier = table.identifier
+    key_match = sql.SQL(" AND ").join(
+        sql.SQL("t.{column} = k.{column}").format(column=sql.Identifier(column))
+        for column in table.key_columns
+    )
+    updatable = [c for c in columns if c not in table.key_columns]
+    on_conflict: sql.Composable = (
+        sql.SQL("UPDATE SET {}").format(
+            sql.SQL(", ").join(
+                sql.SQL("{column} = excluded.{column}").format(column=sql.Identifier(c))
+                for c in updatable
+            )
+        )
+        if updatable
+        else sql.SQL("NOTHING")
+    )
+    return TableStatements(
+        decide_template=sql.SQL(_DECIDE),
+        choose_winners=sql.SQL(_CHOOSE_WINNERS),
+        record_conflicts=sql.SQL(_RECORD_CONFLICTS).format(table=identifier, key_match=key_match),
+        delete_rows=sql.SQL(_DELETE_ROWS).format(table=identifier, key_match=key_match),
+        upsert_rows=sql.SQL(_UPSERT_ROWS).format(
+            table=identifier,
+            columns=sql.SQL(", ").join(sql.Identifier(c) for c in columns),
+            record_columns=sql.SQL(", ").join(
+                sql.SQL("r.{}").format(sql.Identifier(c)) for c in columns
+            ),
+            key_columns=sql.SQL(", ").join(sql.Identifier(c) for c in table.key_columns),
+            on_conflict=on_conflict,
+        ),
+    )

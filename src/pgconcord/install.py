@@ -1,0 +1,101 @@
+"""`pgconcord setup`: check every node can take part, then install or upgrade pgconcord's
+catalog and change capture on each. Checks run on all nodes before anything is installed, so
+a refused setup leaves every database as it was."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pgconcord import catalog
+from pgconcord.catalog import Table
+from pgconcord.config import ClusterConfig
+from pgconcord.errors import SchemaError
+from pgconcord.transport import connect
+
+
+@dataclass
+class SetupReport:
+    tables: list[str] = field(default_factory=list)
+    catalog_versions: dict[str, int] = field(default_factory=dict)
+
+
+def check_tables(node_tables: dict[str, list[Table]]) -> list[Table]:
+    """The tables to replicate, identical in shape on every node, or SchemaError naming the
+    node, table and column that differ."""
+    problems: list[str] = []
+    nodes = list(node_tables)
+    by_node = {node: {t.qualified_name: t for t in tables} for node, tables in node_tables.items()}
+    names = sorted({name for tables in by_node.values() for name in tables})
+    for name in names:
+        present = [node for node in nodes if name in by_node[node]]
+        missing = [node for node in nodes if name not in by_node[node]]
+        if missing:
+            problems.append(
+                f"table {name} exists on {', '.join(present)} but not on {', '.join(missing)}"
+            )
+            continue
+        reference_node = present[0]
+        reference = by_node[reference_node][name]
+        if not reference.key_columns:
+            problems.append(
+                f"table {name} has no primary key (add one, or list it under [replication] exclude)"
+            )
+            continue
+        columns = {c.name: c for c in reference.columns}
+        for node in present[1:]:
+            other = by_node[node][name]
+            other_columns = {c.name: c for c in other.columns}
+            for column_name in sorted(set(columns) | set(other_columns)):
+                here, there = columns.get(column_name), other_columns.get(column_name)
+                if here is None or there is None:
+                    has, lacks = (node, reference_node) if here is None else (reference_node, node)
+                    problems.append(
+                        f"table {name}: column {column_name} exists on {has} but not on {lacks}"
+                    )
+                elif here.type_name != there.type_name:
+                    problems.append(
+                        f"table {name}: column {column_name} is {here.type_name} on"
+                        f" {reference_node} but {there.type_name} on {node}"
+                    )
+            if other.key_columns != reference.key_columns:
+                problems.append(
+                    f"table {name}: primary key differs between {reference_node} and {node}"
+                )
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise SchemaError(problems[0] + more)
+    return [by_node[nodes[0]][name] for name in names]
+
+
+def setup(config: ClusterConfig, progress: Callable[[str], None] = lambda _: None) -> SetupReport:
+    connections = {node.name: connect(node) for node in config.nodes}
+    try:
+        node_tables = {}
+        for node in config.nodes:
+            connection = connections[node.name]
+            catalog.check_identity(connection, node.name)
+            node_tables[node.name] = catalog.discover_tables(
+                connection, config.replication.schemas, set(config.replication.exclude)
+            )
+            connection.rollback()
+        tables = check_tables(node_tables)
+        report = SetupReport(tables=[t.qualified_name for t in tables])
+        for node in config.nodes:
+            connection = connections[node.name]
+            with connection.transaction():
+                report.catalog_versions[node.name] = catalog.migrate(connection)
+                catalog.claim_identity(connection, node.name, config.cluster.name)
+                for table in tables:
+                    catalog.install_capture(connection, table, node.name)
+                catalog.ensure_positions(
+                    connection, [peer for peer in config.node_names if peer != node.name]
+                )
+            progress(
+                f"{node.name}: catalog v{report.catalog_versions[node.name]},"
+                f" capture on {len(tables)} tables"
+            )
+        return report
+    finally:
+        for connection in connections.values():
+            connection.close()

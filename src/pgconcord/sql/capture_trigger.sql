@@ -1,0 +1,48 @@
+-- Row trigger function generated for one replicated table (catalog.install_capture formats the
+-- placeholders with quoted identifiers and literals). Generated per table so that key columns
+-- are read directly from NEW/OLD and the node name is a constant: this runs on every user write.
+CREATE OR REPLACE FUNCTION pgconcord.{function_name}() RETURNS trigger
+LANGUAGE plpgsql AS $body$
+DECLARE
+    new_key jsonb;
+    old_key jsonb;
+    version record;
+BEGIN
+    IF TG_OP <> 'INSERT' THEN
+        old_key := {old_key};
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        new_key := {new_key};
+    END IF;
+    -- A delete, or an update that moved the row to another key, removes the old key.
+    IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND old_key <> new_key) THEN
+        INSERT INTO pgconcord.row_version AS v (table_id, row_key, clock, origin, deleted)
+        VALUES ({table_id}, old_key, pgconcord.clock_now(), {node_name}, true)
+        ON CONFLICT (table_id, row_key) DO UPDATE
+            SET previous_clock = v.clock, previous_origin = v.origin,
+                clock = greatest(excluded.clock, v.clock + 1),
+                origin = excluded.origin, deleted = true
+        RETURNING v.clock, v.previous_clock, v.previous_origin INTO version;
+        INSERT INTO pgconcord.change_log
+            (table_id, operation, row_key, clock, previous_clock, previous_origin, new_row)
+        VALUES ({table_id}, 'D', old_key, version.clock, version.previous_clock,
+                version.previous_origin, NULL);
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        -- The clock is one past the row's last version, whoever wrote it: a node whose wall
+        -- clock lags still wins over a change it has already seen (hybrid logical clock).
+        INSERT INTO pgconcord.row_version AS v (table_id, row_key, clock, origin, deleted)
+        VALUES ({table_id}, new_key, pgconcord.clock_now(), {node_name}, false)
+        ON CONFLICT (table_id, row_key) DO UPDATE
+            SET previous_clock = v.clock, previous_origin = v.origin,
+                clock = greatest(excluded.clock, v.clock + 1),
+                origin = excluded.origin, deleted = false
+        RETURNING v.clock, v.previous_clock, v.previous_origin INTO version;
+        INSERT INTO pgconcord.change_log
+            (table_id, operation, row_key, clock, previous_clock, previous_origin, new_row)
+        VALUES ({table_id}, CASE WHEN TG_OP = 'INSERT' THEN 'I' ELSE 'U' END, new_key,
+                version.clock, version.previous_clock, version.previous_origin, to_jsonb(NEW));
+    END IF;
+    RETURN NULL;
+END
+$body$;
