@@ -15,9 +15,11 @@ seen (local version differs from the one the change replaced, and is not older t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import psycopg
 from psycopg import sql
 
 from pgconcord.catalog import Table
@@ -189,3 +191,58 @@ def table_statements(table: Table, columns: tuple[str, ...]) -> TableStatements:
             on_conflict=on_conflict,
         ),
     )
+
+
+_LIST_CONFLICTS = """
+SELECT id, detected_at, schema_name, table_name, row_key, conflict_type, resolution,
+       local_clock, local_origin, local_row, incoming_clock, incoming_origin,
+       incoming_operation::text, incoming_row
+  FROM pgconcord.conflict ORDER BY id
+"""
+
+
+def recorded_conflicts(
+    connection: psycopg.Connection[tuple[object, ...]], node_name: str
+) -> list[dict[str, Any]]:
+    """The conflicts one node recorded, as JSON-ready objects (oldest first)."""
+    records = []
+    for row in connection.execute(_LIST_CONFLICTS):
+        (
+            identifier,
+            detected_at,
+            schema,
+            table,
+            key,
+            kind,
+            resolution,
+            local_clock,
+            local_origin,
+            local_row,
+            incoming_clock,
+            incoming_origin,
+            operation,
+            incoming_row,
+        ) = row
+        records.append(
+            {
+                "node": node_name,
+                "id": identifier,
+                "detected_at": detected_at.isoformat()
+                if isinstance(detected_at, datetime)
+                else None,
+                "table": f"{schema}.{table}",
+                "key": key,
+                "type": kind,
+                "resolution": resolution,
+                "local": {"clock": local_clock, "origin": local_origin, "row": local_row},
+                "incoming": {
+                    "clock": incoming_clock,
+                    "origin": incoming_origin,
+                    "operation": {"I": "insert", "U": "update", "D": "delete"}.get(
+                        str(operation), str(operation)
+                    ),
+                    "row": incoming_row,
+                },
+            }
+        )
+    return records

@@ -1,0 +1,266 @@
+"""The `pgconcord` command. Every failure the user can cause ends in one line and an exit code;
+the commands' JSON is what scripts and the web console read."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+import psycopg
+from rich.console import Console
+from rich.table import Table as RichTable
+
+from pgconcord import __version__
+from pgconcord.config import ClusterConfig, load_config
+from pgconcord.errors import NodeUnavailable, PgconcordError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+console = Console()
+error_console = Console(stderr=True)
+
+
+def config_option(function: F) -> F:
+    return click.option(
+        "--config",
+        "config_path",
+        envvar="PGCONCORD_CONFIG",
+        metavar="FILE",
+        help="Cluster file (TOML); default: $PGCONCORD_CONFIG.",
+    )(function)
+
+
+def json_option(function: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(function)
+
+
+def _load(config_path: str | None) -> ClusterConfig:
+    return load_config(config_path)
+
+
+def _print_json(value: object) -> None:
+    click.echo(json.dumps(value, indent=2, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pgconcord")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def main_group(verbose: int) -> None:
+    """Asynchronous multi-master replication for PostgreSQL."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
+    )
+
+
+@main_group.command()
+@config_option
+def setup(config_path: str | None) -> None:
+    """Install or upgrade pgconcord's schema and change capture on every node."""
+    from pgconcord.install import setup as run_setup
+
+    config = _load(config_path)
+    report = run_setup(config, progress=lambda line: console.print(line, highlight=False))
+    console.print(
+        f"set up {len(config.nodes)} nodes, {len(report.tables)} replicated tables", highlight=False
+    )
+
+
+@main_group.command()
+@config_option
+@click.option("--node", "node_name", metavar="NAME", help="Replicate into this node only.")
+def run(config_path: str | None, node_name: str | None) -> None:
+    """Replicate continuously until SIGTERM or SIGINT."""
+    from pgconcord.agent import Agent
+
+    config = _load(config_path)
+    nodes = [config.node_by_name(node_name).name] if node_name else None
+    if logging.getLogger().level > logging.INFO:
+        logging.getLogger().setLevel(logging.INFO)
+    agent = Agent(config, nodes)
+
+    def request_stop(signal_number: int, _frame: object) -> None:
+        logging.getLogger(__name__).info("received signal %d, stopping", signal_number)
+        agent.stopping.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    agent.start()
+    logging.getLogger(__name__).info("replicating into %s", ", ".join(agent.nodes))
+    agent.wait()
+    agent.stop()
+
+
+@main_group.command()
+@config_option
+def sync(config_path: str | None) -> None:
+    """Exchange changes until every reachable node has every change."""
+    from pgconcord.agent import sync as run_sync
+
+    config = _load(config_path)
+    report = run_sync(config)
+    for result in report.results:
+        if result.changes:
+            console.print(
+                f"{result.origin} -> {result.target}: {result.changes} changes in"
+                f" {result.transactions} transactions, {result.conflicts} conflicts",
+                highlight=False,
+            )
+    if report.ok:
+        console.print("all nodes have every change", highlight=False)
+        return
+    problems = [
+        f"node {name} unreachable ({reason})" for name, reason in report.unreachable.items()
+    ]
+    problems += report.failures
+    raise PgconcordError("sync incomplete: " + "; ".join(problems))
+
+
+@main_group.command()
+@config_option
+@json_option
+def status(config_path: str | None, as_json: bool) -> None:
+    """Nodes, reachability, pending changes and lag per pair, conflicts."""
+    from pgconcord.status import cluster_status
+
+    report = cluster_status(_load(config_path))
+    if as_json:
+        _print_json(report.to_json())
+    else:
+        nodes = RichTable(title=f"cluster {report.cluster}")
+        for heading in ("node", "state", "change log", "conflicts"):
+            nodes.add_column(heading)
+        for node in report.nodes:
+            state = "up" if node.reachable and not node.error else (node.error or "down")
+            log_size = (
+                f"{node.change_log_rows} rows, {(node.change_log_bytes or 0) // 1024} kB"
+                if node.change_log_rows is not None
+                else "-"
+            )
+            nodes.add_row(node.name, state, log_size, str(node.conflicts or 0))
+        console.print(nodes)
+        pairs = RichTable(title="replication")
+        for heading in ("from", "to", "pending", "lag", "applied"):
+            pairs.add_column(heading)
+        for pair in report.pairs:
+            pairs.add_row(
+                pair.origin,
+                pair.target,
+                "?" if pair.pending_changes is None else str(pair.pending_changes),
+                "?" if pair.lag_seconds is None else f"{pair.lag_seconds:.1f} s",
+                "?" if pair.applied_changes is None else str(pair.applied_changes),
+            )
+        console.print(pairs)
+    if not report.healthy:
+        sys.exit(1)
+
+
+@main_group.command()
+@config_option
+@json_option
+def verify(config_path: str | None, as_json: bool) -> None:
+    """Compare every replicated table across nodes; exit 1 if they differ."""
+    from pgconcord.verify import verify as run_verify
+
+    report = run_verify(_load(config_path))
+    if as_json:
+        _print_json(report.to_json())
+    else:
+        for name, reason in report.unreachable.items():
+            error_console.print(f"node {name} unreachable: {reason}", highlight=False)
+        for difference in report.differences:
+            keys = ", ".join(difference.keys)
+            console.print(
+                f"{difference.table}: {difference.reason}"
+                + (f" ({difference.key_count} keys: {keys})" if difference.keys else ""),
+                highlight=False,
+            )
+        if report.identical:
+            console.print(f"{len(report.tables)} tables identical on every node", highlight=False)
+    if not report.identical:
+        sys.exit(1)
+
+
+@main_group.command()
+@config_option
+@json_option
+def conflicts(config_path: str | None, as_json: bool) -> None:
+    """Recorded conflicts, with both versions of each row."""
+    from pgconcord.conflict import recorded_conflicts
+    from pgconcord.transport import connect
+
+    config = _load(config_path)
+    records: list[dict[str, Any]] = []
+    unreachable = []
+    for node in config.nodes:
+        try:
+            with connect(node, autocommit=True) as connection:
+                records.extend(recorded_conflicts(connection, node.name))
+        except NodeUnavailable as error:
+            unreachable.append(str(error))
+        except psycopg.errors.UndefinedTable:
+            unreachable.append(f"node {node.name}: pgconcord is not set up (run pgconcord setup)")
+    for line in unreachable:
+        error_console.print(line, highlight=False)
+    if as_json:
+        _print_json(records)
+    else:
+        table = RichTable(title=f"{len(records)} conflicts")
+        for heading in ("node", "when", "table", "key", "type", "kept"):
+            table.add_column(heading)
+        for record in records:
+            kept = (
+                record["incoming"]["origin"]
+                if record["resolution"] == "incoming"
+                else (record["local"]["origin"] or "local")
+            )
+            table.add_row(
+                record["node"],
+                str(record["detected_at"])[:19],
+                record["table"],
+                json.dumps(record["key"]),
+                record["type"],
+                f"{kept}'s version",
+            )
+        console.print(table)
+    if unreachable:
+        sys.exit(1)
+
+
+@main_group.command()
+@click.option("--seconds", default=40, show_default=True, help="How long the workload runs.")
+@click.option("--nodes", "node_count", default=3, show_default=True, help="How many nodes.")
+def demo(seconds: int, node_count: int) -> None:
+    """Start local throwaway nodes, replicate a live workload with conflicts, verify, clean up."""
+    from pgconcord.demo import run_demo
+
+    if not run_demo(seconds=seconds, node_count=node_count, console=console):
+        sys.exit(1)
+
+
+def main() -> None:
+    try:
+        main_group(standalone_mode=False)
+    except click.exceptions.Abort:
+        error_console.print("pgconcord: interrupted")
+        sys.exit(130)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except PgconcordError as error:
+        error_console.print(f"pgconcord: {error}", highlight=False, markup=False)
+        sys.exit(error.exit_code)
+    except psycopg.Error as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        error_console.print(
+            f"pgconcord: database error: {first_line}", highlight=False, markup=False
+        )
+        sys.exit(1)
+    except KeyboardInterrupt:
+        error_console.print("pgconcord: interrupted")
+        sys.exit(130)

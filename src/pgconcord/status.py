@@ -1,0 +1,160 @@
+"""What `pgconcord status` reports: each node's reachability, change log size and conflicts,
+and each pair's pending changes and lag. Read from the databases, so it works whether or not
+an agent is running."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psycopg
+
+from pgconcord import catalog
+from pgconcord.config import ClusterConfig
+from pgconcord.errors import NodeUnavailable
+from pgconcord.transport import connect
+
+
+@dataclass(frozen=True)
+class PairStatus:
+    origin: str
+    target: str
+    pending_changes: int | None  # None when either node is unreachable
+    lag_seconds: float | None  # age of the oldest change not yet applied; 0 when none pending
+    applied_changes: int | None
+    position_updated_at: str | None
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    name: str
+    reachable: bool
+    error: str | None = None
+    catalog_version: int | None = None
+    replicated_tables: int | None = None
+    change_log_rows: int | None = None
+    change_log_bytes: int | None = None
+    conflicts: int | None = None
+
+
+@dataclass
+class ClusterStatus:
+    cluster: str
+    nodes: list[NodeStatus] = field(default_factory=list)
+    pairs: list[PairStatus] = field(default_factory=list)
+
+    @property
+    def healthy(self) -> bool:
+        return all(node.reachable for node in self.nodes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "cluster": self.cluster,
+            "healthy": self.healthy,
+            "nodes": [asdict(node) for node in self.nodes],
+            "pairs": [asdict(pair) for pair in self.pairs],
+        }
+
+
+def _node_status(connection: psycopg.Connection[tuple[object, ...]], name: str) -> NodeStatus:
+    version = catalog.installed_version(connection)
+    if version == 0:
+        return NodeStatus(
+            name=name,
+            reachable=True,
+            catalog_version=0,
+            error="pgconcord is not set up here (run pgconcord setup)",
+        )
+    row = connection.execute(
+        """SELECT (SELECT count(*) FROM pgconcord.replicated_table),
+                  (SELECT count(*) FROM pgconcord.change_log),
+                  pg_total_relation_size('pgconcord.change_log'),
+                  (SELECT count(*) FROM pgconcord.conflict)"""
+    ).fetchone()
+    assert row is not None
+    tables, rows, size, conflicts = (int(str(value)) for value in row)
+    return NodeStatus(
+        name=name,
+        reachable=True,
+        catalog_version=version,
+        replicated_tables=tables,
+        change_log_rows=rows,
+        change_log_bytes=size,
+        conflicts=conflicts,
+    )
+
+
+_PENDING = """
+SELECT count(*), min(c.clock)
+  FROM pgconcord.change_log c
+ WHERE c.txid >= pg_snapshot_xmin(%(applied)s::pg_snapshot)
+   AND NOT pg_visible_in_snapshot(c.txid, %(applied)s::pg_snapshot)
+"""
+
+
+def cluster_status(config: ClusterConfig) -> ClusterStatus:
+    status = ClusterStatus(cluster=config.cluster.name)
+    connections: dict[str, psycopg.Connection[tuple[object, ...]]] = {}
+    try:
+        for node in config.nodes:
+            try:
+                connection = connect(node, autocommit=True)
+            except NodeUnavailable as error:
+                status.nodes.append(NodeStatus(name=node.name, reachable=False, error=error.reason))
+                continue
+            connections[node.name] = connection
+            status.nodes.append(_node_status(connection, node.name))
+        ready = {n.name for n in status.nodes if n.reachable and n.catalog_version}
+        now_microseconds = time.time() * 1_000_000
+        for target in config.nodes:
+            for origin in config.nodes:
+                if origin.name == target.name:
+                    continue
+                if origin.name not in ready or target.name not in ready:
+                    status.pairs.append(
+                        PairStatus(origin.name, target.name, None, None, None, None)
+                    )
+                    continue
+                position = (
+                    connections[target.name]
+                    .execute(
+                        "SELECT applied_snapshot::text, applied_changes,"
+                        " updated_at::text FROM pgconcord.position WHERE origin = %s",
+                        (origin.name,),
+                    )
+                    .fetchone()
+                )
+                # A window in progress counts as pending as a whole: it is not applied yet.
+                if position is None:
+                    status.pairs.append(
+                        PairStatus(origin.name, target.name, None, None, None, None)
+                    )
+                    continue
+                pending = (
+                    connections[origin.name]
+                    .execute(_PENDING, {"applied": str(position[0])})
+                    .fetchone()
+                )
+                assert pending is not None
+                count = int(str(pending[0]))
+                oldest = pending[1]
+                lag = (
+                    0.0
+                    if oldest is None
+                    else max(0.0, (now_microseconds - int(str(oldest))) / 1_000_000)
+                )
+                status.pairs.append(
+                    PairStatus(
+                        origin.name,
+                        target.name,
+                        count,
+                        round(lag, 3),
+                        int(str(position[1])),
+                        str(position[2]),
+                    )
+                )
+    finally:
+        for connection in connections.values():
+            connection.close()
+    return status
