@@ -12,7 +12,7 @@ application's triggers and foreign keys stay quiet and nothing applied is captur
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import psycopg
@@ -371,7 +371,7 @@ class Puller:
         plans: dict[tuple[str, str], TablePlan],
         expected: Position,
         window: reader.Window,
-        selections: list[sql.Composable],
+        selections: Sequence[sql.Composable],
         piece: sql.Composable,
         last_order: int,
         final: bool,
@@ -400,6 +400,7 @@ class Puller:
                 )
             ).fetchone()
             changes = int(str(summary[0])) if summary else 0
+            values: tuple[str, str | None, int | None]
             if final:
                 values = (window.window_snapshot, None, None)
             else:

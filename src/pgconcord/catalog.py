@@ -37,7 +37,7 @@ class Table:
         return f"{self.schema}.{self.name}"
 
     @property
-    def identifier(self) -> sql.Composed:
+    def identifier(self) -> sql.Identifier:
         return sql.Identifier(self.schema, self.name)
 
     @property

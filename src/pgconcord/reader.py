@@ -97,7 +97,8 @@ def stream_window(
         done=sql.Literal(window.done),
     )
     with origin.cursor() as cursor, cursor.copy(query) as copy:
-        yield from copy
+        for block in copy:
+            yield bytes(block)
 
 
 def origin_tables(

@@ -1,0 +1,3 @@
+from pgconcord.cli import main
+
+main()

