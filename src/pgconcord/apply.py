@@ -320,7 +320,7 @@ class Puller:
             """
             SELECT max(transaction_order), sum(changes), count(*)
               FROM (SELECT transaction_order, changes,
-                           (sum(changes) OVER (ORDER BY transaction_order) - changes) / %s
+                           (sum(changes) OVER (ORDER BY transaction_order) - changes)::bigint / %s
                              AS piece
                       FROM (SELECT transaction_order, count(*) AS changes
                               FROM pgconcord_stage GROUP BY transaction_order) AS per_transaction

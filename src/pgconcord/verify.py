@@ -11,7 +11,7 @@ order, and merged in Python to name the keys that differ.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +35,9 @@ _FETCH_SIZE = 5000
 # intervals and ranges DateStyle and IntervalStyle, reg* types and format_type() search_path.
 # Nodes configured differently must still agree on equal values, so every node renders alike.
 _SESSION_SETTINGS = (
+    # While one node computes a large table's hash the others wait, idle in their transaction;
+    # a server-side limit on that would cut them off halfway through the comparison.
+    ("idle_in_transaction_session_timeout", "0"),
     ("TimeZone", "UTC"),
     ("DateStyle", "ISO, YMD"),
     ("IntervalStyle", "postgres"),
@@ -58,7 +61,7 @@ SELECT n.nspname, c.relname
  WHERE n.nspname = ANY (%s) AND c.relkind = 'p'
 """
 
-TableName = tuple[str, str]
+_TableName = tuple[str, str]
 
 
 @dataclass(frozen=True)
@@ -131,8 +134,8 @@ class _TableUnreadable(Exception):
 class _Node:
     name: str
     connection: psycopg.Connection[tuple[object, ...]]
-    tables: dict[TableName, Table] = field(default_factory=dict)
-    partitioned: set[TableName] = field(default_factory=set)
+    tables: dict[_TableName, Table] = field(default_factory=dict)
+    partitioned: set[_TableName] = field(default_factory=set)
 
 
 def _first_line(error: BaseException) -> str:
@@ -165,7 +168,7 @@ def _row_hash(excluded_columns: Sequence[str]) -> sql.Composable:
     return sql.SQL("md5(convert_to(({})::text, 'UTF8'))").format(document)
 
 
-def _source(node: _Node, name: TableName) -> sql.Composable:
+def _source(node: _Node, name: _TableName) -> sql.Composable:
     table = node.tables[name]
     # ONLY: an inheritance child is a table of its own (discovered and captured separately), so
     # its rows must not also count as the parent's. A partitioned table has no rows but its
@@ -184,9 +187,7 @@ def _hash_statement(source: sql.Composable, excluded_columns: Sequence[str]) -> 
         " coalesce(sum(('x' || left({hash}, 16))::bit(64)::bigint::numeric), 0),"
         " coalesce(sum(('x' || right({hash}, 16))::bit(64)::bigint::numeric), 0)"
         " FROM (SELECT {row_hash} AS {hash} FROM {source}) AS {derived}"
-    ).format(
-        hash=_ROW_HASH, row_hash=_row_hash(excluded_columns), source=source, derived=_DERIVED
-    )
+    ).format(hash=_ROW_HASH, row_hash=_row_hash(excluded_columns), source=source, derived=_DERIVED)
 
 
 def _rows_statement(
@@ -214,7 +215,7 @@ def _rows_statement(
     )
 
 
-def _stream_rows(node: _Node, statement: sql.Composed) -> Iterator[tuple[str, str]]:
+def _stream_rows(node: _Node, statement: sql.Composed) -> Generator[tuple[str, str], None, None]:
     """(key, row hash) pairs through a server-side cursor, so no table is held in memory."""
     previous: str | None = None
     with _reading(node), node.connection.cursor(name=_CURSOR_NAME) as cursor:
@@ -348,7 +349,7 @@ class _Verification:
         if lost is not None:
             lost.connection.close()
 
-    def _compare_table(self, name: TableName) -> None:
+    def _compare_table(self, name: _TableName) -> None:
         """Compare one table, again from the start if a node drops out or refuses it."""
         qualified_name = f"{name[0]}.{name[1]}"
         refused: dict[str, str] = {}
@@ -374,7 +375,8 @@ class _Verification:
         self.differences.extend(differences)
         if row_count is not None:
             self.rows[qualified_name] = row_count
-        summary = f"{len(differences)} differences" if differences else "identical"
+        count = len(differences)
+        summary = f"{count} difference{'' if count == 1 else 's'}" if count else "identical"
         rows = "" if row_count is None else f", {row_count} rows"
         self.progress(f"{qualified_name}: {summary}{rows}")
 
@@ -389,14 +391,12 @@ class _Verification:
             self._lose(node_name, f"connection lost: {_first_line(error)}")
 
     def _attempt(
-        self, name: TableName, qualified_name: str, refused: dict[str, str]
+        self, name: _TableName, qualified_name: str, refused: dict[str, str]
     ) -> tuple[int | None, list[TableDifference]] | None:
         """The table's row count on the first node holding it, and its differences; None when
         no node still in the comparison holds it."""
         holders = [
-            node
-            for node in self.nodes.values()
-            if name in node.tables and node.name not in refused
+            node for node in self.nodes.values() if name in node.tables and node.name not in refused
         ]
         lacking = [
             node.name
@@ -416,8 +416,10 @@ class _Verification:
             return None, differences
         definitions = {node.name: node.tables[name] for node in holders}
         differences += _shape_differences(qualified_name, definitions)
-        shared = set.intersection(*({c.name for c in t.columns} for t in definitions.values()))
-        excluded = sorted({c.name for t in definitions.values() for c in t.columns} - shared)
+        column_sets = [{column.name for column in table.columns} for table in definitions.values()]
+        excluded = sorted(
+            column_sets[0].union(*column_sets) - column_sets[0].intersection(*column_sets)
+        )
 
         for node in holders:
             with _reading(node):
@@ -433,7 +435,7 @@ class _Verification:
         row_count = int(str(hashes[holders[0].name][0]))
 
         if len(set(hashes.values())) > 1:
-            key_columns = {t.key_columns for t in definitions.values()}
+            key_columns = {table.key_columns for table in definitions.values()}
             if len(key_columns) == 1 and () not in key_columns:
                 differences += self._row_differences(
                     qualified_name, name, holders, key_columns.pop(), excluded
@@ -458,7 +460,7 @@ class _Verification:
     def _row_differences(
         self,
         qualified_name: str,
-        name: TableName,
+        name: _TableName,
         holders: list[_Node],
         key_columns: tuple[str, ...],
         excluded: list[str],
@@ -511,18 +513,18 @@ class _Verification:
         return differences
 
 
-def _shape_differences(
-    qualified_name: str, definitions: dict[str, Table]
-) -> list[TableDifference]:
+def _shape_differences(qualified_name: str, definitions: dict[str, Table]) -> list[TableDifference]:
     """Columns missing on some nodes, column types and primary keys that are not alike."""
     differences = []
     nodes = list(definitions)
     column_names: list[str] = []
     for table in definitions.values():
-        column_names += [c.name for c in table.columns if c.name not in column_names]
+        column_names += [column.name for column in table.columns if column.name not in column_names]
     for column_name in column_names:
         types = {
-            node: next((c.type_name for c in table.columns if c.name == column_name), None)
+            node: next(
+                (column.type_name for column in table.columns if column.name == column_name), None
+            )
             for node, table in definitions.items()
         }
         lacking = tuple(node for node in nodes if types[node] is None)
@@ -565,9 +567,7 @@ def _shape_differences(
     return differences
 
 
-def verify(
-    config: ClusterConfig, progress: Callable[[str], None] | None = None
-) -> VerifyReport:
+def verify(config: ClusterConfig, progress: Callable[[str], None] | None = None) -> VerifyReport:
     """Compare every replicated table across all nodes; unreachable nodes are reported and the
     others compared. `progress` receives one line per node problem and per table compared."""
     return _Verification(config, progress or (lambda _message: None)).run()
