@@ -39,7 +39,7 @@ def test_agent_killed_repeatedly_while_applying_a_large_backlog(system_cluster: 
         for batch in range(200):
             connection.execute(
                 "INSERT INTO events SELECT g, 'north', repeat('x', 50)"
-                " FROM generate_series(%s, %s) g",
+                " FROM generate_series(%s::int, %s::int) g",
                 (batch * 500 + 1, batch * 500 + 500),
             )
     cluster.execute(

@@ -170,8 +170,9 @@ def test_same_row_changed_on_three_nodes_converges_to_the_latest_write(cluster: 
         assert record["table"] == "public.customers"
         assert record["key"] == {"id": "c1"}
         assert record["local"]["row"] is not None
-        kept, lost = (record["incoming"], record["local"])[:: 1 if record["resolution"] ==
-                                                           "incoming" else -1]
+        kept, lost = (record["incoming"], record["local"])[
+            :: 1 if record["resolution"] == "incoming" else -1
+        ]
         # Whichever two versions met, the later one was kept, and east's is the latest of all.
         assert kept["clock"] > lost["clock"]
         if "east" in (kept["origin"], lost["origin"]):

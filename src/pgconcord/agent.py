@@ -103,7 +103,7 @@ def sync(config: ClusterConfig) -> SyncReport:
             continue
         puller = Puller(origin, target)
         try:
-            report.results.append(puller.pull())
+            report.results.append(puller.pull(wait_for_turn=True, until_current=True))
         except NodeUnavailable as error:
             report.unreachable.setdefault(error.node, error.reason)
         except PgconcordError as error:
@@ -173,11 +173,18 @@ class Agent:
         state, wake = self.states[key], self._wake[key]
         puller = Puller(origin, target)
         backoff = 0.0
+
+        def on_progress(progress: PullResult) -> None:
+            state.sentence = (
+                f"applying changes from {origin.name}: {progress.changes} so far"
+                f" in {progress.transactions} transactions"
+            )
+
         try:
             while not self.stopping.is_set():
                 wake.clear()
                 try:
-                    result = puller.pull(self.stopping.is_set)
+                    result = puller.pull(self.stopping.is_set, on_progress)
                 except NodeUnavailable as error:
                     backoff = self._failed(
                         state, f"waiting for node {error.node}: {error.reason}", backoff

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -22,14 +23,15 @@ from psycopg import sql
 from pgconcord import catalog, conflict, reader
 from pgconcord.catalog import Table
 from pgconcord.config import NodeConfig
-from pgconcord.errors import PgconcordError, SchemaError
-from pgconcord.transport import connect
+from pgconcord.errors import NodeUnavailable, PgconcordError, SchemaError
+from pgconcord.transport import connect, describe_connection_error
 
 log = logging.getLogger(__name__)
 
 Connection = psycopg.Connection[tuple[object, ...]]
 
 DEFAULT_PIECE_ROWS = 50_000
+_TURN_LOCK_CLASS = 0x70676331  # advisory lock class of "applying this origin here"
 # How often an idle pair moves its position forward, so the origin can purge its log.
 IDLE_ADVANCE_SECONDS = 10
 
@@ -128,43 +130,89 @@ class Puller:
 
     # -- the pull --------------------------------------------------------------------------
 
-    def pull(self, should_stop: Callable[[], bool] = lambda: False) -> PullResult:
-        """Apply windows until the origin has nothing newer. Connection failures raise
-        NodeUnavailable; the caller retries later."""
+    def pull(
+        self,
+        should_stop: Callable[[], bool] = lambda: False,
+        on_progress: Callable[[PullResult], None] = lambda _: None,
+        *,
+        wait_for_turn: bool = False,
+        until_current: bool = False,
+    ) -> PullResult:
+        """Apply windows until the origin has nothing newer, or with until_current until
+        everything the origin had committed when the call began is applied (a busy origin
+        never runs dry). Another process applying this pair makes the call return at once,
+        or wait for its turn with wait_for_turn. Connection failures raise NodeUnavailable;
+        the caller retries later."""
         result = PullResult(origin=self.origin.name, target=self.target.name)
         try:
             while not should_stop():
+                if not self._take_turn(wait=wait_for_turn):
+                    break
                 try:
-                    if not self._pull_window(result, should_stop):
-                        break
+                    applied = self._pull_window(result, should_stop, on_progress)
                 except Superseded:
                     log.debug(
                         "%s -> %s: position moved by another process",
                         self.origin.name,
                         self.target.name,
                     )
+                    continue
                 except pg_errors.DeadlockDetected:
                     self._rollback()
+                    continue
+                finally:
+                    self._end_turn()
+                if applied is None or (until_current and applied == "fresh"):
+                    break
         except psycopg.OperationalError as error:
+            broken = self._origin_connection
+            failed = self.origin.name if broken is None or broken.broken else self.target.name
             self.close()
-            from pgconcord.transport import describe_connection_error
-
-            failed = self.origin.name if _is_closed(self._origin_connection) else self.target.name
-            from pgconcord.errors import NodeUnavailable
-
             raise NodeUnavailable(failed, describe_connection_error(error)) from None
         except BaseException:
             self._rollback()
             raise
         return result
 
+    def _turn_key(self) -> tuple[int, str]:
+        return (_TURN_LOCK_CLASS, self.origin.name)
+
+    def _take_turn(self, *, wait: bool) -> bool:
+        """One process at a time applies a pair (the position check keeps it correct anyway;
+        the lock saves the others from staging the same window for nothing)."""
+        target = self._target()
+        if wait:
+            target.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", self._turn_key())
+            taken = True
+        else:
+            row = target.execute(
+                "SELECT pg_try_advisory_lock(%s, hashtext(%s))", self._turn_key()
+            ).fetchone()
+            taken = bool(row and row[0])
+        target.commit()
+        return taken
+
+    def _end_turn(self) -> None:
+        target = self._target_connection
+        if target is None or target.broken or target.closed:
+            return
+        target.rollback()
+        target.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", self._turn_key())
+        target.commit()
+
     def _rollback(self) -> None:
         for connection in (self._origin_connection, self._target_connection):
             if connection is not None and not connection.closed:
                 connection.rollback()
 
-    def _pull_window(self, result: PullResult, should_stop: Callable[[], bool]) -> bool:
-        """Apply one window; False when there was nothing to apply."""
+    def _pull_window(
+        self,
+        result: PullResult,
+        should_stop: Callable[[], bool],
+        on_progress: Callable[[PullResult], None],
+    ) -> Literal["fresh", "resumed"] | None:
+        """Apply one window: a fresh one, or one another run had begun; None when there was
+        nothing to apply."""
         origin, target = self._origin(), self._target()
         position = self._read_position(target, lock=False)
         target.commit()
@@ -174,7 +222,7 @@ class Puller:
             if not reader.window_has_changes(origin, window):
                 origin.rollback()
                 self._advance_idle(target, position, snapshot)
-                return False
+                return None
         else:
             origin.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             window = reader.Window(
@@ -187,7 +235,7 @@ class Puller:
         done = window.done
         for index, (last_order, rows, transactions) in enumerate(pieces):
             if should_stop():
-                return False
+                return None
             final = index == len(pieces) - 1
             expected = (
                 position
@@ -199,9 +247,10 @@ class Puller:
             result.changes += rows
             result.transactions += transactions
             result.conflicts += conflicts
+            on_progress(result)
         if not pieces:
             self._finish_empty_window(target, position, window)
-        return True
+        return "fresh" if position.window_snapshot is None else "resumed"
 
     # -- position ------------------------------------------------------------------------
 
@@ -440,7 +489,3 @@ class Puller:
         target.execute(statements.delete_rows, parameters)
         target.execute(statements.upsert_rows, parameters)
         return max(recorded, 0)
-
-
-def _is_closed(connection: Connection | None) -> bool:
-    return connection is None or connection.closed or connection.broken

@@ -21,8 +21,9 @@ from pgconcord.errors import NodeUnavailable, PgconcordError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-console = Console()
-error_console = Console(stderr=True)
+# soft_wrap: a message is one line however narrow the terminal, so scripts can read it.
+console = Console(soft_wrap=True)
+error_console = Console(stderr=True, soft_wrap=True)
 
 
 def config_option(function: F) -> F:
@@ -253,13 +254,11 @@ def main() -> None:
         error.show()
         sys.exit(error.exit_code)
     except PgconcordError as error:
-        error_console.print(f"pgconcord: {error}", highlight=False, markup=False)
+        click.echo(f"pgconcord: {error}", err=True)
         sys.exit(error.exit_code)
     except psycopg.Error as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        error_console.print(
-            f"pgconcord: database error: {first_line}", highlight=False, markup=False
-        )
+        click.echo(f"pgconcord: database error: {first_line}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         error_console.print("pgconcord: interrupted")

@@ -377,7 +377,7 @@ class _Verification:
             self.rows[qualified_name] = row_count
         count = len(differences)
         summary = f"{count} difference{'' if count == 1 else 's'}" if count else "identical"
-        rows = "" if row_count is None else f", {row_count} rows"
+        rows = "" if row_count is None else f", {row_count} row{'' if row_count == 1 else 's'}"
         self.progress(f"{qualified_name}: {summary}{rows}")
 
     def _recover(self, node_name: str) -> None:
