@@ -93,35 +93,32 @@ def test_defaults_are_not_shared_between_configs() -> None:
     assert first.replication.schemas is not second.replication.schemas
 
 
-@pytest.mark.parametrize("policy", ["last-writer-wins", "node-priority", "keep-existing"])
-def test_conflict_default_policies(policy: str) -> None:
+def test_last_writer_wins_is_the_default_policy() -> None:
+    assert parse_config(MINIMAL).conflict.default == "last-writer-wins"
+    text = MINIMAL + '[conflict]\ndefault = "last-writer-wins"\n'
+    assert parse_config(text).conflict.default == "last-writer-wins"
+
+
+@pytest.mark.parametrize("policy", ["node-priority", "keep-existing"])
+def test_policies_not_implemented_yet_are_refused_not_ignored(policy: str) -> None:
     text = MINIMAL + f'[conflict]\ndefault = "{policy}"\n'
+    with pytest.raises(ConfigError, match="conflict.default: .*not available yet"):
+        parse_config(text)
 
-    assert parse_config(text).conflict.default == policy
 
-
-def test_per_table_conflict_settings() -> None:
-    text = (
-        DESIGN_EXAMPLE
-        + """
-[conflict.table."public.accounts"]
-policy = "delta"
-delta_columns = ["balance"]
-
-[conflict.table."public.orders"]
-policy = "node-priority"
-priority = ["south", "north"]
-resolver = "shop.resolve_order"
-"""
-    )
-    tables = parse_config(text).conflict.table
-
-    assert tables["public.accounts"].policy == "delta"
-    assert tables["public.accounts"].delta_columns == ["balance"]
-    assert tables["public.accounts"].priority == []
-    assert tables["public.accounts"].resolver is None
-    assert tables["public.orders"].priority == ["south", "north"]
-    assert tables["public.orders"].resolver == "shop.resolve_order"
+@pytest.mark.parametrize(
+    ("setting", "key"),
+    [
+        ('policy = "node-priority"', "policy"),
+        ('delta_columns = ["balance"]', "delta_columns"),
+        ('priority = ["south", "north"]', "priority"),
+        ('resolver = "shop:resolve_order"', "resolver"),
+    ],
+)
+def test_per_table_settings_not_implemented_yet_are_refused(setting: str, key: str) -> None:
+    text = DESIGN_EXAMPLE + f'\n[conflict.table."public.accounts"]\n{setting}\n'
+    with pytest.raises(ConfigError, match=f'"public.accounts".{key}: .*not available yet'):
+        parse_config(text)
 
 
 def test_exclusion_and_replicated_tables() -> None:

@@ -291,7 +291,30 @@ class ClusterConfig(_Section):
     def _check_consistency(self) -> "ClusterConfig":
         self._check_nodes_are_distinct()
         self._check_conflict_tables()
+        self._check_policies_available()
         return self
+
+    def _check_policies_available(self) -> None:
+        # Accepting a policy and then resolving with another would be a silent lie about
+        # which write survives; until the other policies exist, they are refused.
+        available = "this version resolves every conflict with last-writer-wins"
+        if self.conflict.default != "last-writer-wins":
+            raise _invalid(
+                f"policy {self.conflict.default!r} is not available yet; {available}",
+                "conflict",
+                "default",
+            )
+        for qualified_name, table_config in self.conflict.table.items():
+            for key in ("policy", "delta_columns", "priority", "resolver"):
+                value = getattr(table_config, key)
+                if value and value != "last-writer-wins":
+                    raise _invalid(
+                        f"{key} is not available yet; {available}",
+                        "conflict",
+                        "table",
+                        qualified_name,
+                        key,
+                    )
 
     def _check_nodes_are_distinct(self) -> None:
         index_by_name: dict[str, int] = {}
