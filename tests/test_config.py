@@ -102,7 +102,7 @@ def test_last_writer_wins_is_the_default_policy() -> None:
 @pytest.mark.parametrize("policy", ["node-priority", "keep-existing"])
 def test_policies_not_implemented_yet_are_refused_not_ignored(policy: str) -> None:
     text = MINIMAL + f'[conflict]\ndefault = "{policy}"\n'
-    with pytest.raises(ConfigError, match="conflict.default: .*not available yet"):
+    with pytest.raises(ConfigError, match=r"conflict\.default: .*not available yet"):
         parse_config(text)
 
 
