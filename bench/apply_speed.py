@@ -236,6 +236,7 @@ def main() -> int:
     systems = [CONCORD] if arguments.no_logical else [CONCORD, LOGICAL]
 
     load_at_start = common.load_note()
+    source_at_start = common.source_note()
     progress(f"starting two servers (fsync on); {rows:,} rows, {repeat} repetition(s)")
     a, b = common.start_servers(["apply-a", "apply-b"], fsync=True)
     log_offsets = {server.name: common.log_size(server) for server in (a, b)}
@@ -291,6 +292,7 @@ def main() -> int:
         report(results, rows, arguments.batch, repeat, systems, variants)
         common.report_server_logs([a, b], log_offsets)
         print(f"\nat the end: {common.load_note()} (at the start: {load_at_start})")
+        print(f"measured {source_at_start}")
     finally:
         for server in (a, b):
             server.cleanup()

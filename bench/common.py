@@ -364,11 +364,16 @@ class AgentProcess:
         self.label = label
         self.process: subprocess.Popen[str] | None = None
         self._log_offset = 0
+        self._parked_checked_at = 0.0
+        self.node_dsns: list[str] = []
         self.started_at = 0.0
         self.stopped_at = 0.0
         self.cpu_seconds = 0.0
 
     def start(self, ready_dsns: Sequence[str] = (), timeout: float = 30) -> AgentProcess:
+        """Start the agent; wait until it is connected to every database in ready_dsns (whose
+        parked changes, if pgconcord parks failed changes, check() then watches too)."""
+        self.node_dsns = list(ready_dsns)
         self.process = subprocess.Popen(
             [sys.executable, str(Path(__file__)), "agent", str(self.config_path), str(self.log_path)],
             # The child stops when this pipe closes, i.e. also when we die without stopping it.
@@ -407,6 +412,13 @@ class AgentProcess:
         for line in fresh.decode(errors="replace").splitlines():
             if "stalled" in line or "unexpected error" in line or " ERROR " in line:
                 raise AgentStalled(line)
+        now = time.perf_counter()
+        if now - self._parked_checked_at >= 0.5:
+            self._parked_checked_at = now
+            for dsn in self.node_dsns:
+                count, reason = parked_changes(dsn)
+                if count:
+                    raise AgentStalled(f"{count} changes parked at {dsn}: {reason}")
 
     def stop(self) -> None:
         if self.process is None:
@@ -464,7 +476,12 @@ def report_agent(agent: AgentProcess, limit: int = 15) -> list[str]:
         # strip the timestamp so repeated messages collapse
         key = line.split(" ", 2)[-1] if line[:2].isdigit() else line
         seen[key] = seen.get(key, 0) + 1
+    try:
+        source = Path(str(agent.log_path) + ".source").read_text()
+    except OSError:
+        source = "unknown"
     print()
+    print(f"agent ran {source}")
     print(
         f"agent log ({agent.label}): {len(lines)} warning/error lines,"
         f" agent CPU {agent.cpu_seconds:.1f} s"
@@ -478,12 +495,44 @@ def report_agent(agent: AgentProcess, limit: int = 15) -> list[str]:
     return lines
 
 
+def parked_changes(dsn: str) -> tuple[int, str]:
+    """(changes pgconcord parked at this node because they failed to apply, one reason), or
+    (0, "") where this pgconcord version has no parked_change table."""
+    with connect(dsn) as connection:
+        exists = connection.execute(
+            "SELECT to_regclass('pgconcord.parked_change') IS NOT NULL"
+        ).fetchone()
+        if not exists or not exists[0]:
+            return 0, ""
+        row = connection.execute(
+            "SELECT count(*), min(reason) FROM pgconcord.parked_change WHERE state = 'parked'"
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), str(row[1] or "")
+
+
+def source_note() -> str:
+    """Which pgconcord source is measured: its directory and a digest of its files (others may
+    edit the package while a benchmark runs; the agent child reports its own digest)."""
+    import hashlib
+
+    import pgconcord
+
+    package = Path(pgconcord.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*")):
+        if path.suffix in (".py", ".sql") and path.is_file():
+            digest.update(path.relative_to(package).as_posix().encode())
+            digest.update(path.read_bytes())
+    return f"pgconcord from {package}, source digest {digest.hexdigest()[:12]}"
+
+
 def change_log_state(dsn: str) -> tuple[int, int, int]:
-    """(rows captured so far = max id, rows present, total size in bytes) of pgconcord.change_log."""
+    """(rows captured so far, rows present, total size in bytes) of pgconcord.change_log."""
     with connect(dsn) as connection:
         row = connection.execute(
-            "SELECT coalesce(max(id), 0), count(*),"
-            " pg_total_relation_size('pgconcord.change_log') FROM pgconcord.change_log"
+            "SELECT coalesce(pg_sequence_last_value('pgconcord.change_log_id_seq'), 0),"
+            " count(*), pg_total_relation_size('pgconcord.change_log') FROM pgconcord.change_log"
         ).fetchone()
     assert row is not None
     return int(row[0]), int(row[1]), int(row[2])
@@ -595,6 +644,8 @@ def _run_agent(config_path: str, log_path: str) -> int:
 
     threading.Thread(target=watch_parent, daemon=True).start()
     agent = Agent(load_config(config_path)).start()
+    with open(log_path + ".source", "w") as note:
+        note.write(source_note())
     print("ready", flush=True)
     while not stop.wait(0.5):
         dead = [t.name for t in agent._threads if not t.is_alive()]

@@ -190,6 +190,7 @@ def main() -> int:
     systems = [CONCORD] if arguments.no_logical else [CONCORD, LOGICAL]
 
     load_at_start = common.load_note()
+    source_at_start = common.source_note()
     progress("starting servers A and B (fsync on)")
     a, b = common.start_servers(["lag-a", "lag-b"], fsync=True)
     offsets = {server.name: common.log_size(server) for server in (a, b)}
@@ -227,6 +228,7 @@ def main() -> int:
             common.report_agent(agent)
         common.report_server_logs([a, b], offsets)
         print(f"\nat the end: {common.load_note()} (at the start: {load_at_start})")
+        print(f"measured {source_at_start}")
     except common.AgentStalled as error:
         print(f"\nFAILED: the pgconcord agent cannot replicate this workload:\n  {error}")
         return 1

@@ -12,7 +12,7 @@ application's triggers and foreign keys stay quiet and nothing applied is captur
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,7 +20,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
 
-from pgconcord import catalog, conflict, reader
+from pgconcord import catalog, conflict, parked, reader
 from pgconcord.catalog import Table
 from pgconcord.config import NodeConfig
 from pgconcord.errors import NodeUnavailable, PgconcordError, SchemaError
@@ -45,6 +45,30 @@ CREATE TEMPORARY TABLE IF NOT EXISTS pgconcord_decision (
     local_clock bigint, local_origin text, local_deleted boolean);
 CREATE TEMPORARY TABLE IF NOT EXISTS pgconcord_winner (row_key jsonb);
 """
+
+
+def open_target(node: NodeConfig) -> Connection:
+    """A session that applies changes: replica role, so that nothing applied is captured
+    again and the application's triggers and foreign keys stay quiet."""
+    connection = connect(node)
+    try:
+        connection.execute("SET session_replication_role = replica")
+    except pg_errors.InsufficientPrivilege:
+        connection.close()
+        raise ApplyError(
+            f"node {node.name}: the agent's role may not set session_replication_role"
+            " (needs superuser, or on PostgreSQL 15+ GRANT SET ON PARAMETER"
+            " session_replication_role)"
+        ) from None
+    # With a short deadlock timeout this session notices a deadlock first and is the one
+    # rolled back (and retried), not the application's transaction.
+    try:
+        connection.execute("SET deadlock_timeout = '50ms'")
+    except pg_errors.InsufficientPrivilege:
+        connection.rollback()
+    connection.execute(_TEMPORARY_TABLES)
+    connection.commit()
+    return connection
 
 
 class ApplyError(PgconcordError):
@@ -89,6 +113,8 @@ class Puller:
         self.origin = origin
         self.target = target
         self.piece_rows = piece_rows
+        # Whether this target holds parked changes from this origin (refreshed each window).
+        self._parked_waiting = False
         self._origin_connection: Connection | None = None
         self._target_connection: Connection | None = None
 
@@ -101,25 +127,7 @@ class Puller:
 
     def _target(self) -> Connection:
         if self._target_connection is None or self._target_connection.closed:
-            connection = connect(self.target)
-            try:
-                connection.execute("SET session_replication_role = replica")
-            except pg_errors.InsufficientPrivilege:
-                connection.close()
-                raise ApplyError(
-                    f"node {self.target.name}: the agent's role may not set"
-                    " session_replication_role (needs superuser, or on PostgreSQL 15+"
-                    " GRANT SET ON PARAMETER session_replication_role)"
-                ) from None
-            # With a short deadlock timeout this session notices a deadlock first and is the
-            # one rolled back (and retried), not the application's transaction.
-            try:
-                connection.execute("SET deadlock_timeout = '50ms'")
-            except pg_errors.InsufficientPrivilege:
-                connection.rollback()
-            connection.execute(_TEMPORARY_TABLES)
-            connection.commit()
-            self._target_connection = connection
+            self._target_connection = open_target(self.target)
         return self._target_connection
 
     def close(self) -> None:
@@ -230,6 +238,7 @@ class Puller:
             )
         staged = self._stage(origin, target, window)
         plans = self._plans(origin, target)
+        self._parked_waiting = parked.any_waiting(target, self.origin.name)
         origin.commit()
         pieces = self._pieces(target, many=staged > self.piece_rows)
         done = window.done
@@ -393,99 +402,240 @@ class Puller:
         last_order: int,
         final: bool,
     ) -> int:
-        selection = sql.SQL("s.transaction_order > {} AND s.transaction_order <= {}").format(
+        piece = sql.SQL("s.transaction_order > {} AND s.transaction_order <= {}").format(
             sql.Literal(after), sql.Literal(last_order)
         )
         try:
-            return self._apply_selection(
-                target, plans, expected, window, [selection], selection, last_order, final
-            )
-        except (pg_errors.UniqueViolation, pg_errors.ExclusionViolation):
-            # Set-wise apply lost the order between rows (a value moved from one row to
-            # another inside the piece); apply the piece change by change instead.
-            ids = target.execute(
-                sql.SQL(
-                    "SELECT s.id FROM pgconcord_stage s WHERE {} ORDER BY s.transaction_order, s.id"
-                ).format(selection)
-            ).fetchall()
-            target.rollback()
-            selections = [sql.SQL("s.id = {}").format(sql.Literal(int(str(row[0])))) for row in ids]
-            return self._apply_selection(
-                target, plans, expected, window, selections, selection, last_order, final
-            )
+            with target.transaction():
+                self._check_position(target, expected)
+                conflicts = sum(
+                    apply_table(target, plan, self.origin.name, piece, self._parked_waiting)
+                    for plan in plans.values()
+                )
+                self._advance(target, window, piece, last_order, final)
+            return conflicts
+        except psycopg.DatabaseError as error:
+            if not is_data_problem(error):
+                raise
+        # Some change cannot be applied, or the set-wise apply lost the order between rows
+        # (a unique value moved from one row to another inside the piece): go change by
+        # change, parking those that fail, so that the stream goes on.
+        return self._apply_one_by_one(target, plans, expected, window, piece, last_order, final)
 
-    def _apply_selection(
+    def _apply_one_by_one(
         self,
         target: Connection,
         plans: dict[tuple[str, str], TablePlan],
         expected: Position,
         window: reader.Window,
-        selections: Sequence[sql.Composable],
         piece: sql.Composable,
         last_order: int,
         final: bool,
     ) -> int:
         conflicts = 0
         with target.transaction():
-            if self._read_position(target, lock=True) != expected:
-                raise Superseded
-            for selection in selections:
-                for (schema, name), plan in plans.items():
-                    try:
-                        conflicts += self._apply_table(target, plan, schema, name, selection)
-                    except (pg_errors.UniqueViolation, pg_errors.ExclusionViolation):
+            self._check_position(target, expected)
+            changes = target.execute(
+                sql.SQL(
+                    "SELECT s.id, s.schema_name, s.table_name FROM pgconcord_stage s"
+                    " WHERE {} ORDER BY s.transaction_order, s.id"
+                ).format(piece)
+            ).fetchall()
+            for change_id, schema, name in changes:
+                plan = plans[(str(schema), str(name))]
+                selection = sql.SQL("s.id = {}").format(sql.Literal(int(str(change_id))))
+                try:
+                    with target.transaction():
+                        conflicts += apply_table(
+                            target, plan, self.origin.name, selection, self._parked_waiting
+                        )
+                except psycopg.DatabaseError as error:
+                    if not is_data_problem(error):
                         raise
-                    except psycopg.DatabaseError as error:
-                        if isinstance(error, psycopg.OperationalError | pg_errors.DeadlockDetected):
-                            raise
-                        raise ApplyError(
-                            f"applying changes from {self.origin.name} to table"
-                            f" {schema}.{name} on {self.target.name} failed:"
-                            f" {str(error).strip().splitlines()[0]}; they stay queued"
-                        ) from None
-            summary = target.execute(
-                sql.SQL("SELECT count(*), max(s.clock) FROM pgconcord_stage s WHERE {}").format(
-                    piece
-                )
-            ).fetchone()
-            changes = int(str(summary[0])) if summary else 0
-            values: tuple[str, str | None, int | None]
-            if final:
-                values = (window.window_snapshot, None, None)
-            else:
-                values = (window.applied_snapshot, window.window_snapshot, last_order)
-            target.execute(
-                "UPDATE pgconcord.position SET applied_snapshot = %s, window_snapshot = %s,"
-                " window_done = %s, applied_changes = applied_changes + %s,"
-                " last_applied_clock = greatest(last_applied_clock, %s), updated_at = now()"
-                " WHERE origin = %s",
-                (*values, changes, summary[1] if summary else None, self.origin.name),
-            )
+                    reason = f"{schema}.{name}: {first_line(error)}"
+                    parked.park(target, self.origin.name, selection, reason)
+                    self._parked_waiting = True
+                    log.warning(
+                        "%s -> %s: parked a change of %s.%s: %s",
+                        self.origin.name,
+                        self.target.name,
+                        schema,
+                        name,
+                        first_line(error),
+                    )
+            self._advance(target, window, piece, last_order, final)
         return conflicts
 
-    def _apply_table(
+    def _check_position(self, target: Connection, expected: Position) -> None:
+        if self._read_position(target, lock=True) != expected:
+            raise Superseded
+
+    def _advance(
         self,
         target: Connection,
-        plan: TablePlan,
-        schema: str,
-        name: str,
-        selection: sql.Composable,
-    ) -> int:
-        statements = conflict.table_statements(plan.table, plan.columns)
-        parameters = {
-            "schema": schema,
-            "table": name,
-            "table_id": plan.table_id,
-            "origin": self.origin.name,
-        }
-        target.execute("TRUNCATE pgconcord_decision, pgconcord_winner")
-        filled = target.execute(statements.decide(selection), parameters)
-        if filled.rowcount == 0:
-            return 0
-        if filled.rowcount > 10_000:
-            target.execute("ANALYZE pgconcord_decision")
-        target.execute(statements.choose_winners, parameters)
-        recorded = target.execute(statements.record_conflicts, parameters).rowcount
-        target.execute(statements.delete_rows, parameters)
-        target.execute(statements.upsert_rows, parameters)
-        return max(recorded, 0)
+        window: reader.Window,
+        piece: sql.Composable,
+        last_order: int,
+        final: bool,
+    ) -> None:
+        """Move the position past this piece, in the transaction that applied it."""
+        summary = target.execute(
+            sql.SQL("SELECT count(*), max(s.clock) FROM pgconcord_stage s WHERE {}").format(piece)
+        ).fetchone()
+        assert summary is not None
+        values: tuple[str, str | None, int | None]
+        if final:
+            values = (window.window_snapshot, None, None)
+        else:
+            values = (window.applied_snapshot, window.window_snapshot, last_order)
+        target.execute(
+            "UPDATE pgconcord.position SET applied_snapshot = %s, window_snapshot = %s,"
+            " window_done = %s, applied_changes = applied_changes + %s,"
+            " last_applied_clock = greatest(last_applied_clock, %s), updated_at = now()"
+            " WHERE origin = %s",
+            (*values, summary[0], summary[1], self.origin.name),
+        )
+
+
+def is_data_problem(error: psycopg.DatabaseError) -> bool:
+    """A change that cannot be applied as it is (as opposed to a lost connection or a
+    deadlock, which a retry of the same work overcomes)."""
+    if isinstance(error, psycopg.OperationalError | pg_errors.DeadlockDetected):
+        return False
+    if isinstance(error, psycopg.DataError | psycopg.IntegrityError | psycopg.ProgrammingError):
+        return True
+    # Errors raised by the user's ENABLE ALWAYS triggers (PL/pgSQL RAISE).
+    return (error.sqlstate or "").startswith("P0")
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def apply_table(
+    target: Connection,
+    plan: TablePlan,
+    origin: str,
+    selection: sql.Composable,
+    parked_waiting: bool,
+) -> int:
+    """Apply the staged changes the selection picks for one table; the number of conflicts.
+    Runs inside the caller's transaction."""
+    statements = conflict.table_statements(plan.table, plan.columns)
+    parameters = {
+        "schema": plan.table.schema,
+        "table": plan.table.name,
+        "table_id": plan.table_id,
+        "origin": origin,
+    }
+    if parked_waiting:
+        # Later changes of a parked row from the same origin wait behind it, in order.
+        target.execute(parked.park_followers(selection), parameters)
+    target.execute("TRUNCATE pgconcord_decision, pgconcord_winner")
+    filled = target.execute(statements.decide(selection, parked_waiting), parameters)
+    if filled.rowcount == 0:
+        return 0
+    if filled.rowcount > 10_000:
+        target.execute("ANALYZE pgconcord_decision")
+    target.execute(statements.choose_winners, parameters)
+    recorded = target.execute(statements.record_conflicts, parameters).rowcount
+    target.execute(statements.delete_rows, parameters)
+    target.execute(statements.upsert_rows, parameters)
+    return max(recorded, 0)
+
+
+def retry_parked(node: NodeConfig, parked_id: int | None = None) -> parked.RetryReport:
+    """Apply parked changes again, oldest first (all of them, or one); those that fail again
+    stay parked with the new reason."""
+    report = parked.RetryReport()
+    target = open_target(node)
+    try:
+        candidates = target.execute(
+            "SELECT id FROM pgconcord.parked_change WHERE state = 'parked'"
+            " AND (%s::bigint IS NULL OR id = %s) ORDER BY id",
+            (parked_id, parked_id),
+        ).fetchall()
+        target.commit()
+        for (candidate,) in candidates:
+            identifier = int(str(candidate))
+            reason = _retry_one(target, identifier)
+            if reason is None:
+                report.retried.append(identifier)
+            else:
+                report.still_parked[identifier] = reason
+    finally:
+        target.close()
+    return report
+
+
+def _retry_one(target: Connection, identifier: int) -> str | None:
+    """Retry one parked change in its own transaction; None on success, else the reason."""
+    with target.transaction():
+        row = target.execute(
+            "SELECT origin, schema_name, table_name, row_key, new_row,"
+            " (SELECT min(earlier.id) FROM pgconcord.parked_change earlier"
+            "   WHERE earlier.state = 'parked' AND earlier.id < p.id"
+            "     AND earlier.origin = p.origin AND earlier.schema_name = p.schema_name"
+            "     AND earlier.table_name = p.table_name AND earlier.row_key = p.row_key)"
+            " FROM pgconcord.parked_change p WHERE id = %s AND state = 'parked' FOR UPDATE",
+            (identifier,),
+        ).fetchone()
+        if row is None:
+            return "no longer parked"
+        origin, schema, name, _key, new_row, earlier = row
+        if earlier is not None:
+            return f"waits for parked change {earlier} of the same row"
+        target.execute(
+            "UPDATE pgconcord.parked_change SET state = 'retried', resolved_at = now()"
+            " WHERE id = %s",
+            (identifier,),
+        )
+        target.execute("TRUNCATE pgconcord_stage")
+        target.execute(
+            "INSERT INTO pgconcord_stage SELECT 0, id, schema_name, table_name, operation,"
+            " row_key, clock, previous_clock, previous_origin, new_row"
+            " FROM pgconcord.parked_change WHERE id = %s",
+            (identifier,),
+        )
+        try:
+            with target.transaction():
+                plan = _plan_for_row(target, str(schema), str(name), new_row)
+                apply_table(
+                    target,
+                    plan,
+                    str(origin),
+                    sql.SQL("s.id = {}").format(sql.Literal(identifier)),
+                    parked_waiting=False,
+                )
+        except (psycopg.DatabaseError, SchemaError) as error:
+            if isinstance(error, psycopg.DatabaseError) and not is_data_problem(error):
+                raise
+            reason = f"{schema}.{name}: {first_line(error)}"
+            target.execute(
+                "UPDATE pgconcord.parked_change SET state = 'parked', resolved_at = NULL,"
+                " reason = %s WHERE id = %s",
+                (reason, identifier),
+            )
+            return reason
+    return None
+
+
+def _plan_for_row(target: Connection, schema: str, name: str, row: object) -> TablePlan:
+    """How to apply a parked row: the target's table, with the columns the row carries."""
+    registered = catalog.registered_tables(target)
+    tables = {t.name: t for t in catalog.discover_tables(target, [schema], set()) if t.name == name}
+    if (schema, name) not in registered or name not in tables:
+        raise SchemaError("table is missing on this node or not set up for replication")
+    table = tables[name]
+    stored = [c.name for c in table.stored_columns]
+    carried = set(row) if isinstance(row, dict) else set(table.key_columns)
+    generated = {c.name for c in table.columns if c.generated}
+    unknown = sorted(carried - set(stored) - generated)
+    if unknown:
+        raise SchemaError(f"column {unknown[0]} does not exist on this node")
+    return TablePlan(
+        table=table,
+        table_id=registered[(schema, name)],
+        columns=tuple(c for c in stored if c in carried),
+    )

@@ -83,10 +83,18 @@ SELECT i.row_key, i.operation, i.clock, i.new_row, i.previous_clock, i.previous_
                first_value(s.previous_origin) OVER earliest AS previous_origin
           FROM pgconcord_stage s
          WHERE s.schema_name = %(schema)s AND s.table_name = %(table)s AND ({selection})
+               {parked_filter}
         WINDOW earliest AS (PARTITION BY s.row_key ORDER BY s.id)
          ORDER BY s.row_key, s.id DESC) AS i
   LEFT JOIN pgconcord.row_version v ON v.table_id = %(table_id)s AND v.row_key = i.row_key
 """
+
+# Changes of a row with a parked change from the same origin wait (they were parked too).
+_NOT_PARKED = """
+   AND NOT EXISTS (SELECT 1 FROM pgconcord.parked_change p
+                    WHERE p.state = 'parked' AND p.origin = %(origin)s
+                      AND p.schema_name = s.schema_name AND p.table_name = s.table_name
+                      AND p.row_key = s.row_key)"""
 
 # The version table decides, under its row locks: a local write committing meanwhile is
 # waited for and then compared, never overwritten blindly. Sorted to lock in one order.
@@ -153,8 +161,11 @@ class TableStatements:
     delete_rows: sql.Composed
     upsert_rows: sql.Composed
 
-    def decide(self, selection: sql.Composable) -> sql.Composed:
-        return self.decide_template.format(selection=selection)
+    def decide(self, selection: sql.Composable, parked_waiting: bool) -> sql.Composed:
+        return self.decide_template.format(
+            selection=selection,
+            parked_filter=sql.SQL(_NOT_PARKED if parked_waiting else ""),
+        )
 
 
 @lru_cache(maxsize=512)
