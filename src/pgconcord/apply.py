@@ -443,16 +443,13 @@ class Puller:
             ).fetchall()
             for change_id, schema, name in changes:
                 plan = plans[(str(schema), str(name))]
-                selection = sql.SQL("s.id = {}").format(sql.Literal(int(str(change_id))))
                 try:
-                    with target.transaction():
-                        conflicts += apply_table(
-                            target, plan, self.origin.name, selection, self._parked_waiting
-                        )
+                    conflicts += self._apply_change(target, plan, int(str(change_id)))
                 except psycopg.DatabaseError as error:
                     if not is_data_problem(error):
                         raise
                     reason = f"{schema}.{name}: {first_line(error)}"
+                    selection = sql.SQL("s.id = {}").format(sql.Literal(int(str(change_id))))
                     parked.park(target, self.origin.name, selection, reason)
                     self._parked_waiting = True
                     log.warning(
@@ -465,6 +462,26 @@ class Puller:
                     )
             self._advance(target, window, piece, last_order, final)
         return conflicts
+
+    def _apply_change(self, target: Connection, plan: TablePlan, change_id: int) -> int:
+        """Apply one staged change under a savepoint; the number of conflicts. A collision on
+        a unique constraint other than the key is resolved; other failures are raised."""
+        selection = sql.SQL("s.id = {}").format(sql.Literal(change_id))
+        try:
+            with target.transaction():
+                return apply_table(target, plan, self.origin.name, selection, self._parked_waiting)
+        except pg_errors.UniqueViolation:
+            with target.transaction():
+                apply_now = conflict.resolve_unique_collision(
+                    target, plan.table, plan.table_id, self.origin.name, change_id
+                )
+                if apply_now is None:
+                    raise
+                if not apply_now:
+                    return 1
+                return 1 + apply_table(
+                    target, plan, self.origin.name, selection, self._parked_waiting
+                )
 
     def _check_position(self, target: Connection, expected: Position) -> None:
         if self._read_position(target, lock=True) != expected:
