@@ -106,11 +106,15 @@ def test_policies_not_implemented_yet_are_refused_not_ignored(policy: str) -> No
         parse_config(text)
 
 
+def test_delta_columns_are_accepted() -> None:
+    text = DESIGN_EXAMPLE + '\n[conflict.table."public.accounts"]\ndelta_columns = ["balance"]\n'
+    assert parse_config(text).conflict.table["public.accounts"].delta_columns == ["balance"]
+
+
 @pytest.mark.parametrize(
     ("setting", "key"),
     [
         ('policy = "node-priority"', "policy"),
-        ('delta_columns = ["balance"]', "delta_columns"),
         ('priority = ["south", "north"]', "priority"),
         ('resolver = "shop:resolve_order"', "resolver"),
     ],

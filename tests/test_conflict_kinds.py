@@ -61,8 +61,10 @@ def test_same_clock_reading_breaks_the_tie_by_node_name(cluster: Cluster) -> Non
         with cluster.connect(name) as connection:
             connection.execute("SET pgconcord.clock_offset_us = '-1000000000000'")
             connection.execute("UPDATE t SET v = %s WHERE id = 1", (f"by {name}",))
-    clocks = {name: cluster.value(name, "SELECT clock FROM pgconcord.row_version") for name in
-              cluster.names}
+    clocks = {
+        name: cluster.value(name, "SELECT clock FROM pgconcord.row_version")
+        for name in cluster.names
+    }
     cluster.sync()
     assert len(set(clocks.values())) == 1
     winner = "south"  # the greatest name in byte order: south > north > east
@@ -111,7 +113,7 @@ def test_a_node_whose_clock_lags_30_seconds_still_wins_with_a_later_edit(cluster
     # south's clock runs 30 s behind (for every session of its database).
     cluster.execute(
         "south",
-        f'ALTER DATABASE "{cluster.database}" SET pgconcord.clock_offset_us = \'-30000000\'',
+        f"ALTER DATABASE \"{cluster.database}\" SET pgconcord.clock_offset_us = '-30000000'",
     )
     cluster.execute("north", "INSERT INTO t VALUES (1, 'north')")
     cluster.sync()

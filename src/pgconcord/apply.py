@@ -38,11 +38,12 @@ IDLE_ADVANCE_SECONDS = 10
 _TEMPORARY_TABLES = """
 CREATE TEMPORARY TABLE IF NOT EXISTS pgconcord_stage (
     transaction_order bigint, id bigint, schema_name text, table_name text, operation "char",
-    row_key jsonb, clock bigint, previous_clock bigint, previous_origin text, new_row jsonb);
+    row_key jsonb, clock bigint, previous_clock bigint, previous_origin text, new_row jsonb,
+    old_values jsonb);
 CREATE TEMPORARY TABLE IF NOT EXISTS pgconcord_decision (
     row_key jsonb, operation "char", clock bigint, new_row jsonb,
     previous_clock bigint, previous_origin text,
-    local_clock bigint, local_origin text, local_deleted boolean);
+    local_clock bigint, local_origin text, local_deleted boolean, delta jsonb);
 CREATE TEMPORARY TABLE IF NOT EXISTS pgconcord_winner (row_key jsonb);
 """
 
@@ -102,6 +103,7 @@ class TablePlan:
     table: Table
     table_id: int
     columns: tuple[str, ...]  # stored columns the origin sends and the target has
+    delta_columns: tuple[str, ...] = ()  # counters: concurrent changes add up
 
 
 class Puller:
@@ -331,6 +333,7 @@ class Puller:
             return {}
         at_origin = reader.origin_tables(origin, names)
         registered = catalog.registered_tables(target)
+        counters = catalog.delta_columns_of(target)
         at_target = {
             (t.schema, t.name): t
             for t in catalog.discover_tables(target, sorted({s for s, _ in names}), set())
@@ -365,6 +368,7 @@ class Puller:
                 table=destination,
                 table_id=registered[name],
                 columns=tuple(c.name for c in source.stored_columns),
+                delta_columns=counters.get(name, ()),
             )
         return plans
 
@@ -539,7 +543,7 @@ def apply_table(
 ) -> int:
     """Apply the staged changes the selection picks for one table; the number of conflicts.
     Runs inside the caller's transaction."""
-    statements = conflict.table_statements(plan.table, plan.columns)
+    statements = conflict.table_statements(plan.table, plan.columns, plan.delta_columns)
     parameters = {
         "schema": plan.table.schema,
         "table": plan.table.name,
@@ -559,6 +563,8 @@ def apply_table(
     recorded = target.execute(statements.record_conflicts, parameters).rowcount
     target.execute(statements.delete_rows, parameters)
     target.execute(statements.upsert_rows, parameters)
+    if statements.add_deltas is not None:
+        target.execute(statements.add_deltas, parameters)
     return max(recorded, 0)
 
 
@@ -611,7 +617,7 @@ def _retry_one(target: Connection, identifier: int) -> str | None:
         target.execute("TRUNCATE pgconcord_stage")
         target.execute(
             "INSERT INTO pgconcord_stage SELECT 0, id, schema_name, table_name, operation,"
-            " row_key, clock, previous_clock, previous_origin, new_row"
+            " row_key, clock, previous_clock, previous_origin, new_row, old_values"
             " FROM pgconcord.parked_change WHERE id = %s",
             (identifier,),
         )
@@ -655,4 +661,5 @@ def _plan_for_row(target: Connection, schema: str, name: str, row: object) -> Ta
         table=table,
         table_id=registered[(schema, name)],
         columns=tuple(c for c in stored if c in carried),
+        delta_columns=catalog.delta_columns_of(target).get((schema, name), ()),
     )

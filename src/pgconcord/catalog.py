@@ -172,16 +172,20 @@ def registered_tables(
 
 
 def install_capture(
-    connection: psycopg.Connection[tuple[object, ...]], table: Table, node_name: str
+    connection: psycopg.Connection[tuple[object, ...]],
+    table: Table,
+    node_name: str,
+    delta_columns: tuple[str, ...] = (),
 ) -> int:
     """Register the table and (re)create its capture triggers; idempotent."""
     if not table.key_columns:
         raise SchemaError(f"table {table.qualified_name} has no primary key")
     row = connection.execute(
-        "INSERT INTO pgconcord.replicated_table (schema_name, table_name, key_columns)"
-        " VALUES (%s, %s, %s) ON CONFLICT (schema_name, table_name)"
-        " DO UPDATE SET key_columns = excluded.key_columns RETURNING id",
-        (table.schema, table.name, list(table.key_columns)),
+        "INSERT INTO pgconcord.replicated_table (schema_name, table_name, key_columns,"
+        " delta_columns) VALUES (%s, %s, %s, %s) ON CONFLICT (schema_name, table_name)"
+        " DO UPDATE SET key_columns = excluded.key_columns,"
+        " delta_columns = excluded.delta_columns RETURNING id",
+        (table.schema, table.name, list(table.key_columns), list(delta_columns)),
     ).fetchone()
     assert row is not None
     table_id = int(str(row[0]))
@@ -202,6 +206,7 @@ def install_capture(
         node_name=sql.Literal(node_name),
         new_key=key_object("NEW"),
         old_key=key_object("OLD"),
+        old_values=_old_values(delta_columns),
     )
     connection.execute(function)
     triggers = [
@@ -232,6 +237,30 @@ def install_capture(
             )
         )
     return table_id
+
+
+def _old_values(delta_columns: tuple[str, ...]) -> sql.Composable:
+    """The expression logging counter columns' values before an update (NULL if none)."""
+    if not delta_columns:
+        return sql.SQL("NULL::jsonb")
+    return sql.SQL("jsonb_build_object({})").format(
+        sql.SQL(", ").join(
+            sql.SQL("{}, OLD.{}").format(sql.Literal(column), sql.Identifier(column))
+            for column in delta_columns
+        )
+    )
+
+
+def delta_columns_of(
+    connection: psycopg.Connection[tuple[object, ...]],
+) -> dict[tuple[str, str], tuple[str, ...]]:
+    rows = connection.execute(
+        "SELECT schema_name, table_name, delta_columns FROM pgconcord.replicated_table"
+    ).fetchall()
+    return {
+        (str(schema), str(name)): tuple(columns) if isinstance(columns, list) else ()
+        for schema, name, columns in rows
+    }
 
 
 def ensure_positions(

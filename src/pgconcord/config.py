@@ -305,7 +305,7 @@ class ClusterConfig(_Section):
                 "default",
             )
         for qualified_name, table_config in self.conflict.table.items():
-            for key in ("policy", "delta_columns", "priority", "resolver"):
+            for key in ("policy", "priority", "resolver"):
                 value = getattr(table_config, key)
                 if value and value != "last-writer-wins":
                     raise _invalid(

@@ -76,17 +76,23 @@ CASE
     ELSE 'delete_missing'
 END"""
 
+# One decision per row: its last change in the piece, judged against the version the first
+# change replaced. A row only updated in the piece, in a table with counter columns, carries
+# the sum of its counters' differences (delta) instead of their values.
 _DECIDE = """
-INSERT INTO pgconcord_decision
+INSERT INTO pgconcord_decision (row_key, operation, clock, new_row, previous_clock,
+                                previous_origin, local_clock, local_origin, local_deleted, delta)
 SELECT i.row_key, i.operation, i.clock, i.new_row, i.previous_clock, i.previous_origin,
-       v.clock, v.origin, v.deleted
+       v.clock, v.origin, v.deleted, i.delta
   FROM (SELECT DISTINCT ON (s.row_key) s.row_key, s.operation, s.clock, s.new_row,
                first_value(s.previous_clock) OVER earliest AS previous_clock,
-               first_value(s.previous_origin) OVER earliest AS previous_origin
+               first_value(s.previous_origin) OVER earliest AS previous_origin,
+               {delta} AS delta
           FROM pgconcord_stage s
          WHERE s.schema_name = %(schema)s AND s.table_name = %(table)s AND ({selection})
                {parked_filter}
-        WINDOW earliest AS (PARTITION BY s.row_key ORDER BY s.id)
+        WINDOW earliest AS (PARTITION BY s.row_key ORDER BY s.id),
+               every_change AS (PARTITION BY s.row_key)
          ORDER BY s.row_key, s.id DESC) AS i
   LEFT JOIN pgconcord.row_version v ON v.table_id = %(table_id)s AND v.row_key = i.row_key
 """
@@ -129,6 +135,9 @@ SELECT %(schema)s, %(table)s, d.row_key, """
                        FROM {table} t, jsonb_populate_record(NULL::{table}, d.row_key) k
                       WHERE {key_match}) AS l ON true
  WHERE d.local_clock IS NOT NULL
+   -- Counters changed on both sides add up: no conflict unless another column differs.
+   AND (d.delta IS NULL
+        OR (d.new_row - {delta_names}) IS DISTINCT FROM (l.local_row - {delta_names}))
    AND (d.local_clock, d.local_origin) IS DISTINCT FROM (d.previous_clock, d.previous_origin)
    AND (d.previous_clock IS NULL
         OR (d.local_clock, d.local_origin COLLATE "C")
@@ -150,8 +159,19 @@ SELECT {record_columns}
   FROM pgconcord_decision d
   JOIN pgconcord_winner w ON w.row_key = d.row_key
  CROSS JOIN LATERAL jsonb_populate_record(NULL::{table}, d.new_row) r
- WHERE d.operation <> 'D'
+ WHERE d.operation <> 'D' AND d.delta IS NULL
     ON CONFLICT ({key_columns}) DO {on_conflict}
+"""
+
+
+# Counters add the origin's difference whoever wins the row; the other columns follow the
+# row's winner.
+_ADD_DELTAS = """
+UPDATE {table} AS t SET {assignments}
+  FROM pgconcord_decision d
+  LEFT JOIN pgconcord_winner w ON w.row_key = d.row_key
+ CROSS JOIN LATERAL jsonb_populate_record(NULL::{table}, d.new_row) r
+ WHERE d.delta IS NOT NULL AND {key_match}
 """
 
 
@@ -162,16 +182,21 @@ class TableStatements:
     record_conflicts: sql.Composed
     delete_rows: sql.Composed
     upsert_rows: sql.Composed
+    add_deltas: sql.Composed | None
+    delta: sql.Composable
 
     def decide(self, selection: sql.Composable, parked_waiting: bool) -> sql.Composed:
         return self.decide_template.format(
             selection=selection,
             parked_filter=sql.SQL(_NOT_PARKED if parked_waiting else ""),
+            delta=self.delta,
         )
 
 
 @lru_cache(maxsize=512)
-def table_statements(table: Table, columns: tuple[str, ...]) -> TableStatements:
+def table_statements(
+    table: Table, columns: tuple[str, ...], delta_columns: tuple[str, ...] = ()
+) -> TableStatements:
     """The set-wise statements that apply one piece of changes to one table."""
     identifier = table.identifier
     key_match = sql.SQL(" AND ").join(
@@ -189,10 +214,15 @@ def table_statements(table: Table, columns: tuple[str, ...]) -> TableStatements:
         if updatable
         else sql.SQL("NOTHING")
     )
+    delta_names = sql.SQL("ARRAY[{}]::text[]").format(
+        sql.SQL(", ").join(sql.Literal(c) for c in delta_columns)
+    )
     return TableStatements(
         decide_template=sql.SQL(_DECIDE),
         choose_winners=sql.SQL(_CHOOSE_WINNERS),
-        record_conflicts=sql.SQL(_RECORD_CONFLICTS).format(table=identifier, key_match=key_match),
+        record_conflicts=sql.SQL(_RECORD_CONFLICTS).format(
+            table=identifier, key_match=key_match, delta_names=delta_names
+        ),
         delete_rows=sql.SQL(_DELETE_ROWS).format(table=identifier, key_match=key_match),
         upsert_rows=sql.SQL(_UPSERT_ROWS).format(
             table=identifier,
@@ -202,6 +232,51 @@ def table_statements(table: Table, columns: tuple[str, ...]) -> TableStatements:
             ),
             key_columns=sql.SQL(", ").join(sql.Identifier(c) for c in table.key_columns),
             on_conflict=on_conflict,
+        ),
+        add_deltas=_add_deltas(table, columns, delta_columns) if delta_columns else None,
+        delta=_delta_expression(delta_columns),
+    )
+
+
+def _delta_expression(delta_columns: tuple[str, ...]) -> sql.Composable:
+    """Per row, the sum of each counter's differences, when every change of the row in the
+    piece is a plain update (an insert or delete carries whole values instead)."""
+    if not delta_columns:
+        return sql.SQL("NULL::jsonb")
+    sums = sql.SQL(", ").join(
+        sql.SQL(
+            "{name}, sum((s.new_row ->> {name})::numeric - (s.old_values ->> {name})::numeric)"
+            " OVER every_change"
+        ).format(name=sql.Literal(column))
+        for column in delta_columns
+    )
+    return sql.SQL(
+        "CASE WHEN bool_and(s.operation = 'U' AND s.old_values IS NOT NULL) OVER every_change"
+        " THEN jsonb_build_object({}) END"
+    ).format(sums)
+
+
+def _add_deltas(
+    table: Table, columns: tuple[str, ...], delta_columns: tuple[str, ...]
+) -> sql.Composed:
+    assignments = [
+        sql.SQL("{column} = t.{column} + (d.delta ->> {name})::numeric").format(
+            column=sql.Identifier(c), name=sql.Literal(c)
+        )
+        for c in delta_columns
+    ] + [
+        sql.SQL(
+            "{column} = CASE WHEN w.row_key IS NULL THEN t.{column} ELSE r.{column} END"
+        ).format(column=sql.Identifier(c))
+        for c in columns
+        if c not in delta_columns and c not in table.key_columns
+    ]
+    return sql.SQL(_ADD_DELTAS).format(
+        table=table.identifier,
+        assignments=sql.SQL(", ").join(assignments),
+        key_match=sql.SQL(" AND ").join(
+            sql.SQL("t.{column} = r.{column}").format(column=sql.Identifier(c))
+            for c in table.key_columns
         ),
     )
 

@@ -68,6 +68,37 @@ def check_tables(node_tables: dict[str, list[Table]]) -> list[Table]:
     return [by_node[nodes[0]][name] for name in names]
 
 
+_COUNTER_TYPES = ("smallint", "integer", "bigint", "numeric", "real", "double precision")
+
+
+def check_delta_columns(config: ClusterConfig, tables: list[Table]) -> dict[str, tuple[str, ...]]:
+    """Counter columns per table, checked to exist, be numbers and not be part of the key."""
+    by_name = {table.qualified_name: table for table in tables}
+    counters: dict[str, tuple[str, ...]] = {}
+    for qualified_name, table_config in config.conflict.table.items():
+        if not table_config.delta_columns:
+            continue
+        table = by_name.get(qualified_name)
+        if table is None:
+            raise SchemaError(f"table {qualified_name} (conflict.table) does not exist")
+        columns = {column.name: column for column in table.columns}
+        for name in table_config.delta_columns:
+            column = columns.get(name)
+            if column is None:
+                raise SchemaError(f"table {qualified_name}: delta column {name} does not exist")
+            if not column.type_name.startswith(_COUNTER_TYPES) or column.generated:
+                raise SchemaError(
+                    f"table {qualified_name}: delta column {name} is {column.type_name};"
+                    " counters must be stored numbers"
+                )
+            if name in table.key_columns:
+                raise SchemaError(
+                    f"table {qualified_name}: delta column {name} is part of the primary key"
+                )
+        counters[qualified_name] = tuple(table_config.delta_columns)
+    return counters
+
+
 def setup(config: ClusterConfig, progress: Callable[[str], None] = lambda _: None) -> SetupReport:
     connections = {node.name: connect(node) for node in config.nodes}
     try:
@@ -80,6 +111,7 @@ def setup(config: ClusterConfig, progress: Callable[[str], None] = lambda _: Non
             )
             connection.rollback()
         tables = check_tables(node_tables)
+        counters = check_delta_columns(config, tables)
         report = SetupReport(tables=[t.qualified_name for t in tables])
         for node in config.nodes:
             connection = connections[node.name]
@@ -87,7 +119,9 @@ def setup(config: ClusterConfig, progress: Callable[[str], None] = lambda _: Non
                 report.catalog_versions[node.name] = catalog.migrate(connection)
                 catalog.claim_identity(connection, node.name, config.cluster.name)
                 for table in tables:
-                    catalog.install_capture(connection, table, node.name)
+                    catalog.install_capture(
+                        connection, table, node.name, counters.get(table.qualified_name, ())
+                    )
                 catalog.ensure_positions(
                     connection, [peer for peer in config.node_names if peer != node.name]
                 )

@@ -14,14 +14,15 @@ Connection = psycopg.Connection[tuple[object, ...]]
 
 _STAGED_CHANGE = """
 SELECT {origin}, s.schema_name, s.table_name, s.row_key, s.operation, s.clock,
-       s.previous_clock, s.previous_origin, s.new_row, {reason}
+       s.previous_clock, s.previous_origin, s.new_row, s.old_values, {reason}
   FROM pgconcord_stage s
 """
 
 _PARK = (
     """
 INSERT INTO pgconcord.parked_change (origin, schema_name, table_name, row_key, operation, clock,
-                                     previous_clock, previous_origin, new_row, reason)
+                                     previous_clock, previous_origin, new_row, old_values,
+                                     reason)
 """
     + _STAGED_CHANGE
     + " WHERE {selection} ORDER BY s.transaction_order, s.id"
@@ -30,7 +31,8 @@ INSERT INTO pgconcord.parked_change (origin, schema_name, table_name, row_key, o
 _PARK_FOLLOWERS = (
     """
 INSERT INTO pgconcord.parked_change (origin, schema_name, table_name, row_key, operation, clock,
-                                     previous_clock, previous_origin, new_row, reason)
+                                     previous_clock, previous_origin, new_row, old_values,
+                                     reason)
 """
     + _STAGED_CHANGE
     + """

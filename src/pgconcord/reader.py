@@ -33,6 +33,7 @@ STAGE_COLUMNS = (
     "previous_clock",
     "previous_origin",
     "new_row",
+    "old_values",
 )
 
 _WINDOW_FILTER = """
@@ -46,7 +47,7 @@ _WINDOW_ROWS = (
     """
 COPY (
     SELECT w.transaction_order, w.id, t.schema_name, t.table_name, w.operation, w.row_key,
-           w.clock, w.previous_clock, w.previous_origin, w.new_row
+           w.clock, w.previous_clock, w.previous_origin, w.new_row, w.old_values
       FROM (SELECT max(c.id) OVER (PARTITION BY c.txid) AS transaction_order, c.*
               FROM pgconcord.change_log c
              WHERE """

@@ -39,9 +39,11 @@ BEGIN
                 origin = excluded.origin, deleted = false
         RETURNING v.clock, v.previous_clock, v.previous_origin INTO version;
         INSERT INTO pgconcord.change_log
-            (table_id, operation, row_key, clock, previous_clock, previous_origin, new_row)
+            (table_id, operation, row_key, clock, previous_clock, previous_origin, new_row,
+             old_values)
         VALUES ({table_id}, CASE WHEN TG_OP = 'INSERT' THEN 'I' ELSE 'U' END, new_key,
-                version.clock, version.previous_clock, version.previous_origin, to_jsonb(NEW));
+                version.clock, version.previous_clock, version.previous_origin, to_jsonb(NEW),
+                CASE WHEN TG_OP = 'UPDATE' AND old_key = new_key THEN {old_values} END);
     END IF;
     RETURN NULL;
 END
