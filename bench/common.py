@@ -410,7 +410,10 @@ class AgentProcess:
             return
         self._log_offset += len(fresh)
         for line in fresh.decode(errors="replace").splitlines():
-            if "stalled" in line or "unexpected error" in line or " ERROR " in line:
+            if any(
+                signal_text in line
+                for signal_text in ("stalled", "unexpected error", " ERROR ", "parked a change")
+            ):
                 raise AgentStalled(line)
         now = time.perf_counter()
         if now - self._parked_checked_at >= 0.5:

@@ -14,6 +14,9 @@ rotating from round to round; before each run the same tables are vacuumed and b
 checkpoint, after each run the script waits until the peer has every pgbench_history row (the
 "catch-up" time), so that one system's backlog never runs into another's measurement.
 
+With --decompose, two more databases separate the costs: `capture_only` (pgconcord capture
+installed, no agent) and `capture_no_notify` (the same minus its statement-level NOTIFY trigger).
+
 Reported: TPS per round, median, and the ratio to bare (median of the per-round ratios);
 catch-up times; pgconcord.change_log growth and purge; the agent's CPU use and warnings.
 
@@ -29,6 +32,9 @@ import common
 from common import AgentProcess, progress
 
 BARE, CONCORD, LOGICAL = "bare", "pgconcord", "logical"
+# --decompose: where pgconcord's cost comes from (no agent runs for these two)
+CAPTURE, CAPTURE_NO_NOTIFY = "capture_only", "capture_no_notify"
+REPLICATED = (CONCORD, LOGICAL)
 MB = 1024 * 1024
 
 
@@ -55,6 +61,11 @@ def main() -> int:
     parser.add_argument("--scale", type=int, default=10)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument(
+        "--decompose",
+        action="store_true",
+        help="also run pgconcord's capture with no agent, and without its NOTIFY trigger",
+    )
+    parser.add_argument(
         "--purge-wait",
         type=float,
         help="seconds to wait at the end for the change log to be purged (default 60; quick 0)",
@@ -68,6 +79,8 @@ def main() -> int:
         else (0 if arguments.quick else 60)
     )
     systems = [BARE, CONCORD] if arguments.no_logical else [BARE, CONCORD, LOGICAL]
+    if arguments.decompose:
+        systems += [CAPTURE, CAPTURE_NO_NOTIFY]
 
     load_at_start = common.load_note()
     source_at_start = common.source_note()
@@ -90,12 +103,31 @@ def main() -> int:
         agent = AgentProcess(config, label="overhead").start(
             ready_dsns=[a.dsn(CONCORD), b.dsn(CONCORD)]
         )
+        for system in (CAPTURE, CAPTURE_NO_NOTIFY):
+            if system in systems:
+                # Capture installed as for a cluster of A and B, but no agent ever runs.
+                common.concord_setup(
+                    common.concord_config_text([("a", a.dsn(system)), ("b", b.dsn(system))])
+                )
+        if CAPTURE_NO_NOTIFY in systems:
+            common.execute(
+                a.dsn(CAPTURE_NO_NOTIFY),
+                *[
+                    f"DROP TRIGGER pgconcord_notify ON {table}"
+                    for table in (
+                        "pgbench_accounts",
+                        "pgbench_branches",
+                        "pgbench_tellers",
+                        "pgbench_history",
+                    )
+                ],
+            )
         if LOGICAL in systems:
             progress("publication on A/logical, subscription on B/logical")
             common.create_logical_replication(a, LOGICAL, b, LOGICAL, name="bench")
 
         tps: dict[str, list[float]] = {system: [] for system in systems}
-        catch_up: dict[str, list[float]] = {system: [] for system in systems if system != BARE}
+        catch_up: dict[str, list[float]] = {s: [] for s in systems if s in REPLICATED}
         change_log_rows: list[tuple[int, int, int, int]] = []
         agent_cpu: list[tuple[float, float]] = []
         for round_number in range(rounds):
@@ -112,7 +144,7 @@ def main() -> int:
                 elapsed = time.perf_counter() - started
                 tps[system].append(result.tps)
                 line = f"round {round_number + 1}: {system:9s} {result.tps:8.1f} TPS"
-                if system != BARE:
+                if system in REPLICATED:
                     expected = history_count(dsn)
                     peer = b.dsn(system)
 
@@ -191,6 +223,11 @@ def report(
         ratios = [x / y for x, y in zip(tps[system], tps[BARE], strict=True)]
         rows.append([system, *tps[system], med(tps[system]), med(ratios)])
     common.print_table("TPS (ratio = median over rounds of TPS / bare TPS in the same round)", headers, rows)
+    if CAPTURE in systems:
+        print(
+            f"  {CAPTURE}: pgconcord capture installed, no agent running;"
+            f" {CAPTURE_NO_NOTIFY}: the same without its pgconcord_notify triggers"
+        )
     if catch_up:
         common.print_table(
             "peer catch-up after pgbench ended (s)",

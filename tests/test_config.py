@@ -99,29 +99,43 @@ def test_last_writer_wins_is_the_default_policy() -> None:
     assert parse_config(text).conflict.default == "last-writer-wins"
 
 
-@pytest.mark.parametrize("policy", ["node-priority", "keep-existing"])
-def test_policies_not_implemented_yet_are_refused_not_ignored(policy: str) -> None:
-    text = MINIMAL + f'[conflict]\ndefault = "{policy}"\n'
-    with pytest.raises(ConfigError, match=r"conflict\.default: .*not available yet"):
+def test_keep_existing_may_be_the_default() -> None:
+    text = MINIMAL + '[conflict]\ndefault = "keep-existing"\n'
+    config = parse_config(text)
+    assert config.table_policy("public", "anything") == ("keep-existing", ())
+
+
+def test_node_priority_needs_a_list() -> None:
+    with pytest.raises(ConfigError, match=r"conflict\.default: node-priority needs a list"):
+        parse_config(MINIMAL + '[conflict]\ndefault = "node-priority"\n')
+    text = DESIGN_EXAMPLE + '\n[conflict.table."public.accounts"]\npolicy = "node-priority"\n'
+    with pytest.raises(ConfigError, match=r'"public\.accounts"\.policy: node-priority needs'):
         parse_config(text)
 
 
-def test_delta_columns_are_accepted() -> None:
-    text = DESIGN_EXAMPLE + '\n[conflict.table."public.accounts"]\ndelta_columns = ["balance"]\n'
-    assert parse_config(text).conflict.table["public.accounts"].delta_columns == ["balance"]
+def test_per_table_policies() -> None:
+    text = (
+        DESIGN_EXAMPLE
+        + '\n[conflict.table."public.accounts"]\npriority = ["south", "north"]\n'
+        + '[conflict.table."public.orders"]\npolicy = "keep-existing"\n'
+    )
+    config = parse_config(text)
+    assert config.table_policy("public", "accounts") == ("node-priority", ("south", "north"))
+    assert config.table_policy("public", "orders") == ("keep-existing", ())
+    assert config.table_policy("public", "other") == ("last-writer-wins", ())
 
 
 @pytest.mark.parametrize(
-    ("setting", "key"),
+    ("setting", "message"),
     [
-        ('policy = "node-priority"', "policy"),
-        ('priority = ["south", "north"]', "priority"),
-        ('resolver = "shop:resolve_order"', "resolver"),
+        ('policy = "first-wins"', "unknown policy 'first-wins'"),
+        ('resolver = "shop:resolve_order"', "custom resolvers are not available yet"),
+        ('policy = "keep-existing"\npriority = ["north"]', "priority only applies"),
     ],
 )
-def test_per_table_settings_not_implemented_yet_are_refused(setting: str, key: str) -> None:
+def test_table_policy_mistakes_are_refused(setting: str, message: str) -> None:
     text = DESIGN_EXAMPLE + f'\n[conflict.table."public.accounts"]\n{setting}\n'
-    with pytest.raises(ConfigError, match=f'"public.accounts".{key}: .*not available yet'):
+    with pytest.raises(ConfigError, match=message):
         parse_config(text)
 
 

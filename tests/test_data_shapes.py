@@ -582,12 +582,12 @@ def test_a_table_with_100_columns(cluster: Cluster) -> None:
     write(
         cluster,
         "north",
-        "UPDATE wide SET c001 = NULL, c050 = 'changed', c099 = NULL WHERE id = 1",
+        "UPDATE wide SET c001 = NULL, c051 = 'changed', c099 = NULL WHERE id = 1",
         "DELETE FROM wide WHERE id = 2",
     )
     rows = row_texts(cluster, "wide")
     assert len(rows) == 2
-    assert synced_rows(cluster, "SELECT c001, c050, c099 FROM wide WHERE id = 1") == [
+    assert synced_rows(cluster, "SELECT c001, c051, c099 FROM wide WHERE id = 1") == [
         (None, "changed", None)
     ]
 

@@ -39,11 +39,12 @@ _TEMPORARY_TABLES = """
 CREATE TEMPORARY TABLE IF NOT EXISTS pgconcord_stage (
     transaction_order bigint, id bigint, schema_name text, table_name text, operation "char",
     row_key jsonb, clock bigint, previous_clock bigint, previous_origin text, new_row jsonb,
-    old_values jsonb);
+    old_values jsonb, order_key bigint[]);
 CREATE TEMPORARY TABLE IF NOT EXISTS pgconcord_decision (
     row_key jsonb, operation "char", clock bigint, new_row jsonb,
     previous_clock bigint, previous_origin text,
-    local_clock bigint, local_origin text, local_deleted boolean, delta jsonb);
+    local_clock bigint, local_origin text, local_deleted boolean, delta jsonb,
+    order_key bigint[], local_order_key bigint[]);
 CREATE TEMPORARY TABLE IF NOT EXISTS pgconcord_winner (row_key jsonb);
 """
 
@@ -617,7 +618,7 @@ def _retry_one(target: Connection, identifier: int) -> str | None:
         target.execute("TRUNCATE pgconcord_stage")
         target.execute(
             "INSERT INTO pgconcord_stage SELECT 0, id, schema_name, table_name, operation,"
-            " row_key, clock, previous_clock, previous_origin, new_row, old_values"
+            " row_key, clock, previous_clock, previous_origin, new_row, old_values, order_key"
             " FROM pgconcord.parked_change WHERE id = %s",
             (identifier,),
         )

@@ -176,16 +176,26 @@ def install_capture(
     table: Table,
     node_name: str,
     delta_columns: tuple[str, ...] = (),
+    policy: str = "last-writer-wins",
+    priority: tuple[str, ...] = (),
 ) -> int:
     """Register the table and (re)create its capture triggers; idempotent."""
     if not table.key_columns:
         raise SchemaError(f"table {table.qualified_name} has no primary key")
     row = connection.execute(
         "INSERT INTO pgconcord.replicated_table (schema_name, table_name, key_columns,"
-        " delta_columns) VALUES (%s, %s, %s, %s) ON CONFLICT (schema_name, table_name)"
-        " DO UPDATE SET key_columns = excluded.key_columns,"
-        " delta_columns = excluded.delta_columns RETURNING id",
-        (table.schema, table.name, list(table.key_columns), list(delta_columns)),
+        " delta_columns, policy, priority) VALUES (%s, %s, %s, %s, %s, %s)"
+        " ON CONFLICT (schema_name, table_name) DO UPDATE SET key_columns = excluded.key_columns,"
+        " delta_columns = excluded.delta_columns, policy = excluded.policy,"
+        " priority = excluded.priority RETURNING id",
+        (
+            table.schema,
+            table.name,
+            list(table.key_columns),
+            list(delta_columns),
+            policy,
+            list(priority),
+        ),
     ).fetchone()
     assert row is not None
     table_id = int(str(row[0]))
@@ -207,6 +217,7 @@ def install_capture(
         new_key=key_object("NEW"),
         old_key=key_object("OLD"),
         old_values=_old_values(delta_columns),
+        **_order_keys(policy, priority, node_name),
     )
     connection.execute(function)
     triggers = [
@@ -237,6 +248,47 @@ def install_capture(
             )
         )
     return table_id
+
+
+def _order_keys(
+    policy: str, priority: tuple[str, ...], node_name: str
+) -> dict[str, sql.Composable]:
+    """Expressions for a write's order key (see 004_conflict_policies.sql), as the capture
+    trigger's placeholders; a constant under last-writer-wins, which costs nothing per write."""
+    if policy == "last-writer-wins":
+        empty = sql.SQL("'{}'::bigint[]")
+        return {
+            name: empty
+            for name in (
+                "order_key_first_delete",
+                "order_key_next_delete",
+                "order_key_first_write",
+                "order_key_next_write",
+            )
+        }
+    level = priority.index(node_name) + 1 if node_name in priority else 0
+
+    def call(previous: str, operation: str, clock: str) -> sql.Composable:
+        return sql.SQL("pgconcord.next_order_key({}, {}, {}, {}, {}, {})").format(
+            sql.Literal(policy),
+            sql.Literal(level),
+            sql.Literal(len(priority)),
+            sql.SQL(previous),
+            sql.SQL(operation),
+            sql.SQL(clock),
+        )
+
+    write = 'left(TG_OP, 1)::"char"'
+    return {
+        "order_key_first_delete": call("NULL, NULL", "'D'", "now_clock"),
+        "order_key_next_delete": call(
+            "v.order_key, v.deleted", "'D'", "greatest(now_clock, v.clock + 1)"
+        ),
+        "order_key_first_write": call("NULL, NULL", write, "now_clock"),
+        "order_key_next_write": call(
+            "v.order_key, v.deleted", write, "greatest(now_clock, v.clock + 1)"
+        ),
+    }
 
 
 def _old_values(delta_columns: tuple[str, ...]) -> sql.Composable:

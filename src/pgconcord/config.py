@@ -254,6 +254,9 @@ class ReplicationConfig(_Section):
         return f"{schema}.{table}" in self.exclude
 
 
+_POLICIES = ("last-writer-wins", "keep-existing", "node-priority")
+
+
 class TableConflictConfig(_Section):
     """`[conflict.table."schema.table"]`: how conflicts on one table are resolved."""
 
@@ -295,26 +298,48 @@ class ClusterConfig(_Section):
         return self
 
     def _check_policies_available(self) -> None:
-        # Accepting a policy and then resolving with another would be a silent lie about
-        # which write survives; until the other policies exist, they are refused.
-        available = "this version resolves every conflict with last-writer-wins"
-        if self.conflict.default != "last-writer-wins":
+        if self.conflict.default == "node-priority":
             raise _invalid(
-                f"policy {self.conflict.default!r} is not available yet; {available}",
+                "node-priority needs a list of nodes: set `priority = [...]` per table under"
+                ' [conflict.table."schema.table"]',
                 "conflict",
                 "default",
             )
         for qualified_name, table_config in self.conflict.table.items():
-            for key in ("policy", "priority", "resolver"):
-                value = getattr(table_config, key)
-                if value and value != "last-writer-wins":
-                    raise _invalid(
-                        f"{key} is not available yet; {available}",
-                        "conflict",
-                        "table",
-                        qualified_name,
-                        key,
-                    )
+            location = ("conflict", "table", qualified_name)
+            if table_config.resolver:
+                # Accepting a resolver and then resolving otherwise would be a silent lie
+                # about which write survives.
+                raise _invalid(
+                    "custom resolvers are not available yet; use policy = 'last-writer-wins',"
+                    " 'keep-existing' or 'node-priority'",
+                    *location,
+                    "resolver",
+                )
+            policy = table_config.policy
+            if policy is not None and policy not in _POLICIES:
+                raise _invalid(
+                    f"unknown policy {policy!r} (expected one of: {', '.join(_POLICIES)})",
+                    *location,
+                    "policy",
+                )
+            if policy == "node-priority" and not table_config.priority:
+                raise _invalid("node-priority needs `priority = [...]`", *location, "policy")
+            if table_config.priority and policy not in (None, "node-priority"):
+                raise _invalid(
+                    f"priority only applies to policy 'node-priority', not {policy!r}",
+                    *location,
+                    "priority",
+                )
+
+    def table_policy(self, schema: str, table: str) -> tuple[str, tuple[str, ...]]:
+        """The conflict policy of one table and its node priority list (highest first)."""
+        table_config = self.conflict.table.get(f"{schema}.{table}")
+        if table_config is None:
+            return self.conflict.default, ()
+        if table_config.priority:
+            return "node-priority", tuple(table_config.priority)
+        return table_config.policy or self.conflict.default, ()
 
     def _check_nodes_are_distinct(self) -> None:
         index_by_name: dict[str, int] = {}

@@ -30,14 +30,19 @@ from pgconcord.catalog import Table
 class Version(NamedTuple):
     clock: int
     origin: str
+    order_key: tuple[int, ...] = ()  # empty under last-writer-wins; see 004_conflict_policies
 
-    def sort_key(self) -> tuple[int, bytes]:
+    def sort_key(self) -> tuple[tuple[int, ...], int, bytes]:
         # Node names compare as bytes (COLLATE "C" in SQL) so no locale can disagree.
-        return (self.clock, self.origin.encode())
+        return (self.order_key, self.clock, self.origin.encode())
+
+
+def _order_key(value: object) -> tuple[int, ...]:
+    return tuple(int(str(part)) for part in value) if isinstance(value, list) else ()
 
 
 def incoming_wins(incoming: Version, local: Version | None) -> bool:
-    """Last writer wins: the reference of the rule the apply SQL implements."""
+    """The greater version wins: the reference of the rule the apply SQL implements."""
     return local is None or incoming.sort_key() > local.sort_key()
 
 
@@ -81,10 +86,11 @@ END"""
 # the sum of its counters' differences (delta) instead of their values.
 _DECIDE = """
 INSERT INTO pgconcord_decision (row_key, operation, clock, new_row, previous_clock,
-                                previous_origin, local_clock, local_origin, local_deleted, delta)
+                                previous_origin, local_clock, local_origin, local_deleted, delta,
+                                order_key, local_order_key)
 SELECT i.row_key, i.operation, i.clock, i.new_row, i.previous_clock, i.previous_origin,
-       v.clock, v.origin, v.deleted, i.delta
-  FROM (SELECT DISTINCT ON (s.row_key) s.row_key, s.operation, s.clock, s.new_row,
+       v.clock, v.origin, v.deleted, i.delta, i.order_key, v.order_key
+  FROM (SELECT DISTINCT ON (s.row_key) s.row_key, s.operation, s.clock, s.new_row, s.order_key,
                first_value(s.previous_clock) OVER earliest AS previous_clock,
                first_value(s.previous_origin) OVER earliest AS previous_origin,
                {delta} AS delta
@@ -108,13 +114,14 @@ _NOT_PARKED = """
 # waited for and then compared, never overwritten blindly. Sorted to lock in one order.
 _CHOOSE_WINNERS = """
 WITH won AS (
-    INSERT INTO pgconcord.row_version AS v (table_id, row_key, clock, origin, deleted)
-    SELECT %(table_id)s, d.row_key, d.clock, %(origin)s, d.operation = 'D'
+    INSERT INTO pgconcord.row_version AS v (table_id, row_key, clock, origin, deleted, order_key)
+    SELECT %(table_id)s, d.row_key, d.clock, %(origin)s, d.operation = 'D', d.order_key
       FROM pgconcord_decision d ORDER BY d.row_key
     ON CONFLICT (table_id, row_key) DO UPDATE
        SET clock = excluded.clock, origin = excluded.origin, deleted = excluded.deleted,
-           previous_clock = NULL, previous_origin = NULL
-     WHERE (v.clock, v.origin COLLATE "C") < (excluded.clock, excluded.origin COLLATE "C")
+           order_key = excluded.order_key, previous_clock = NULL, previous_origin = NULL
+     WHERE (v.order_key, v.clock, v.origin COLLATE "C")
+           < (excluded.order_key, excluded.clock, excluded.origin COLLATE "C")
     RETURNING v.row_key)
 INSERT INTO pgconcord_winner SELECT row_key FROM won
 """
@@ -371,13 +378,14 @@ def resolve_unique_collision(
     recorded. Returns whether the incoming row should now be applied, or None when the
     collision is not on such a constraint (the caller parks the change)."""
     staged = connection.execute(
-        "SELECT row_key, new_row, clock, operation::text FROM pgconcord_stage WHERE id = %s",
+        "SELECT row_key, new_row, clock, operation::text, order_key FROM pgconcord_stage"
+        " WHERE id = %s",
         (change_id,),
     ).fetchone()
     if staged is None or staged[3] == "D":
         return None
-    incoming_key, incoming_row, incoming_clock, operation = staged
-    incoming = Version(int(str(incoming_clock)), origin)
+    incoming_key, incoming_row, incoming_clock, operation, order_key = staged
+    incoming = Version(int(str(incoming_clock)), origin, _order_key(order_key))
     key_object = sql.SQL("jsonb_build_object({})").format(
         sql.SQL(", ").join(
             sql.SQL("{}, t.{}").format(sql.Literal(column), sql.Identifier(column))
@@ -392,7 +400,7 @@ def resolve_unique_collision(
         names = [str(column) for column in (columns if isinstance(columns, list) else [])]
         found = connection.execute(
             sql.SQL(
-                "SELECT {key}, to_jsonb(t), v.clock, v.origin FROM {table} t"
+                "SELECT {key}, to_jsonb(t), v.clock, v.origin, v.order_key FROM {table} t"
                 " LEFT JOIN pgconcord.row_version v ON v.table_id = %s AND v.row_key = {key}"
                 " WHERE ({columns}) = (SELECT {record_columns}"
                 "   FROM jsonb_populate_record(NULL::{table}, %s) r) AND {key} <> %s"
@@ -414,8 +422,12 @@ def resolve_unique_collision(
         ).fetchall()
         if found:
             constraints_hit += 1
-        for key, row, clock, holder_origin in found:
-            version = None if clock is None else Version(int(str(clock)), str(holder_origin))
+        for key, row, clock, holder_origin, holder_order_key in found:
+            version = (
+                None
+                if clock is None
+                else Version(int(str(clock)), str(holder_origin), _order_key(holder_order_key))
+            )
             holders[json.dumps(key, sort_keys=True)] = LocalHolder(key, row, version)
     if not holders:
         return None

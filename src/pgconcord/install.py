@@ -119,8 +119,14 @@ def setup(config: ClusterConfig, progress: Callable[[str], None] = lambda _: Non
                 report.catalog_versions[node.name] = catalog.migrate(connection)
                 catalog.claim_identity(connection, node.name, config.cluster.name)
                 for table in tables:
+                    policy, priority = config.table_policy(table.schema, table.name)
                     catalog.install_capture(
-                        connection, table, node.name, counters.get(table.qualified_name, ())
+                        connection,
+                        table,
+                        node.name,
+                        counters.get(table.qualified_name, ()),
+                        policy,
+                        priority,
                     )
                 catalog.ensure_positions(
                     connection, [peer for peer in config.node_names if peer != node.name]

@@ -14,7 +14,7 @@ Connection = psycopg.Connection[tuple[object, ...]]
 
 _STAGED_CHANGE = """
 SELECT {origin}, s.schema_name, s.table_name, s.row_key, s.operation, s.clock,
-       s.previous_clock, s.previous_origin, s.new_row, s.old_values, {reason}
+       s.previous_clock, s.previous_origin, s.new_row, s.old_values, s.order_key, {reason}
   FROM pgconcord_stage s
 """
 
@@ -22,7 +22,7 @@ _PARK = (
     """
 INSERT INTO pgconcord.parked_change (origin, schema_name, table_name, row_key, operation, clock,
                                      previous_clock, previous_origin, new_row, old_values,
-                                     reason)
+                                     order_key, reason)
 """
     + _STAGED_CHANGE
     + " WHERE {selection} ORDER BY s.transaction_order, s.id"
@@ -32,7 +32,7 @@ _PARK_FOLLOWERS = (
     """
 INSERT INTO pgconcord.parked_change (origin, schema_name, table_name, row_key, operation, clock,
                                      previous_clock, previous_origin, new_row, old_values,
-                                     reason)
+                                     order_key, reason)
 """
     + _STAGED_CHANGE
     + """

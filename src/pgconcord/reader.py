@@ -34,6 +34,7 @@ STAGE_COLUMNS = (
     "previous_origin",
     "new_row",
     "old_values",
+    "order_key",
 )
 
 _WINDOW_FILTER = """
@@ -47,7 +48,8 @@ _WINDOW_ROWS = (
     """
 COPY (
     SELECT w.transaction_order, w.id, t.schema_name, t.table_name, w.operation, w.row_key,
-           w.clock, w.previous_clock, w.previous_origin, w.new_row, w.old_values
+           w.clock, w.previous_clock, w.previous_origin, w.new_row, w.old_values,
+           w.order_key
       FROM (SELECT max(c.id) OVER (PARTITION BY c.txid) AS transaction_order, c.*
               FROM pgconcord.change_log c
              WHERE """

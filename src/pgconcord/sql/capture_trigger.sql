@@ -7,6 +7,7 @@ DECLARE
     new_key jsonb;
     old_key jsonb;
     version record;
+    now_clock bigint := pgconcord.clock_now();
 BEGIN
     IF TG_OP <> 'INSERT' THEN
         old_key := {old_key};
@@ -16,34 +17,42 @@ BEGIN
     END IF;
     -- A delete, or an update that moved the row to another key, removes the old key.
     IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND old_key <> new_key) THEN
-        INSERT INTO pgconcord.row_version AS v (table_id, row_key, clock, origin, deleted)
-        VALUES ({table_id}, old_key, pgconcord.clock_now(), {node_name}, true)
+        INSERT INTO pgconcord.row_version AS v
+            (table_id, row_key, clock, origin, deleted, order_key)
+        VALUES ({table_id}, old_key, now_clock, {node_name}, true,
+                {order_key_first_delete})
         ON CONFLICT (table_id, row_key) DO UPDATE
             SET previous_clock = v.clock, previous_origin = v.origin,
-                clock = greatest(excluded.clock, v.clock + 1),
-                origin = excluded.origin, deleted = true
-        RETURNING v.clock, v.previous_clock, v.previous_origin INTO version;
+                clock = greatest(now_clock, v.clock + 1),
+                origin = excluded.origin, deleted = true,
+                order_key = {order_key_next_delete}
+        RETURNING v.clock, v.previous_clock, v.previous_origin, v.order_key INTO version;
         INSERT INTO pgconcord.change_log
-            (table_id, operation, row_key, clock, previous_clock, previous_origin, new_row)
+            (table_id, operation, row_key, clock, previous_clock, previous_origin, new_row,
+             order_key)
         VALUES ({table_id}, 'D', old_key, version.clock, version.previous_clock,
-                version.previous_origin, NULL);
+                version.previous_origin, NULL, version.order_key);
     END IF;
     IF TG_OP <> 'DELETE' THEN
         -- The clock is one past the row's last version, whoever wrote it: a node whose wall
         -- clock lags still wins over a change it has already seen (hybrid logical clock).
-        INSERT INTO pgconcord.row_version AS v (table_id, row_key, clock, origin, deleted)
-        VALUES ({table_id}, new_key, pgconcord.clock_now(), {node_name}, false)
+        INSERT INTO pgconcord.row_version AS v
+            (table_id, row_key, clock, origin, deleted, order_key)
+        VALUES ({table_id}, new_key, now_clock, {node_name}, false,
+                {order_key_first_write})
         ON CONFLICT (table_id, row_key) DO UPDATE
             SET previous_clock = v.clock, previous_origin = v.origin,
-                clock = greatest(excluded.clock, v.clock + 1),
-                origin = excluded.origin, deleted = false
-        RETURNING v.clock, v.previous_clock, v.previous_origin INTO version;
+                clock = greatest(now_clock, v.clock + 1),
+                origin = excluded.origin, deleted = false,
+                order_key = {order_key_next_write}
+        RETURNING v.clock, v.previous_clock, v.previous_origin, v.order_key INTO version;
         INSERT INTO pgconcord.change_log
             (table_id, operation, row_key, clock, previous_clock, previous_origin, new_row,
-             old_values)
-        VALUES ({table_id}, CASE WHEN TG_OP = 'INSERT' THEN 'I' ELSE 'U' END, new_key,
+             old_values, order_key)
+        VALUES ({table_id}, left(TG_OP, 1), new_key,
                 version.clock, version.previous_clock, version.previous_origin, to_jsonb(NEW),
-                CASE WHEN TG_OP = 'UPDATE' AND old_key = new_key THEN {old_values} END);
+                CASE WHEN TG_OP = 'UPDATE' AND old_key = new_key THEN {old_values} END,
+                version.order_key);
     END IF;
     RETURN NULL;
 END
