@@ -130,3 +130,27 @@ def test_a_node_whose_clock_lags_30_seconds_still_wins_with_a_later_edit(cluster
     for name in cluster.names:
         assert cluster.value(name, "SELECT v FROM t") == "east"
     cluster.assert_identical()
+
+
+def test_a_child_arriving_before_its_parent(cluster: Cluster) -> None:
+    for name in cluster.names:
+        cluster.execute(
+            name,
+            "CREATE TABLE parent (id int PRIMARY KEY);"
+            " CREATE TABLE child (id int PRIMARY KEY, parent_id int NOT NULL REFERENCES parent)",
+        )
+    cluster.setup()
+    cluster.execute("south", "INSERT INTO parent VALUES (1)")
+    cluster.pull("south", "north")
+    cluster.execute("north", "INSERT INTO child VALUES (10, 1)")
+    # east gets the child from north before the parent from south: it waits for nothing,
+    # the foreign key is not checked while applying, and the parent arrives later.
+    cluster.pull("north", "east")
+    assert cluster.query("east", "SELECT id FROM child") == [(10,)]
+    assert cluster.query("east", "SELECT id FROM parent") == []
+    cluster.sync()
+    for name in cluster.names:
+        assert cluster.query(
+            name, "SELECT c.id, p.id FROM child c JOIN parent p ON p.id = c.parent_id"
+        ) == [(10, 1)]
+    cluster.assert_identical()
