@@ -315,6 +315,63 @@ def delta_columns_of(
     }
 
 
+KEY_CAPACITY = 100  # slots, so at most this many nodes; every node steps its sequences by it
+
+_OWNED_SEQUENCES = """
+SELECT s.oid::regclass::text, a.attname::text
+  FROM pg_class s
+  JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.objid = s.oid
+                  AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
+  JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
+ WHERE s.relkind = 'S' AND d.refobjid = %s::regclass
+"""
+
+
+def key_slot(connection: psycopg.Connection[tuple[object, ...]]) -> int | None:
+    if installed_version(connection) < 5:
+        return None
+    row = connection.execute("SELECT key_slot FROM pgconcord.local_node").fetchone()
+    return None if row is None or row[0] is None else int(str(row[0]))
+
+
+def set_key_slot(
+    connection: psycopg.Connection[tuple[object, ...]], slot: int, tables: list[Table]
+) -> None:
+    """Make the sequences behind the tables' columns (serial, identity) and pgconcord's own
+    unique_id() hand out values congruent to the slot, above every value already used."""
+    connection.execute("UPDATE pgconcord.local_node SET key_slot = %s", (slot,))
+    sequences: list[tuple[str, sql.Composable]] = [("pgconcord.unique_id_sequence", sql.SQL("0"))]
+    for table in tables:
+        for sequence, column in connection.execute(
+            _OWNED_SEQUENCES, (table.identifier.as_string(connection),)
+        ).fetchall():
+            used = sql.SQL("(SELECT max({}) FROM {})").format(
+                sql.Identifier(str(column)), table.identifier
+            )
+            sequences.append((str(sequence), used))
+    # Sequence names come from regclass output, which PostgreSQL quotes where needed.
+    for sequence, used_expression in sequences:
+        connection.execute(
+            sql.SQL("ALTER SEQUENCE {} INCREMENT BY {}").format(
+                sql.SQL(sequence), sql.Literal(KEY_CAPACITY)
+            )
+        )
+        highest = sql.SQL("greatest(s.last_value, {})").format(used_expression)
+        # The first value above everything used that falls in this node's slot.
+        connection.execute(
+            sql.SQL(
+                "SELECT setval({name}, (h / {capacity} + 1) * {capacity} + {slot}, false)"
+                " FROM (SELECT {highest} AS h FROM {sequence} s) AS used"
+            ).format(
+                name=sql.Literal(sequence),
+                capacity=sql.Literal(KEY_CAPACITY),
+                slot=sql.Literal(slot),
+                highest=highest,
+                sequence=sql.SQL(sequence),
+            )
+        )
+
+
 def ensure_positions(
     connection: psycopg.Connection[tuple[object, ...]], origins: list[str]
 ) -> None:

@@ -99,6 +99,20 @@ def check_delta_columns(config: ClusterConfig, tables: list[Table]) -> dict[str,
     return counters
 
 
+def assign_key_slots(existing: dict[str, int | None]) -> dict[str, int]:
+    """Keep each node's slot; give nodes without one the lowest free slots, in config order."""
+    taken = {slot for slot in existing.values() if slot is not None}
+    free = (slot for slot in range(catalog.KEY_CAPACITY) if slot not in taken)
+    slots = {}
+    for name, slot in existing.items():
+        if slot is None:
+            slot = next(free, None)
+            if slot is None:
+                raise SchemaError(f"no free key slot for node {name}: the cluster is full")
+        slots[name] = slot
+    return slots
+
+
 def setup(config: ClusterConfig, progress: Callable[[str], None] = lambda _: None) -> SetupReport:
     connections = {node.name: connect(node) for node in config.nodes}
     try:
@@ -112,6 +126,9 @@ def setup(config: ClusterConfig, progress: Callable[[str], None] = lambda _: Non
             connection.rollback()
         tables = check_tables(node_tables)
         counters = check_delta_columns(config, tables)
+        slots = assign_key_slots({name: catalog.key_slot(c) for name, c in connections.items()})
+        for connection in connections.values():
+            connection.rollback()
         report = SetupReport(tables=[t.qualified_name for t in tables])
         for node in config.nodes:
             connection = connections[node.name]
@@ -131,6 +148,7 @@ def setup(config: ClusterConfig, progress: Callable[[str], None] = lambda _: Non
                 catalog.ensure_positions(
                     connection, [peer for peer in config.node_names if peer != node.name]
                 )
+                catalog.set_key_slot(connection, slots[node.name], tables)
             progress(
                 f"{node.name}: catalog v{report.catalog_versions[node.name]},"
                 f" capture on {len(tables)} tables"
