@@ -146,13 +146,14 @@ def status(config_path: str | None, as_json: bool) -> None:
             nodes.add_row(node.name, state, log_size, str(node.conflicts or 0))
         console.print(nodes)
         pairs = RichTable(title="replication")
-        for heading in ("from", "to", "pending", "lag", "applied"):
+        for heading in ("from", "to", "pending", "pending size", "lag", "applied"):
             pairs.add_column(heading)
         for pair in report.pairs:
             pairs.add_row(
                 pair.origin,
                 pair.target,
                 "?" if pair.pending_changes is None else str(pair.pending_changes),
+                "?" if pair.pending_bytes is None else f"{pair.pending_bytes // 1024} kB",
                 "?" if pair.lag_seconds is None else f"{pair.lag_seconds:.1f} s",
                 "?" if pair.applied_changes is None else str(pair.applied_changes),
             )

@@ -21,6 +21,7 @@ class PairStatus:
     origin: str
     target: str
     pending_changes: int | None  # None when either node is unreachable
+    pending_bytes: int | None  # size of those changes in the origin's log
     lag_seconds: float | None  # age of the oldest change not yet applied; 0 when none pending
     applied_changes: int | None
     position_updated_at: str | None
@@ -86,7 +87,7 @@ def _node_status(connection: psycopg.Connection[tuple[object, ...]], name: str) 
 
 
 _PENDING = """
-SELECT count(*), min(c.clock)
+SELECT count(*), min(c.clock), coalesce(sum(pg_column_size(c.*)), 0)
   FROM pgconcord.change_log c
  WHERE c.txid >= pg_snapshot_xmin(%(applied)s::pg_snapshot)
    AND NOT pg_visible_in_snapshot(c.txid, %(applied)s::pg_snapshot)
@@ -113,7 +114,7 @@ def cluster_status(config: ClusterConfig) -> ClusterStatus:
                     continue
                 if origin.name not in ready or target.name not in ready:
                     status.pairs.append(
-                        PairStatus(origin.name, target.name, None, None, None, None)
+                        PairStatus(origin.name, target.name, None, None, None, None, None)
                     )
                     continue
                 position = (
@@ -128,7 +129,7 @@ def cluster_status(config: ClusterConfig) -> ClusterStatus:
                 # A window in progress counts as pending as a whole: it is not applied yet.
                 if position is None:
                     status.pairs.append(
-                        PairStatus(origin.name, target.name, None, None, None, None)
+                        PairStatus(origin.name, target.name, None, None, None, None, None)
                     )
                     continue
                 pending = (
@@ -149,6 +150,7 @@ def cluster_status(config: ClusterConfig) -> ClusterStatus:
                         origin.name,
                         target.name,
                         count,
+                        int(str(pending[2])),
                         round(lag, 3),
                         int(str(position[1])),
                         str(position[2]),
