@@ -332,17 +332,21 @@ def recorded_conflicts(
                 "type": kind,
                 "resolution": resolution,
                 "local": {"clock": local_clock, "origin": local_origin, "row": local_row},
-                "incoming": {
-                    "clock": incoming_clock,
-                    "origin": incoming_origin,
-                    "operation": {"I": "insert", "U": "update", "D": "delete"}.get(
-                        str(operation), str(operation)
-                    ),
-                    "row": incoming_row,
-                },
+                "incoming": change_object(incoming_clock, incoming_origin, operation, incoming_row),
             }
         )
     return records
+
+
+def change_object(clock: object, origin: object, operation: object, row: object) -> dict[str, Any]:
+    """An incoming change as `conflicts --json` shows it, for conflicts and parked changes."""
+    names = {"I": "insert", "U": "update", "D": "delete"}
+    return {
+        "clock": clock,
+        "origin": origin,
+        "operation": names.get(str(operation), str(operation)),
+        "row": row,
+    }
 
 
 _UNIQUE_INDEXES = """

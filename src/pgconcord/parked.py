@@ -10,6 +10,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from pgconcord.conflict import change_object
+
 Connection = psycopg.Connection[tuple[object, ...]]
 
 _STAGED_CHANGE = """
@@ -109,14 +111,7 @@ def list_parked(connection: Connection, node_name: str) -> list[dict[str, Any]]:
                 "resolved_at": resolved_at.isoformat()
                 if isinstance(resolved_at, datetime)
                 else None,
-                "incoming": {
-                    "clock": clock,
-                    "origin": origin,
-                    "operation": {"I": "insert", "U": "update", "D": "delete"}.get(
-                        str(operation), str(operation)
-                    ),
-                    "row": new_row,
-                },
+                "incoming": change_object(clock, origin, operation, new_row),
             }
         )
     return records
