@@ -125,7 +125,7 @@ class Puller:
 
     def _origin(self) -> Connection:
         if self._origin_connection is None or self._origin_connection.closed:
-            self._origin_connection = connect(self.origin)
+            self._origin_connection = reader.open_origin(self.origin)
         return self._origin_connection
 
     def _target(self) -> Connection:
@@ -235,7 +235,6 @@ class Puller:
                 self._advance_idle(target, position, snapshot)
                 return None
         else:
-            origin.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             window = reader.Window(
                 position.applied_snapshot, position.window_snapshot, position.window_done or 0
             )

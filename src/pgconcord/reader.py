@@ -20,6 +20,8 @@ import psycopg
 from psycopg import sql
 
 from pgconcord.catalog import Table, discover_tables
+from pgconcord.config import NodeConfig
+from pgconcord.transport import connect
 
 # Columns of one staged change, in the order the window query produces them.
 STAGE_COLUMNS = (
@@ -74,12 +76,20 @@ class Window:
 
 
 def begin_snapshot(origin: psycopg.Connection[tuple[object, ...]]) -> str:
-    """Start a repeatable-read transaction on the origin and return its snapshot: every query
-    in that transaction then sees exactly the transactions the snapshot calls visible."""
-    origin.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    """The snapshot of the origin transaction this call starts (the connection is in
+    repeatable-read mode, see open_origin): every later query in that transaction sees
+    exactly the transactions the snapshot calls visible."""
     row = origin.execute("SELECT pg_current_snapshot()::text").fetchone()
     assert row is not None
     return str(row[0])
+
+
+def open_origin(node: NodeConfig) -> psycopg.Connection[tuple[object, ...]]:
+    """A read-only, repeatable-read session for reading an origin's change log."""
+    connection = connect(node)
+    connection.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    connection.read_only = True
+    return connection
 
 
 def window_has_changes(origin: psycopg.Connection[tuple[object, ...]], window: Window) -> bool:
