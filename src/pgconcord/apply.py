@@ -68,6 +68,10 @@ def open_target(node: NodeConfig) -> Connection:
         connection.execute("SET deadlock_timeout = '50ms'")
     except pg_errors.InsufficientPrivilege:
         connection.rollback()
+    # Values arrive rendered in these settings (see capture_trigger.sql); read them alike.
+    connection.execute(
+        "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'"
+    )
     connection.execute(_TEMPORARY_TABLES)
     connection.commit()
     return connection

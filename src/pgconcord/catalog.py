@@ -23,6 +23,10 @@ class Column:
     name: str
     type_name: str
     generated: bool
+    identity_always: bool = False  # GENERATED ALWAYS AS IDENTITY: UPDATE may not set it
+    as_text: bool = False  # to_jsonb() would lose something (json text, -0, array bounds)
+    # Its text depends on session settings (DateStyle, TimeZone, extra_float_digits).
+    setting_dependent: bool = False
 
 
 @dataclass(frozen=True)
@@ -125,8 +129,16 @@ SELECT n.nspname, c.relname,
           JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[])
          WHERE i.indrelid = c.oid AND i.indisprimary) AS key_columns,
        (SELECT array_agg(array[a.attname::text, format_type(a.atttypid, a.atttypmod),
-                               (a.attgenerated <> '')::text] ORDER BY a.attnum)
+                               (a.attgenerated <> '')::text, (a.attidentity = 'a')::text,
+                               (b.typcategory = 'A'
+                                OR b.oid = ANY ('{json,jsonb,float4,float8}'::regtype[]))::text,
+                               (b.typcategory = 'A' OR b.typtype IN ('r', 'm', 'c')
+                                OR b.oid = ANY ('{float4,float8,timestamptz,timetz,interval}'
+                                                ::regtype[]))::text]
+                         ORDER BY a.attnum)
           FROM pg_attribute a
+          JOIN pg_type t ON t.oid = a.atttypid
+          JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
          WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) AS columns
   FROM pg_class c
   JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -154,7 +166,15 @@ def discover_tables(
                 name=table_name,
                 key_columns=tuple(key_columns) if isinstance(key_columns, list) else (),
                 columns=tuple(
-                    Column(name=c[0], type_name=c[1], generated=c[2] == "true") for c in column_rows
+                    Column(
+                        name=c[0],
+                        type_name=c[1],
+                        generated=c[2] == "true",
+                        identity_always=c[3] == "true",
+                        as_text=c[4] == "true",
+                        setting_dependent=c[5] == "true",
+                    )
+                    for c in column_rows
                 ),
             )
         )
@@ -216,6 +236,8 @@ def install_capture(
         node_name=sql.Literal(node_name),
         new_key=key_object("NEW"),
         old_key=key_object("OLD"),
+        new_row=_new_row(table),
+        settings=_fixed_settings(table),
         old_values=_old_values(delta_columns),
         **_order_keys(policy, priority, node_name),
     )
@@ -289,6 +311,47 @@ def _order_keys(
             "v.order_key, v.deleted", write, "greatest(now_clock, v.clock + 1)"
         ),
     }
+
+
+def _fixed_settings(table: Table) -> sql.Composable:
+    """Session settings pinned while capturing a table whose logged text would otherwise
+    depend on the writer's session: floats (extra_float_digits), ranges and arrays (DateStyle,
+    TimeZone), and time-zoned key columns (one row, one key). Pinning costs a little on every
+    write, so tables that need none (most keys are integers or text) are left alone."""
+    keys = set(table.key_columns)
+    # Plain timestamps, times and intervals come out of to_jsonb() in a form any session reads
+    # back the same; only as keys does their spelling (the time zone) matter.
+    readable_anywhere = ("timestamp", "time ", "interval")
+
+    def needs_pinning(column: Column) -> bool:
+        if not column.setting_dependent:
+            return False
+        return (
+            column.as_text
+            or column.name in keys
+            or not column.type_name.startswith(readable_anywhere)
+        )
+
+    if not any(needs_pinning(column) for column in table.stored_columns):
+        return sql.SQL("")
+    return sql.SQL(
+        "SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD' SET IntervalStyle = 'postgres'"
+        " SET extra_float_digits = 3"
+    )
+
+
+def _new_row(table: Table) -> sql.Composable:
+    """The logged row: to_jsonb(NEW), with the columns jsonb would alter carried as their text
+    (json keeps its text, floats their -0, arrays their bounds, a JSON null stays non-NULL)."""
+    text_columns = [c.name for c in table.stored_columns if c.as_text]
+    if not text_columns:
+        return sql.SQL("to_jsonb(NEW)")
+    pairs = sql.SQL(", ").join(
+        sql.SQL("{}, NEW.{}::text").format(sql.Literal(name), sql.Identifier(name))
+        for name in text_columns
+    )
+    # jsonb_object(text[]) takes any number of pairs (jsonb_build_object stops at 50).
+    return sql.SQL("to_jsonb(NEW) || jsonb_object(ARRAY[{}])").format(pairs)
 
 
 def _old_values(delta_columns: tuple[str, ...]) -> sql.Composable:

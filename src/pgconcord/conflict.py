@@ -138,7 +138,7 @@ SELECT %(schema)s, %(table)s, d.row_key, """
        d.local_clock, d.local_origin, l.local_row, d.clock, %(origin)s, d.operation, d.new_row
   FROM pgconcord_decision d
   LEFT JOIN pgconcord_winner w ON w.row_key = d.row_key
-  LEFT JOIN LATERAL (SELECT to_jsonb(t) AS local_row
+  LEFT JOIN LATERAL (SELECT to_jsonb(t.*) AS local_row
                        FROM {table} t, jsonb_populate_record(NULL::{table}, d.row_key) k
                       WHERE {key_match}) AS l ON true
  WHERE d.local_clock IS NOT NULL
@@ -152,12 +152,15 @@ SELECT %(schema)s, %(table)s, d.row_key, """
 """
 )
 
+# Deleted rows go; so do rows whose GENERATED ALWAYS identity value changed, which no UPDATE
+# may set: the upsert then inserts them again with OVERRIDING SYSTEM VALUE.
 _DELETE_ROWS = """
 DELETE FROM {table} t
  USING pgconcord_decision d
   JOIN pgconcord_winner w ON w.row_key = d.row_key
  CROSS JOIN LATERAL jsonb_populate_record(NULL::{table}, d.row_key) k
- WHERE d.operation = 'D' AND {key_match}
+ CROSS JOIN LATERAL jsonb_populate_record(NULL::{table}, d.new_row) r
+ WHERE {key_match} AND (d.operation = 'D' {identity_changed})
 """
 
 _UPSERT_ROWS = """
@@ -210,7 +213,27 @@ def table_statements(
         sql.SQL("t.{column} = k.{column}").format(column=sql.Identifier(column))
         for column in table.key_columns
     )
-    updatable = [c for c in columns if c not in table.key_columns]
+    by_name = {column.name: column for column in table.columns}
+    always_identity = [c for c in columns if c in by_name and by_name[c].identity_always]
+    updatable = [c for c in columns if c not in table.key_columns and c not in always_identity]
+    identity_changed: sql.Composable = sql.SQL("")
+    if always_identity:
+        identity_changed = sql.SQL(
+            "OR (d.operation <> 'D' AND d.delta IS NULL AND ({}) IS DISTINCT FROM ({}))"
+        ).format(
+            sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in always_identity),
+            sql.SQL(", ").join(sql.SQL("r.{}").format(sql.Identifier(c)) for c in always_identity),
+        )
+
+    def record_column(name: str) -> sql.Composable:
+        column = by_name.get(name)
+        if column is not None and column.as_text:
+            # Carried as text by capture (catalog._new_row): its own input function reads it.
+            return sql.SQL("(d.new_row ->> {})::{}").format(
+                sql.Literal(name), sql.SQL(column.type_name)
+            )
+        return sql.SQL("r.{}").format(sql.Identifier(name))
+
     on_conflict: sql.Composable = (
         sql.SQL("UPDATE SET {}").format(
             sql.SQL(", ").join(
@@ -230,13 +253,13 @@ def table_statements(
         record_conflicts=sql.SQL(_RECORD_CONFLICTS).format(
             table=identifier, key_match=key_match, delta_names=delta_names
         ),
-        delete_rows=sql.SQL(_DELETE_ROWS).format(table=identifier, key_match=key_match),
+        delete_rows=sql.SQL(_DELETE_ROWS).format(
+            table=identifier, key_match=key_match, identity_changed=identity_changed
+        ),
         upsert_rows=sql.SQL(_UPSERT_ROWS).format(
             table=identifier,
             columns=sql.SQL(", ").join(sql.Identifier(c) for c in columns),
-            record_columns=sql.SQL(", ").join(
-                sql.SQL("r.{}").format(sql.Identifier(c)) for c in columns
-            ),
+            record_columns=sql.SQL(", ").join(record_column(c) for c in columns),
             key_columns=sql.SQL(", ").join(sql.Identifier(c) for c in table.key_columns),
             on_conflict=on_conflict,
         ),
@@ -404,7 +427,7 @@ def resolve_unique_collision(
         names = [str(column) for column in (columns if isinstance(columns, list) else [])]
         found = connection.execute(
             sql.SQL(
-                "SELECT {key}, to_jsonb(t), v.clock, v.origin, v.order_key FROM {table} t"
+                "SELECT {key}, to_jsonb(t.*), v.clock, v.origin, v.order_key FROM {table} t"
                 " LEFT JOIN pgconcord.row_version v ON v.table_id = %s AND v.row_key = {key}"
                 " WHERE ({columns}) = (SELECT {record_columns}"
                 "   FROM jsonb_populate_record(NULL::{table}, %s) r) AND {key} <> %s"

@@ -1,8 +1,12 @@
 -- Row trigger function generated for one replicated table (catalog.install_capture formats the
 -- placeholders with quoted identifiers and literals). Generated per table so that key columns
 -- are read directly from NEW/OLD and the node name is a constant: this runs on every user write.
+-- {settings} pins the session settings the logged text depends on, for tables that need it
+-- (catalog._fixed_settings): to_jsonb() prints floats per extra_float_digits, ranges per
+-- DateStyle and TimeZone, and a time-zoned key differently in every time zone.
 CREATE OR REPLACE FUNCTION pgconcord.{function_name}() RETURNS trigger
-LANGUAGE plpgsql AS $body$
+LANGUAGE plpgsql {settings}
+AS $body$
 DECLARE
     new_key jsonb;
     old_key jsonb;
@@ -50,7 +54,7 @@ BEGIN
             (table_id, operation, row_key, clock, previous_clock, previous_origin, new_row,
              old_values, order_key)
         VALUES ({table_id}, left(TG_OP, 1), new_key,
-                version.clock, version.previous_clock, version.previous_origin, to_jsonb(NEW),
+                version.clock, version.previous_clock, version.previous_origin, {new_row},
                 CASE WHEN TG_OP = 'UPDATE' AND old_key = new_key THEN {old_values} END,
                 version.order_key);
     END IF;
