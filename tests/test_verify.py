@@ -553,3 +553,16 @@ def test_a_table_difference_is_a_plain_value() -> None:
     assert not report.identical
     assert VerifyReport(("public.t",), {"public.t": 1}, (), {}).identical
     assert not VerifyReport((), {}, (), {"south": "cannot connect"}).identical
+
+
+def test_differences_that_jsonb_would_hide_are_found(nodes: Nodes) -> None:
+    """-0 against 0, json text, array bounds: to_jsonb() alone would call them equal."""
+    nodes.execute_everywhere("CREATE TABLE shapes (id int PRIMARY KEY, f float8, j json, a int[])")
+    names = list(nodes.dsns)
+    nodes.execute(names[0], """INSERT INTO shapes VALUES (1, 0, '{"a": 1}', '{1,2}')""")
+    nodes.execute(names[1], """INSERT INTO shapes VALUES (1, '-0', '{"a":1}', '[0:1]={1,2}')""")
+    report = verify(nodes.config())
+    assert not report.identical
+    assert [d.table for d in report.differences] == ["public.shapes"]
+    nodes.execute(names[1], """UPDATE shapes SET f = 0, j = '{"a": 1}', a = '{1,2}'""")
+    assert verify(nodes.config()).identical

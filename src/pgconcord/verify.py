@@ -154,13 +154,25 @@ def _reading(node: _Node) -> Iterator[None]:
         raise _TableUnreadable(node.name, _first_line(error)) from error
 
 
-def _row_hash(excluded_columns: Sequence[str]) -> sql.Composable:
+def _row_hash(excluded_columns: Sequence[str], text_columns: Sequence[str] = ()) -> sql.Composable:
     """md5 of the row's jsonb text: jsonb orders keys itself, so column order does not matter.
 
     Columns absent on some node are left out, so that the shared columns can still be compared.
-    convert_to makes the hashed bytes independent of each database's encoding.
+    Columns whose jsonb form would hide a difference (json text, -0, array bounds, a JSON null)
+    are compared by their own text as well. convert_to makes the hashed bytes independent of
+    each database's encoding.
     """
     document: sql.Composable = sql.SQL("to_jsonb({}.*)").format(_ROW)
+    if text_columns:
+        document = sql.SQL("({} || jsonb_object(ARRAY[{}]::text[]))").format(
+            document,
+            sql.SQL(", ").join(
+                sql.SQL("{}, {}.{}::text").format(
+                    sql.Literal(f"{column} as text"), _ROW, sql.Identifier(column)
+                )
+                for column in text_columns
+            ),
+        )
     if excluded_columns:
         document = sql.SQL("({} - ARRAY[{}]::text[])").format(
             document, sql.SQL(", ").join(sql.Literal(column) for column in excluded_columns)
@@ -177,7 +189,9 @@ def _source(node: _Node, name: _TableName) -> sql.Composable:
     return sql.SQL("{}{} AS {}").format(only, table.identifier, _ROW)
 
 
-def _hash_statement(source: sql.Composable, excluded_columns: Sequence[str]) -> sql.Composed:
+def _hash_statement(
+    source: sql.Composable, excluded_columns: Sequence[str], text_columns: Sequence[str] = ()
+) -> sql.Composed:
     # A sum of row hashes rather than a hash of the rows in key order: it needs no sort, has no
     # 1 GB limit on an aggregated string, and cannot depend on a collation. Summing is sound
     # because each row's text contains its primary key, so the rows form a set; the two halves
@@ -187,11 +201,19 @@ def _hash_statement(source: sql.Composable, excluded_columns: Sequence[str]) -> 
         " coalesce(sum(('x' || left({hash}, 16))::bit(64)::bigint::numeric), 0),"
         " coalesce(sum(('x' || right({hash}, 16))::bit(64)::bigint::numeric), 0)"
         " FROM (SELECT {row_hash} AS {hash} FROM {source}) AS {derived}"
-    ).format(hash=_ROW_HASH, row_hash=_row_hash(excluded_columns), source=source, derived=_DERIVED)
+    ).format(
+        hash=_ROW_HASH,
+        row_hash=_row_hash(excluded_columns, text_columns),
+        source=source,
+        derived=_DERIVED,
+    )
 
 
 def _rows_statement(
-    source: sql.Composable, key_columns: Sequence[str], excluded_columns: Sequence[str]
+    source: sql.Composable,
+    key_columns: Sequence[str],
+    excluded_columns: Sequence[str],
+    text_columns: Sequence[str] = (),
 ) -> sql.Composed:
     pairs = sql.SQL(", ").join(
         sql.SQL("{}, {}.{}").format(sql.Literal(column), _ROW, sql.Identifier(column))
@@ -209,7 +231,7 @@ def _rows_statement(
         key=_ROW_KEY,
         hash=_ROW_HASH,
         pairs=pairs,
-        row_hash=_row_hash(excluded_columns),
+        row_hash=_row_hash(excluded_columns, text_columns),
         source=source,
         derived=_DERIVED,
     )
@@ -421,6 +443,10 @@ class _Verification:
             column_sets[0].union(*column_sets) - column_sets[0].intersection(*column_sets)
         )
 
+        text_columns = sorted(
+            {c.name for table in definitions.values() for c in table.columns if c.as_text}
+            - set(excluded)
+        )
         for node in holders:
             with _reading(node):
                 node.connection.execute(sql.SQL("SAVEPOINT {}").format(_SAVEPOINT))
@@ -428,7 +454,7 @@ class _Verification:
         for node in holders:
             with _reading(node):
                 row = node.connection.execute(
-                    _hash_statement(_source(node, name), excluded)
+                    _hash_statement(_source(node, name), excluded, text_columns)
                 ).fetchone()
             assert row is not None, "an aggregate returns one row"
             hashes[node.name] = row
@@ -438,7 +464,7 @@ class _Verification:
             key_columns = {table.key_columns for table in definitions.values()}
             if len(key_columns) == 1 and () not in key_columns:
                 differences += self._row_differences(
-                    qualified_name, name, holders, key_columns.pop(), excluded
+                    qualified_name, name, holders, key_columns.pop(), excluded, text_columns
                 )
             else:
                 counts = _joined(f"{hashes[node.name][0]} on {node.name}" for node in holders)
@@ -464,6 +490,7 @@ class _Verification:
         holders: list[_Node],
         key_columns: tuple[str, ...],
         excluded: list[str],
+        text_columns: list[str],
     ) -> list[TableDifference]:
         differing = _KeySample()
         missing = {node.name: _KeySample() for node in holders}
@@ -475,7 +502,10 @@ class _Verification:
                     node.name: streams.enter_context(
                         closing(
                             _stream_rows(
-                                node, _rows_statement(_source(node, name), key_columns, excluded)
+                                node,
+                                _rows_statement(
+                                    _source(node, name), key_columns, excluded, text_columns
+                                ),
                             )
                         )
                     )
