@@ -235,7 +235,8 @@ class Puller:
             snapshot = reader.begin_snapshot(origin)
             window = reader.Window(position.applied_snapshot, snapshot, 0)
             if not reader.window_has_changes(origin, window):
-                origin.rollback()
+                reader.make_durable(origin)
+                origin.commit()
                 self._advance_idle(target, position, snapshot)
                 return None
         else:
@@ -245,6 +246,7 @@ class Puller:
         staged = self._stage(origin, target, window)
         plans = self._plans(origin, target)
         self._parked_waiting = parked.any_waiting(target, self.origin.name)
+        reader.make_durable(origin)
         origin.commit()
         pieces = self._pieces(target, many=staged > self.piece_rows)
         done = window.done

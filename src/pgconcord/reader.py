@@ -84,6 +84,25 @@ def begin_snapshot(origin: psycopg.Connection[tuple[object, ...]]) -> str:
     return str(row[0])
 
 
+def make_durable(origin: psycopg.Connection[tuple[object, ...]]) -> None:
+    """Have the origin flush its WAL when the current transaction commits, before anything
+    read in it is applied elsewhere. Otherwise a crash of the origin can lose what the window's
+    snapshot calls committed or rolled back (asynchronous commits, and rollbacks, which
+    PostgreSQL never flushes by itself): a commit a peer already applied disappears at its
+    origin, and the origin hands out the lost transaction ids again, to new transactions that
+    the peer's position already counts as applied, so that their changes are skipped for good.
+    (PostgreSQL's own replication only sends WAL its origin has flushed, for the same reason.)
+    Call it inside the origin transaction that took the snapshot, before its commit."""
+    row = origin.execute(
+        "SELECT pg_current_wal_flush_lsn() < pg_current_wal_insert_lsn()"
+    ).fetchone()
+    if row and row[0]:
+        # A transaction that writes WAL commits synchronously: everything before it is
+        # flushed too. A transactional message is allowed in a read-only transaction.
+        origin.execute("SET LOCAL synchronous_commit = local")
+        origin.execute("SELECT pg_logical_emit_message(true, 'pgconcord', 'durable')")
+
+
 def open_origin(node: NodeConfig) -> psycopg.Connection[tuple[object, ...]]:
     """A read-only, repeatable-read session for reading an origin's change log."""
     connection = connect(node)
