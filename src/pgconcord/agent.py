@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 CHANNEL = "pgconcord_change"
 POLL_SECONDS = 1.0
+COALESCE_SECONDS = 0.02  # at most one pull per pair in this time, however busy the origin
 PURGE_SECONDS = 15.0
 MAX_BACKOFF_SECONDS = 30.0
 
@@ -183,6 +184,7 @@ class Agent:
         try:
             while not self.stopping.is_set():
                 wake.clear()
+                pulled_at = time.monotonic()
                 try:
                     result = puller.pull(self.stopping.is_set, on_progress)
                 except NodeUnavailable as error:
@@ -217,6 +219,9 @@ class Agent:
                     self.stopping.wait(backoff)
                 else:
                     wake.wait(self.poll_seconds)
+                    # Let the commits of the next few milliseconds join this pull: one pull
+                    # per commit would cost the origin more than the changes themselves.
+                    self.stopping.wait(max(0.0, pulled_at + COALESCE_SECONDS - time.monotonic()))
         finally:
             puller.close()
 

@@ -122,6 +122,9 @@ class Puller:
         self.piece_rows = piece_rows
         # Whether this target holds parked changes from this origin (refreshed each window).
         self._parked_waiting = False
+        # Table checks are kept while neither node's catalog changed (see catalog.fingerprint).
+        self._plans_cache: dict[tuple[str, str], TablePlan] = {}
+        self._plans_fingerprints: tuple[int, int] | None = None
         self._origin_connection: Connection | None = None
         self._target_connection: Connection | None = None
 
@@ -337,6 +340,16 @@ class Puller:
         }
         if not names:
             return {}
+        fingerprints = (catalog.fingerprint(origin), catalog.fingerprint(target))
+        if fingerprints == self._plans_fingerprints and names <= self._plans_cache.keys():
+            return {name: self._plans_cache[name] for name in names}
+        plans = self._check_tables(origin, target, names)
+        self._plans_cache, self._plans_fingerprints = plans, fingerprints
+        return plans
+
+    def _check_tables(
+        self, origin: Connection, target: Connection, names: set[tuple[str, str]]
+    ) -> dict[tuple[str, str], TablePlan]:
         at_origin = reader.origin_tables(origin, names)
         registered = catalog.registered_tables(target)
         counters = catalog.delta_columns_of(target)
@@ -559,7 +572,10 @@ def apply_table(
     if parked_waiting:
         # Later changes of a parked row from the same origin wait behind it, in order.
         target.execute(parked.park_followers(selection), parameters)
-    target.execute("TRUNCATE pgconcord_decision, pgconcord_winner")
+    # DELETE, not TRUNCATE: truncating gives the temporary tables new files and costs
+    # catalog work each time, too much for the small pieces of a busy steady state.
+    target.execute("DELETE FROM pgconcord_decision")
+    target.execute("DELETE FROM pgconcord_winner")
     filled = target.execute(statements.decide(selection, parked_waiting), parameters)
     if filled.rowcount == 0:
         return 0
@@ -571,6 +587,9 @@ def apply_table(
     target.execute(statements.upsert_rows, parameters)
     if statements.add_deltas is not None:
         target.execute(statements.add_deltas, parameters)
+    if filled.rowcount > 10_000:
+        # A big piece: give the space back now rather than leave it for later DELETEs.
+        target.execute("TRUNCATE pgconcord_decision, pgconcord_winner")
     return max(recorded, 0)
 
 

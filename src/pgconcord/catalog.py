@@ -181,6 +181,37 @@ def discover_tables(
     return tables
 
 
+_FINGERPRINT = """
+SELECT coalesce(sum(hashtext(concat_ws(':', a.attrelid, a.attnum, a.attname, a.atttypid,
+                                       a.atttypmod, a.attisdropped, a.attgenerated,
+                                       a.attidentity))), 0)
+       + (SELECT coalesce(sum(hashtext(concat_ws(':', t.id, t.schema_name, t.table_name,
+                                                 t.key_columns, t.delta_columns, t.policy))), 0)
+            FROM pgconcord.replicated_table t)
+       + (SELECT coalesce(sum(hashtext(concat_ws(':', i.indrelid, i.indkey::text))), 0)
+            FROM pg_index i
+           WHERE i.indisprimary AND i.indrelid IN (SELECT c.oid FROM pg_class c
+                                                     JOIN pgconcord.replicated_table t
+                                                       ON c.relname = t.table_name
+                                                     JOIN pg_namespace n
+                                                       ON n.oid = c.relnamespace
+                                                      AND n.nspname = t.schema_name))
+  FROM pg_attribute a
+ WHERE a.attnum > 0
+   AND a.attrelid IN (SELECT c.oid FROM pg_class c
+                        JOIN pgconcord.replicated_table t ON c.relname = t.table_name
+                        JOIN pg_namespace n ON n.oid = c.relnamespace
+                                           AND n.nspname = t.schema_name)
+"""
+
+
+def fingerprint(connection: psycopg.Connection[tuple[object, ...]]) -> int:
+    """A number that changes whenever a replicated table's columns, key or replication
+    settings change: a cheap test of whether checks made against the catalog still hold."""
+    row = connection.execute(_FINGERPRINT).fetchone()
+    return int(str(row[0])) if row else 0
+
+
 def registered_tables(
     connection: psycopg.Connection[tuple[object, ...]],
 ) -> dict[tuple[str, str], int]:
