@@ -23,13 +23,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import psycopg
-
 import common
+import psycopg
 from common import AgentProcess, Server, progress
 
 TABLE_DDL = "CREATE TABLE narrow (id bigint PRIMARY KEY, v int, {text_column} text)"
-INSERT_RANGE = "INSERT INTO narrow SELECT g, g, md5(g::text) FROM generate_series(%s::bigint, %s::bigint) g"
+INSERT_RANGE = (
+    "INSERT INTO narrow SELECT g, g, md5(g::text) FROM generate_series(%s::bigint, %s::bigint) g"
+)
 CONCORD = "pgconcord"
 LOGICAL = "logical"
 
@@ -215,9 +216,13 @@ def storage_after_insert(pair: Pair) -> tuple[int, int, int]:
 
 def main() -> int:
     parser = common.base_arguments(__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, help="rows per variant (default 1,000,000; quick 100,000)")
+    parser.add_argument(
+        "--rows", type=int, help="rows per variant (default 1,000,000; quick 100,000)"
+    )
     parser.add_argument("--batch", type=int, default=100, help="rows per transaction in 'batches'")
-    parser.add_argument("--repeat", type=int, help="repetitions, median reported (default 3; quick 1)")
+    parser.add_argument(
+        "--repeat", type=int, help="repetitions, median reported (default 3; quick 1)"
+    )
     parser.add_argument(
         "--variants",
         default="one,update,batches",
@@ -318,9 +323,21 @@ def report(
         concord = results.get(CONCORD, variant)
         logical = results.get(LOGICAL, variant)
         lines: list[tuple[str, float, float]] = [
-            ("origin write (start -> commit)", med(m.write for m in concord), med(m.write for m in logical)),
-            ("commit -> all rows at peer", med(m.to_peer for m in concord), med(m.to_peer for m in logical)),
-            ("start -> all rows at peer", med(m.total for m in concord), med(m.total for m in logical)),
+            (
+                "origin write (start -> commit)",
+                med(m.write for m in concord),
+                med(m.write for m in logical),
+            ),
+            (
+                "commit -> all rows at peer",
+                med(m.to_peer for m in concord),
+                med(m.to_peer for m in logical),
+            ),
+            (
+                "start -> all rows at peer",
+                med(m.total for m in concord),
+                med(m.total for m in logical),
+            ),
         ]
         if variant == "batches":
             lines.insert(
@@ -333,13 +350,16 @@ def report(
             )
         table_rows = []
         for name, x, y in lines:
-            table_rows.append([name, x, y if LOGICAL in systems else float("nan"), x / y if y else float("nan")])
+            table_rows.append(
+                [name, x, y if LOGICAL in systems else float("nan"), x / y if y else float("nan")]
+            )
         common.print_table(titles[variant], ["", CONCORD, LOGICAL, "ratio"], table_rows)
         if repeat > 1:
             print(
                 "  per repetition, start -> peer: "
                 + "; ".join(
-                    f"{system}: " + ", ".join(f"{m.total:.2f}" for m in results.get(system, variant))
+                    f"{system}: "
+                    + ", ".join(f"{m.total:.2f}" for m in results.get(system, variant))
                     for system in systems
                 )
             )

@@ -174,6 +174,7 @@ def checkpoint(*servers: Server) -> None:
 EXPECTED_LOG_LINES = (
     "terminating logical replication worker due to administrator command",
     "terminating connection due to administrator command",
+    "terminating autovacuum process due to administrator command",
 )
 
 
@@ -305,8 +306,7 @@ def pgbench_database(server: Server, dbname: str, scale: int) -> str:
 def wait_pgbench_connected(server: Server, dbname: str, clients: int, timeout: float = 30) -> None:
     """Wait until pgbench's clients are connected to the database."""
     query = (
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
-        " AND application_name = 'pgbench'"
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND application_name = 'pgbench'"
     )
     wait_until(
         lambda: int(scalar(server.dsn(), query, (dbname,))) >= clients,
@@ -375,7 +375,13 @@ class AgentProcess:
         parked changes, if pgconcord parks failed changes, check() then watches too)."""
         self.node_dsns = list(ready_dsns)
         self.process = subprocess.Popen(
-            [sys.executable, str(Path(__file__)), "agent", str(self.config_path), str(self.log_path)],
+            [
+                sys.executable,
+                str(Path(__file__)),
+                "agent",
+                str(self.config_path),
+                str(self.log_path),
+            ],
             # The child stops when this pipe closes, i.e. also when we die without stopping it.
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -665,5 +671,7 @@ def _run_agent(config_path: str, log_path: str) -> int:
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "agent":
         sys.exit(_run_agent(sys.argv[2], sys.argv[3]))
-    print("usage: python bench/common.py agent CONFIG LOG (used by the benchmarks)", file=sys.stderr)
+    print(
+        "usage: python bench/common.py agent CONFIG LOG (used by the benchmarks)", file=sys.stderr
+    )
     sys.exit(2)

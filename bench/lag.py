@@ -23,6 +23,7 @@ Rounds alternate between the systems; per round p50/p95/max, and all rounds pool
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import sys
 import threading
@@ -168,9 +169,7 @@ def prepare(a: Server, b: Server, systems: list[str], scale: int) -> AgentProces
         progress("installing pgconcord capture, starting the agent")
         config = common.concord_config_text([("a", a.dsn(CONCORD)), ("b", b.dsn(CONCORD))])
         common.concord_setup(config)
-        agent = AgentProcess(config, label="lag").start(
-            ready_dsns=[a.dsn(CONCORD), b.dsn(CONCORD)]
-        )
+        agent = AgentProcess(config, label="lag").start(ready_dsns=[a.dsn(CONCORD), b.dsn(CONCORD)])
     if LOGICAL in systems:
         progress("publication on A, subscription on B")
         common.create_logical_replication(a, LOGICAL, b, LOGICAL, name="bench")
@@ -245,13 +244,13 @@ def report(
     systems: list[str],
     rounds: int,
     seconds: float,
-    arguments: object,
+    arguments: argparse.Namespace,
 ) -> None:
     pct = common.percentile
     print(
-        f"\n=== lag under load: pgbench tpcb-like, scale {getattr(arguments, 'scale')},"
-        f" {getattr(arguments, 'clients')} clients on A; a marker every"
-        f" {getattr(arguments, 'interval'):.0f} ms for {seconds:.0f} s; {rounds} round(s) ==="
+        f"\n=== lag under load: pgbench tpcb-like, scale {arguments.scale},"
+        f" {arguments.clients} clients on A; a marker every"
+        f" {arguments.interval:.0f} ms for {seconds:.0f} s; {rounds} round(s) ==="
     )
     rows = []
     pooled: dict[str, list[float]] = {system: [] for system in systems}

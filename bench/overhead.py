@@ -25,8 +25,10 @@ catch-up times; pgconcord.change_log growth and purge; the agent's CPU use and w
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
+from pathlib import Path
 
 import common
 from common import AgentProcess, progress
@@ -47,7 +49,8 @@ def agent_cpu_seconds(agent: AgentProcess) -> float:
     if agent.process is None:
         return float("nan")
     try:
-        fields = open(f"/proc/{agent.process.pid}/stat").read().rsplit(")", 1)[1].split()
+        stat = Path(f"/proc/{agent.process.pid}/stat").read_text()
+        fields = stat.rsplit(")", 1)[1].split()
     except OSError:
         return float("nan")
     ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
@@ -57,7 +60,9 @@ def agent_cpu_seconds(agent: AgentProcess) -> float:
 def main() -> int:
     parser = common.base_arguments(__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, help="rounds (default 3; quick 1)")
-    parser.add_argument("--seconds", type=float, help="pgbench duration per run (default 20; quick 5)")
+    parser.add_argument(
+        "--seconds", type=float, help="pgbench duration per run (default 20; quick 5)"
+    )
     parser.add_argument("--scale", type=int, default=10)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument(
@@ -74,9 +79,7 @@ def main() -> int:
     rounds = arguments.rounds or (1 if arguments.quick else 3)
     seconds = arguments.seconds or (5 if arguments.quick else 20)
     purge_wait = (
-        arguments.purge_wait
-        if arguments.purge_wait is not None
-        else (0 if arguments.quick else 60)
+        arguments.purge_wait if arguments.purge_wait is not None else (0 if arguments.quick else 60)
     )
     systems = [BARE, CONCORD] if arguments.no_logical else [BARE, CONCORD, LOGICAL]
     if arguments.decompose:
@@ -138,9 +141,7 @@ def main() -> int:
                 common.checkpoint(a, b)
                 cpu_before = agent_cpu_seconds(agent)
                 started = time.perf_counter()
-                result = common.pgbench_run(
-                    a, system, clients=arguments.clients, seconds=seconds
-                )
+                result = common.pgbench_run(a, system, clients=arguments.clients, seconds=seconds)
                 elapsed = time.perf_counter() - started
                 tps[system].append(result.tps)
                 line = f"round {round_number + 1}: {system:9s} {result.tps:8.1f} TPS"
@@ -201,7 +202,7 @@ def main() -> int:
 
 
 def report(
-    arguments: object,
+    arguments: argparse.Namespace,
     rounds: int,
     seconds: float,
     systems: list[str],
@@ -211,8 +212,8 @@ def report(
     agent_cpu: list[tuple[float, float]],
 ) -> None:
     med = common.median
-    scale = getattr(arguments, "scale")
-    clients = getattr(arguments, "clients")
+    scale = arguments.scale
+    clients = arguments.clients
     print(
         f"\n=== replication overhead: pgbench tpcb-like, scale {scale}, {clients} clients,"
         f" {rounds} round(s) x {seconds:.0f} s, fsync on ==="
@@ -222,7 +223,9 @@ def report(
     for system in systems:
         ratios = [x / y for x, y in zip(tps[system], tps[BARE], strict=True)]
         rows.append([system, *tps[system], med(tps[system]), med(ratios)])
-    common.print_table("TPS (ratio = median over rounds of TPS / bare TPS in the same round)", headers, rows)
+    common.print_table(
+        "TPS (ratio = median over rounds of TPS / bare TPS in the same round)", headers, rows
+    )
     if CAPTURE in systems:
         print(
             f"  {CAPTURE}: pgconcord capture installed, no agent running;"
@@ -242,7 +245,9 @@ def report(
             f" = {100 * total_cpu / total_time:.0f}% of one core (of 2)"
         )
     if change_log_rows:
-        print("pgconcord.change_log on A after each pgconcord run (rows present / captured so far):")
+        print(
+            "pgconcord.change_log on A after each pgconcord run (rows present / captured so far):"
+        )
         for round_number, captured, present, size in change_log_rows:
             print(
                 f"  round {round_number}: {present:,} / {captured:,} rows, {size / MB:.0f} MB"
