@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 Connection = psycopg.Connection[tuple[object, ...]]
 
 DEFAULT_PIECE_ROWS = 50_000
+MAX_FAILURES_ONE_BY_ONE = 100
 _TURN_LOCK_CLASS = 0x70676331  # advisory lock class of "applying this origin here"
 # How often an idle pair moves its position forward, so the origin can purge its log.
 IDLE_ADVANCE_SECONDS = 10
@@ -321,6 +322,7 @@ class Puller:
         with target.transaction():
             target.execute("TRUNCATE pgconcord_stage")
             target.execute("DROP INDEX IF EXISTS pgconcord_stage_order")
+            target.execute("DROP INDEX IF EXISTS pgconcord_stage_id")
             with target.cursor() as cursor, cursor.copy("COPY pgconcord_stage FROM STDIN") as copy:
                 for block in reader.stream_window(origin, window):
                     copy.write(block)
@@ -458,16 +460,21 @@ class Puller:
         conflicts = 0
         with target.transaction():
             self._check_position(target, expected)
+            # Each change is picked by its id: without an index that is quadratic.
+            target.execute("CREATE INDEX IF NOT EXISTS pgconcord_stage_id ON pgconcord_stage (id)")
+            target.execute("ANALYZE pgconcord_stage")
             changes = target.execute(
                 sql.SQL(
                     "SELECT s.id, s.schema_name, s.table_name FROM pgconcord_stage s"
                     " WHERE {} ORDER BY s.transaction_order, s.id"
                 ).format(piece)
             ).fetchall()
-            for change_id, schema, name in changes:
+            failures = 0
+            for position, (change_id, schema, name) in enumerate(changes):
                 plan = plans[(str(schema), str(name))]
                 try:
                     conflicts += self._apply_change(target, plan, int(str(change_id)))
+                    continue
                 except psycopg.DatabaseError as error:
                     if not is_data_problem(error):
                         raise
@@ -475,6 +482,7 @@ class Puller:
                     selection = sql.SQL("s.id = {}").format(sql.Literal(int(str(change_id))))
                     parked.park(target, self.origin.name, selection, reason)
                     self._parked_waiting = True
+                    failures += 1
                     log.warning(
                         "%s -> %s: parked a change of %s.%s: %s",
                         self.origin.name,
@@ -483,6 +491,25 @@ class Puller:
                         name,
                         first_line(error),
                     )
+                if failures >= MAX_FAILURES_ONE_BY_ONE and position + 1 < len(changes):
+                    # Every change in its own savepoint slows down as they pile up in one
+                    # transaction; after this many failures the rest of the piece is parked
+                    # as it is, in order, for `pgconcord conflicts retry`.
+                    rest = [int(str(row[0])) for row in changes[position + 1 :]]
+                    parked.park(
+                        target,
+                        self.origin.name,
+                        sql.SQL("s.id = ANY({})").format(sql.Literal(rest)),
+                        f"parked unapplied after {failures} failures in one batch ({reason})",
+                    )
+                    log.warning(
+                        "%s -> %s: parked %d more changes after %d failures",
+                        self.origin.name,
+                        self.target.name,
+                        len(rest),
+                        failures,
+                    )
+                    break
             self._advance(target, window, piece, last_order, final)
         return conflicts
 
@@ -591,100 +618,3 @@ def apply_table(
         # A big piece: give the space back now rather than leave it for later DELETEs.
         target.execute("TRUNCATE pgconcord_decision, pgconcord_winner")
     return max(recorded, 0)
-
-
-def retry_parked(node: NodeConfig, parked_id: int | None = None) -> parked.RetryReport:
-    """Apply parked changes again, oldest first (all of them, or one); those that fail again
-    stay parked with the new reason."""
-    report = parked.RetryReport()
-    target = open_target(node)
-    try:
-        candidates = target.execute(
-            "SELECT id FROM pgconcord.parked_change WHERE state = 'parked'"
-            " AND (%s::bigint IS NULL OR id = %s) ORDER BY id",
-            (parked_id, parked_id),
-        ).fetchall()
-        target.commit()
-        for (candidate,) in candidates:
-            identifier = int(str(candidate))
-            reason = _retry_one(target, identifier)
-            if reason is None:
-                report.retried.append(identifier)
-            else:
-                report.still_parked[identifier] = reason
-    finally:
-        target.close()
-    return report
-
-
-def _retry_one(target: Connection, identifier: int) -> str | None:
-    """Retry one parked change in its own transaction; None on success, else the reason."""
-    with target.transaction():
-        row = target.execute(
-            "SELECT origin, schema_name, table_name, row_key, new_row,"
-            " (SELECT min(earlier.id) FROM pgconcord.parked_change earlier"
-            "   WHERE earlier.state = 'parked' AND earlier.id < p.id"
-            "     AND earlier.origin = p.origin AND earlier.schema_name = p.schema_name"
-            "     AND earlier.table_name = p.table_name AND earlier.row_key = p.row_key)"
-            " FROM pgconcord.parked_change p WHERE id = %s AND state = 'parked' FOR UPDATE",
-            (identifier,),
-        ).fetchone()
-        if row is None:
-            return "no longer parked"
-        origin, schema, name, _key, new_row, earlier = row
-        if earlier is not None:
-            return f"waits for parked change {earlier} of the same row"
-        target.execute(
-            "UPDATE pgconcord.parked_change SET state = 'retried', resolved_at = now()"
-            " WHERE id = %s",
-            (identifier,),
-        )
-        target.execute("TRUNCATE pgconcord_stage")
-        target.execute(
-            "INSERT INTO pgconcord_stage SELECT 0, id, schema_name, table_name, operation,"
-            " row_key, clock, previous_clock, previous_origin, new_row, old_values, order_key"
-            " FROM pgconcord.parked_change WHERE id = %s",
-            (identifier,),
-        )
-        try:
-            with target.transaction():
-                plan = _plan_for_row(target, str(schema), str(name), new_row)
-                apply_table(
-                    target,
-                    plan,
-                    str(origin),
-                    sql.SQL("s.id = {}").format(sql.Literal(identifier)),
-                    parked_waiting=False,
-                )
-        except (psycopg.DatabaseError, SchemaError) as error:
-            if isinstance(error, psycopg.DatabaseError) and not is_data_problem(error):
-                raise
-            reason = f"{schema}.{name}: {first_line(error)}"
-            target.execute(
-                "UPDATE pgconcord.parked_change SET state = 'parked', resolved_at = NULL,"
-                " reason = %s WHERE id = %s",
-                (reason, identifier),
-            )
-            return reason
-    return None
-
-
-def _plan_for_row(target: Connection, schema: str, name: str, row: object) -> TablePlan:
-    """How to apply a parked row: the target's table, with the columns the row carries."""
-    registered = catalog.registered_tables(target)
-    tables = {t.name: t for t in catalog.discover_tables(target, [schema], set()) if t.name == name}
-    if (schema, name) not in registered or name not in tables:
-        raise SchemaError("table is missing on this node or not set up for replication")
-    table = tables[name]
-    stored = [c.name for c in table.stored_columns]
-    carried = set(row) if isinstance(row, dict) else set(table.key_columns)
-    generated = {c.name for c in table.columns if c.generated}
-    unknown = sorted(carried - set(stored) - generated)
-    if unknown:
-        raise SchemaError(f"column {unknown[0]} does not exist on this node")
-    return TablePlan(
-        table=table,
-        table_id=registered[(schema, name)],
-        columns=tuple(c for c in stored if c in carried),
-        delta_columns=catalog.delta_columns_of(target).get((schema, name), ()),
-    )

@@ -270,7 +270,7 @@ def _parked_reference(config: ClusterConfig, reference: str) -> tuple[NodeConfig
 @click.pass_context
 def retry(context: click.Context, config_path: str | None, reference: str | None) -> None:
     """Apply parked changes again (all of them, or one) after the cause was fixed."""
-    from pgconcord.apply import retry_parked
+    from pgconcord.parked import retry_parked
 
     config = _load(config_path or context.obj.get("config_path"))
     targets = (
