@@ -69,3 +69,24 @@ def test_a_parked_change_can_be_discarded_and_stays_recorded(system_cluster: Clu
     assert result.returncode != 0 and "not a parked change" in result.stderr
     result = cluster.cli("conflicts", "retry", "nowhere:1")
     assert result.returncode != 0 and "nowhere" in result.stderr
+
+
+def test_a_burst_of_failures_is_parked_in_order_and_retried(system_cluster: Cluster) -> None:
+    cluster = system_cluster
+    for name in cluster.names:
+        cluster.execute(name, "CREATE TABLE readings (id int PRIMARY KEY, value int)")
+    cluster.setup()
+    cluster.execute("south", "ALTER TABLE readings ADD CONSTRAINT positive CHECK (value > 0)")
+    # 300 changes that south refuses, in one transaction, then an update of the first row.
+    cluster.execute("north", "INSERT INTO readings SELECT g, -g FROM generate_series(1, 300) g")
+    cluster.execute("north", "UPDATE readings SET value = -1000 WHERE id = 1")
+    result = cluster.cli("sync")
+    assert result.returncode == 0, result.stderr
+    waiting = [r for r in parked(cluster) if r["state"] == "parked"]
+    assert len(waiting) == 301
+    assert cluster.value("south", "SELECT count(*) FROM readings") == 0
+    cluster.execute("south", "ALTER TABLE readings DROP CONSTRAINT positive")
+    result = cluster.cli("conflicts", "retry")
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert cluster.value("south", "SELECT value FROM readings WHERE id = 1") == -1000
+    cluster.assert_identical()
