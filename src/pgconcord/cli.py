@@ -227,6 +227,9 @@ def conflicts(context: click.Context, config_path: str | None, as_json: bool) ->
 def _print_conflicts(records: list[dict[str, Any]]) -> None:
     resolved = [r for r in records if r["kind"] == "conflict"]
     waiting = [r for r in records if r["kind"] == "parked" and r["state"] == "parked"]
+    if not resolved and not waiting:
+        console.print("no conflicts recorded and no changes parked", highlight=False)
+        return
     table = RichTable(title=f"{len(resolved)} conflicts resolved")
     for heading in ("node", "when", "table", "key", "type", "kept"):
         table.add_column(heading)
