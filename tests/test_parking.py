@@ -90,3 +90,27 @@ def test_a_burst_of_failures_is_parked_in_order_and_retried(system_cluster: Clus
     assert result.returncode == 0, result.stderr + result.stdout
     assert cluster.value("south", "SELECT value FROM readings WHERE id = 1") == -1000
     cluster.assert_identical()
+
+
+def test_a_source_transaction_is_parked_and_retried_whole(system_cluster: Cluster) -> None:
+    cluster = system_cluster
+    for name in cluster.names:
+        cluster.execute(name, "CREATE TABLE ledger (id int PRIMARY KEY, amount int)")
+    cluster.setup()
+    cluster.execute("east", "ALTER TABLE ledger ADD CONSTRAINT small CHECK (amount < 100)")
+    with cluster.connect("north", autocommit=False) as connection:
+        # A transfer: both rows or neither, on every node.
+        connection.execute("INSERT INTO ledger VALUES (1, -500), (2, 500)")
+        connection.commit()
+    cluster.execute("north", "INSERT INTO ledger VALUES (3, 7)")
+    assert cluster.cli("sync").returncode == 0
+    assert cluster.query("east", "SELECT id FROM ledger ORDER BY id") == [(3,)]
+    assert cluster.query("south", "SELECT id FROM ledger ORDER BY id") == [(1,), (2,), (3,)]
+    waiting = [r for r in parked(cluster) if r["state"] == "parked"]
+    assert sorted(r["key"]["id"] for r in waiting) == [1, 2]
+    # Retrying one of them retries its whole transaction.
+    cluster.execute("east", "ALTER TABLE ledger DROP CONSTRAINT small")
+    result = cluster.cli("conflicts", "retry", str(waiting[0]["ref"]))
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert cluster.query("east", "SELECT id FROM ledger ORDER BY id") == [(1,), (2,), (3,)]
+    cluster.assert_identical()

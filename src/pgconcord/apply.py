@@ -82,6 +82,14 @@ class ApplyError(PgconcordError):
     """Changes from an origin cannot be applied; they stay queued and are retried."""
 
 
+class _ChangeFailed(Exception):
+    """A change of a source transaction cannot be applied here (the reason is in the text)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class Superseded(Exception):
     """Another process moved this pair's position while we worked; start over from it."""
 
@@ -465,45 +473,52 @@ class Puller:
             target.execute("ANALYZE pgconcord_stage")
             changes = target.execute(
                 sql.SQL(
-                    "SELECT s.id, s.schema_name, s.table_name FROM pgconcord_stage s"
-                    " WHERE {} ORDER BY s.transaction_order, s.id"
+                    "SELECT s.transaction_order, s.id, s.schema_name, s.table_name"
+                    " FROM pgconcord_stage s WHERE {} ORDER BY s.transaction_order, s.id"
                 ).format(piece)
             ).fetchall()
+            transactions: dict[int, list[tuple[int, str, str]]] = {}
+            for transaction_order, change_id, schema, name in changes:
+                transactions.setdefault(int(str(transaction_order)), []).append(
+                    (int(str(change_id)), str(schema), str(name))
+                )
             failures = 0
-            for position, (change_id, schema, name) in enumerate(changes):
-                plan = plans[(str(schema), str(name))]
+            orders = list(transactions)
+            for index, order in enumerate(orders):
                 try:
-                    conflicts += self._apply_change(target, plan, int(str(change_id)))
+                    conflicts += self._apply_transaction(target, plans, transactions[order])
                     continue
-                except psycopg.DatabaseError as error:
-                    if not is_data_problem(error):
-                        raise
-                    reason = f"{schema}.{name}: {first_line(error)}"
-                    selection = sql.SQL("s.id = {}").format(sql.Literal(int(str(change_id))))
-                    parked.park(target, self.origin.name, selection, reason)
-                    self._parked_waiting = True
-                    failures += 1
-                    log.warning(
-                        "%s -> %s: parked a change of %s.%s: %s",
-                        self.origin.name,
-                        self.target.name,
-                        schema,
-                        name,
-                        first_line(error),
-                    )
-                if failures >= MAX_FAILURES_ONE_BY_ONE and position + 1 < len(changes):
-                    # Every change in its own savepoint slows down as they pile up in one
-                    # transaction; after this many failures the rest of the piece is parked
-                    # as it is, in order, for `pgconcord conflicts retry`.
-                    rest = [int(str(row[0])) for row in changes[position + 1 :]]
+                except _ChangeFailed as failed:
+                    reason = failed.reason
+                # A source transaction is applied whole or not at all: park all of it.
+                parked.park(
+                    target,
+                    self.origin.name,
+                    sql.SQL("s.transaction_order = {}").format(sql.Literal(order)),
+                    reason,
+                )
+                self._parked_waiting = True
+                failures += 1
+                log.warning(
+                    "%s -> %s: parked a transaction of %d changes: %s",
+                    self.origin.name,
+                    self.target.name,
+                    len(transactions[order]),
+                    reason,
+                )
+                rest = orders[index + 1 :]
+                if failures >= MAX_FAILURES_ONE_BY_ONE and rest:
+                    # Savepoints slow down as they pile up in one transaction; after this many
+                    # failures the rest of the piece is parked as it is, in order, for
+                    # `pgconcord conflicts retry`.
                     parked.park(
                         target,
                         self.origin.name,
-                        sql.SQL("s.id = ANY({})").format(sql.Literal(rest)),
+                        sql.SQL("s.transaction_order = ANY({})").format(sql.Literal(rest)),
                         f"parked unapplied after {failures} failures in one batch ({reason})",
                     )
                     log.warning(
-                        "%s -> %s: parked %d more changes after %d failures",
+                        "%s -> %s: parked %d more transactions after %d failures",
                         self.origin.name,
                         self.target.name,
                         len(rest),
@@ -511,6 +526,25 @@ class Puller:
                     )
                     break
             self._advance(target, window, piece, last_order, final)
+        return conflicts
+
+    def _apply_transaction(
+        self,
+        target: Connection,
+        plans: dict[tuple[str, str], TablePlan],
+        changes: list[tuple[int, str, str]],
+    ) -> int:
+        """Apply one source transaction change by change, under one savepoint; raise
+        _ChangeFailed (with everything undone) if a change cannot be applied."""
+        conflicts = 0
+        with target.transaction():
+            for change_id, schema, name in changes:
+                try:
+                    conflicts += self._apply_change(target, plans[(schema, name)], change_id)
+                except psycopg.DatabaseError as error:
+                    if not is_data_problem(error):
+                        raise
+                    raise _ChangeFailed(f"{schema}.{name}: {first_line(error)}") from error
         return conflicts
 
     def _apply_change(self, target: Connection, plan: TablePlan, change_id: int) -> int:

@@ -20,7 +20,8 @@ Connection = psycopg.Connection[tuple[object, ...]]
 
 _STAGED_CHANGE = """
 SELECT {origin}, s.schema_name, s.table_name, s.row_key, s.operation, s.clock,
-       s.previous_clock, s.previous_origin, s.new_row, s.old_values, s.order_key, {reason}
+       s.previous_clock, s.previous_origin, s.new_row, s.old_values, s.order_key,
+       s.transaction_order, {reason}
   FROM pgconcord_stage s
 """
 
@@ -28,7 +29,7 @@ _PARK = (
     """
 INSERT INTO pgconcord.parked_change (origin, schema_name, table_name, row_key, operation, clock,
                                      previous_clock, previous_origin, new_row, old_values,
-                                     order_key, reason)
+                                     order_key, transaction_order, reason)
 """
     + _STAGED_CHANGE
     + " WHERE {selection} ORDER BY s.transaction_order, s.id"
@@ -38,7 +39,7 @@ _PARK_FOLLOWERS = (
     """
 INSERT INTO pgconcord.parked_change (origin, schema_name, table_name, row_key, operation, clock,
                                      previous_clock, previous_origin, new_row, old_values,
-                                     order_key, reason)
+                                     order_key, transaction_order, reason)
 """
     + _STAGED_CHANGE
     + """
@@ -139,76 +140,94 @@ def discard(connection: Connection, parked_id: int) -> bool:
 
 
 def retry_parked(node: NodeConfig, parked_id: int | None = None) -> RetryReport:
-    """Apply parked changes again, oldest first (all of them, or one); those that fail again
-    stay parked with the new reason."""
+    """Apply parked changes again, oldest first (all of them, or the source transaction one
+    belongs to), a source transaction at a time; those that fail again stay parked with the
+    new reason."""
     report = RetryReport()
     target = apply.open_target(node)
     try:
-        candidates = target.execute(
-            "SELECT id FROM pgconcord.parked_change WHERE state = 'parked'"
-            " AND (%s::bigint IS NULL OR id = %s) ORDER BY id",
-            (parked_id, parked_id),
+        rows = target.execute(
+            "SELECT id, origin, transaction_order FROM pgconcord.parked_change p"
+            " WHERE state = 'parked' AND (%(id)s::bigint IS NULL OR id = %(id)s"
+            "   OR (origin, transaction_order) = (SELECT origin, transaction_order"
+            "        FROM pgconcord.parked_change WHERE id = %(id)s))"
+            " ORDER BY id",
+            {"id": parked_id},
         ).fetchall()
         target.commit()
-        for (candidate,) in candidates:
-            identifier = int(str(candidate))
-            reason = _retry_one(target, identifier)
-            if reason is None:
-                report.retried.append(identifier)
+        groups: list[list[int]] = []
+        previous: tuple[object, object] | None = None
+        for identifier, origin, transaction_order in rows:
+            source = (origin, transaction_order)
+            if groups and transaction_order is not None and source == previous:
+                groups[-1].append(int(str(identifier)))
             else:
-                report.still_parked[identifier] = reason
+                groups.append([int(str(identifier))])
+            previous = source
+        for group in groups:
+            reason = _retry_group(target, group)
+            if reason is None:
+                report.retried.extend(group)
+            else:
+                report.still_parked.update(dict.fromkeys(group, reason))
     finally:
         target.close()
     return report
 
 
-def _retry_one(target: Connection, identifier: int) -> str | None:
-    """Retry one parked change in its own transaction; None on success, else the reason."""
+def _retry_group(target: Connection, identifiers: list[int]) -> str | None:
+    """Retry the parked changes of one source transaction together, in their own
+    transaction; None on success, else the reason."""
     with target.transaction():
-        row = target.execute(
-            "SELECT origin, schema_name, table_name, row_key, new_row,"
+        rows = target.execute(
+            "SELECT id, origin, schema_name, table_name, new_row,"
             " (SELECT min(earlier.id) FROM pgconcord.parked_change earlier"
             "   WHERE earlier.state = 'parked' AND earlier.id < p.id"
+            "     AND NOT earlier.id = ANY (%(group)s)"
             "     AND earlier.origin = p.origin AND earlier.schema_name = p.schema_name"
             "     AND earlier.table_name = p.table_name AND earlier.row_key = p.row_key)"
-            " FROM pgconcord.parked_change p WHERE id = %s AND state = 'parked' FOR UPDATE",
-            (identifier,),
-        ).fetchone()
-        if row is None:
+            " FROM pgconcord.parked_change p WHERE id = ANY (%(group)s) AND state = 'parked'"
+            " ORDER BY id FOR UPDATE",
+            {"group": identifiers},
+        ).fetchall()
+        if len(rows) != len(identifiers):
             return "no longer parked"
-        origin, schema, name, _key, new_row, earlier = row
-        if earlier is not None:
-            return f"waits for parked change {earlier} of the same row"
+        for row in rows:
+            if row[5] is not None:
+                return f"waits for parked change {row[5]} of the same row"
         target.execute(
             "UPDATE pgconcord.parked_change SET state = 'retried', resolved_at = now()"
-            " WHERE id = %s",
-            (identifier,),
+            " WHERE id = ANY (%s)",
+            (identifiers,),
         )
         target.execute("TRUNCATE pgconcord_stage")
         target.execute(
             "INSERT INTO pgconcord_stage SELECT 0, id, schema_name, table_name, operation,"
             " row_key, clock, previous_clock, previous_origin, new_row, old_values, order_key"
-            " FROM pgconcord.parked_change WHERE id = %s",
-            (identifier,),
+            " FROM pgconcord.parked_change WHERE id = ANY (%s)",
+            (identifiers,),
         )
+        failing = ""
         try:
             with target.transaction():
-                plan = _plan_for_row(target, str(schema), str(name), new_row)
-                apply.apply_table(
-                    target,
-                    plan,
-                    str(origin),
-                    sql.SQL("s.id = {}").format(sql.Literal(identifier)),
-                    parked_waiting=False,
-                )
+                for identifier, origin, schema, name, new_row, _ in rows:
+                    failing = f"{schema}.{name}"
+                    plan = _plan_for_row(target, str(schema), str(name), new_row)
+                    apply.apply_table(
+                        target,
+                        plan,
+                        str(origin),
+                        sql.SQL("s.id = {}").format(sql.Literal(int(str(identifier)))),
+                        parked_waiting=False,
+                    )
         except (psycopg.DatabaseError, SchemaError) as error:
             if isinstance(error, psycopg.DatabaseError) and not apply.is_data_problem(error):
                 raise
-            reason = f"{schema}.{name}: {apply.first_line(error)}"
+            reason = f"{failing}: {apply.first_line(error)}"
             target.execute(
                 "UPDATE pgconcord.parked_change SET state = 'parked', resolved_at = NULL,"
-                " reason = %s WHERE id = %s",
-                (reason, identifier),
+                " reason = %s WHERE id = ANY (%s)",
+                (reason, identifiers),
             )
             return reason
     return None
