@@ -151,7 +151,9 @@ def write_config(path: Path, dsns: dict[str, str]) -> ClusterConfig:
     )
     path.write_text(
         f"[cluster]\nname = {json.dumps(CLUSTER_NAME)}\n\n{nodes}"
-        '[replication]\nschemas = ["public"]\n'
+        '[replication]\nschemas = ["public"]\n\n'
+        # Sales and restocks on several nodes add up instead of overwriting each other.
+        '[conflict.table."public.products"]\ndelta_columns = ["stock"]\n'
     )
     return load_config(path)
 
