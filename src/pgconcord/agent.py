@@ -186,7 +186,10 @@ class Agent:
                 wake.clear()
                 pulled_at = time.monotonic()
                 try:
-                    result = puller.pull(self.stopping.is_set, on_progress)
+                    # One window per wake: a commit after its snapshot has sent a NOTIFY that
+                    # sets the wake again (the timer covers a lost one), so looking once more
+                    # for changes right away would only cost the origin round trips.
+                    result = puller.pull(self.stopping.is_set, on_progress, until_current=True)
                 except NodeUnavailable as error:
                     backoff = self._failed(
                         state, f"waiting for node {error.node}: {error.reason}", backoff
