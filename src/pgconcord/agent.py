@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import psycopg
@@ -150,8 +150,8 @@ class Agent:
         self._spawn("purge", self._purge_loop)
         return self
 
-    def _spawn(self, name: str, function: object, *arguments: object) -> None:
-        thread = threading.Thread(target=function, args=arguments, name=name, daemon=True)  # type: ignore[arg-type]
+    def _spawn(self, name: str, function: Callable[..., None], *arguments: object) -> None:
+        thread = threading.Thread(target=function, args=arguments, name=name, daemon=True)
         thread.start()
         self._threads.append(thread)
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import psycopg
+
 from pgconcord import catalog
 from pgconcord.catalog import Table
 from pgconcord.config import ClusterConfig
@@ -114,8 +116,11 @@ def assign_key_slots(existing: dict[str, int | None]) -> dict[str, int]:
 
 
 def setup(config: ClusterConfig, progress: Callable[[str], None] = lambda _: None) -> SetupReport:
-    connections = {node.name: connect(node) for node in config.nodes}
+    connections: dict[str, psycopg.Connection[tuple[object, ...]]] = {}
     try:
+        # Opened one by one inside the try: an unreachable node closes the others again.
+        for node in config.nodes:
+            connections[node.name] = connect(node)
         node_tables = {}
         for node in config.nodes:
             connection = connections[node.name]
