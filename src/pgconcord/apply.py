@@ -328,11 +328,12 @@ class Puller:
 
     def _stage(self, origin: Connection, target: Connection, window: reader.Window) -> int:
         with target.transaction():
+            horizons = reader.copy_horizons(target, self.origin.name)
             target.execute("TRUNCATE pgconcord_stage")
             target.execute("DROP INDEX IF EXISTS pgconcord_stage_order")
             target.execute("DROP INDEX IF EXISTS pgconcord_stage_id")
             with target.cursor() as cursor, cursor.copy("COPY pgconcord_stage FROM STDIN") as copy:
-                for block in reader.stream_window(origin, window):
+                for block in reader.stream_window(origin, window, horizons):
                     copy.write(block)
             row = target.execute("SELECT count(*) FROM pgconcord_stage").fetchone()
             staged = int(str(row[0])) if row else 0

@@ -13,7 +13,7 @@ order matters, and lets a window be applied in pieces of whole transactions.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import psycopg
@@ -58,10 +58,51 @@ COPY (
     + _WINDOW_FILTER
     + """) w
       JOIN pgconcord.replicated_table t ON t.id = w.table_id
-     WHERE w.transaction_order > {done}
+     WHERE w.transaction_order > {done} {not_copied}
 ) TO STDOUT
 """
 )
+
+# Changes a copied table already holds (pgconcord.copy_horizon, rows given as VALUES).
+_NOT_COPIED = """
+       AND NOT EXISTS (
+           SELECT 1 FROM (VALUES {horizons}) AS h(schema_name, table_name, applied, window, done)
+            WHERE h.schema_name = t.schema_name AND h.table_name = t.table_name
+              AND (pg_visible_in_snapshot(w.txid, h.applied::pg_snapshot)
+                   OR (h.window IS NOT NULL
+                       AND pg_visible_in_snapshot(w.txid, h.window::pg_snapshot)
+                       AND w.transaction_order <= h.done)))
+"""
+
+
+@dataclass(frozen=True)
+class Horizon:
+    """What a copied table already holds of one origin's changes (see 007_copy_horizon)."""
+
+    schema_name: str
+    table_name: str
+    applied_snapshot: str
+    window_snapshot: str | None
+    window_done: int | None
+
+
+def copy_horizons(target: psycopg.Connection[tuple[object, ...]], origin: str) -> list[Horizon]:
+    rows = target.execute(
+        "SELECT schema_name, table_name, applied_snapshot::text, window_snapshot::text,"
+        " window_done FROM pgconcord.copy_horizon WHERE origin = %s",
+        (origin,),
+    ).fetchall()
+    return [
+        Horizon(
+            str(schema),
+            str(table),
+            str(applied),
+            None if window is None else str(window),
+            None if done is None else int(str(done)),
+        )
+        for schema, table, applied, window, done in rows
+    ]
+
 
 _WINDOW_HAS_ROWS = (
     "SELECT EXISTS (SELECT 1 FROM pgconcord.change_log c WHERE " + _WINDOW_FILTER + ")"
@@ -120,13 +161,31 @@ def window_has_changes(origin: psycopg.Connection[tuple[object, ...]], window: W
 
 
 def stream_window(
-    origin: psycopg.Connection[tuple[object, ...]], window: Window
+    origin: psycopg.Connection[tuple[object, ...]],
+    window: Window,
+    horizons: Sequence[Horizon] = (),
 ) -> Iterator[bytes]:
-    """The window's changes as COPY text rows (STAGE_COLUMNS), for the target to COPY in."""
+    """The window's changes as COPY text rows (STAGE_COLUMNS), for the target to COPY in,
+    less those the target's copied tables already hold."""
+    not_copied: sql.Composable = sql.SQL("")
+    if horizons:
+        not_copied = sql.SQL(_NOT_COPIED).format(
+            horizons=sql.SQL(", ").join(
+                sql.SQL("({}, {}, {}, {}::text, {}::bigint)").format(
+                    sql.Literal(h.schema_name),
+                    sql.Literal(h.table_name),
+                    sql.Literal(h.applied_snapshot),
+                    sql.Literal(h.window_snapshot),
+                    sql.Literal(h.window_done),
+                )
+                for h in horizons
+            )
+        )
     query = sql.SQL(_WINDOW_ROWS).format(
         applied=sql.Literal(window.applied_snapshot),
         window=sql.Literal(window.window_snapshot),
         done=sql.Literal(window.done),
+        not_copied=not_copied,
     )
     with origin.cursor() as cursor, cursor.copy(query) as copy:
         for block in copy:
