@@ -129,7 +129,11 @@ def test_per_table_policies() -> None:
     ("setting", "message"),
     [
         ('policy = "first-wins"', "unknown policy 'first-wins'"),
-        ('resolver = "shop:resolve_order"', "custom resolvers are not available yet"),
+        ('resolver = "shop resolve_order"', "is not of the form 'package.module:function'"),
+        (
+            'resolver = "shop:resolve"\npriority = ["north"]',
+            "either a resolver or a node priority list",
+        ),
         ('policy = "keep-existing"\npriority = ["north"]', "priority only applies"),
     ],
 )

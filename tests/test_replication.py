@@ -211,21 +211,29 @@ def test_primary_key_updates_deletes_and_reinserts(cluster: Cluster) -> None:
     cluster.assert_identical()
 
 
-def test_update_after_delete_elsewhere_follows_the_later_write(cluster: Cluster) -> None:
+def test_a_delete_wins_over_concurrent_updates_and_a_new_insert_starts_afresh(
+    cluster: Cluster,
+) -> None:
     shop(cluster)
-    cluster.execute("north", "INSERT INTO customers VALUES ('a', 'x', NULL), ('b', 'x', NULL)")
+    cluster.execute(
+        "north", "INSERT INTO customers VALUES ('a', 'x', NULL), ('b', 'x', NULL), ('c', 'x', NULL)"
+    )
     cluster.sync()
-    # a: deleted first, updated later elsewhere -> the update wins (recorded).
+    # a: deleted first, updated later elsewhere; b: updated first, deleted later. Neither
+    # update had seen the delete, so it cannot bring the row back, whatever the clocks say.
     cluster.execute("north", "DELETE FROM customers WHERE id = 'a'")
     time.sleep(0.01)
     cluster.execute("south", "UPDATE customers SET name = 'late update' WHERE id = 'a'")
-    # b: updated first, deleted later elsewhere -> stays deleted.
     cluster.execute("south", "UPDATE customers SET name = 'early update' WHERE id = 'b'")
     time.sleep(0.01)
     cluster.execute("north", "DELETE FROM customers WHERE id = 'b'")
+    # c: deleted, then inserted again by a node that had seen the delete: a new row.
+    cluster.execute("north", "DELETE FROM customers WHERE id = 'c'")
+    cluster.sync()
+    cluster.execute("south", "INSERT INTO customers VALUES ('c', 'again', NULL)")
     cluster.sync()
     for name in cluster.names:
-        assert cluster.query(name, "SELECT id, name FROM customers") == [("a", "late update")]
+        assert cluster.query(name, "SELECT id, name FROM customers") == [("c", "again")]
     types = {record["type"] for record in cluster.conflicts()}
     assert {"update_deleted", "delete_origin_differs"} <= types
     cluster.assert_identical()

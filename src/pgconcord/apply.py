@@ -20,7 +20,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
 
-from pgconcord import catalog, conflict, parked, reader
+from pgconcord import catalog, conflict, parked, reader, resolver
 from pgconcord.catalog import Table
 from pgconcord.config import NodeConfig
 from pgconcord.errors import NodeUnavailable, PgconcordError, SchemaError
@@ -40,12 +40,16 @@ _TEMPORARY_TABLES = """
 CREATE TEMPORARY TABLE IF NOT EXISTS pgconcord_stage (
     transaction_order bigint, id bigint, schema_name text, table_name text, operation "char",
     row_key jsonb, clock bigint, previous_clock bigint, previous_origin text, new_row jsonb,
-    old_values jsonb, order_key bigint[]);
+    old_values jsonb, order_key bigint[], generation_clock bigint, generation_origin text,
+    column_versions jsonb);
 CREATE TEMPORARY TABLE IF NOT EXISTS pgconcord_decision (
     row_key jsonb, operation "char", clock bigint, new_row jsonb,
-    previous_clock bigint, previous_origin text,
-    local_clock bigint, local_origin text, local_deleted boolean, delta jsonb,
-    order_key bigint[], local_order_key bigint[]);
+    previous_clock bigint, previous_origin text, order_key bigint[], delta jsonb,
+    generation_clock bigint, generation_origin text, column_versions jsonb,
+    local_clock bigint, local_origin text, local_deleted boolean, local_order_key bigint[],
+    local_versions jsonb, local_last_clock bigint, local_last_origin text,
+    mode text, taken text[], merged_versions jsonb, last_clock bigint, last_origin text,
+    overlap text[]);
 CREATE TEMPORARY TABLE IF NOT EXISTS pgconcord_winner (row_key jsonb);
 """
 
@@ -118,6 +122,7 @@ class TablePlan:
     table_id: int
     columns: tuple[str, ...]  # stored columns the origin sends and the target has
     delta_columns: tuple[str, ...] = ()  # counters: concurrent changes add up
+    resolver: str | None = None  # the user's function for conflicts ('module:function')
 
 
 class Puller:
@@ -364,6 +369,7 @@ class Puller:
         at_origin = reader.origin_tables(origin, names)
         registered = catalog.registered_tables(target)
         counters = catalog.delta_columns_of(target)
+        resolvers = catalog.resolvers_of(target)
         at_target = {
             (t.schema, t.name): t
             for t in catalog.discover_tables(target, sorted({s for s, _ in names}), set())
@@ -399,6 +405,7 @@ class Puller:
                 table_id=registered[name],
                 columns=tuple(c.name for c in source.stored_columns),
                 delta_columns=counters.get(name, ()),
+                resolver=resolvers.get(name),
             )
         return plans
 
@@ -451,9 +458,12 @@ class Puller:
         except psycopg.DatabaseError as error:
             if not is_data_problem(error):
                 raise
-        # Some change cannot be applied, or the set-wise apply lost the order between rows
-        # (a unique value moved from one row to another inside the piece): go change by
-        # change, parking those that fail, so that the stream goes on.
+        except resolver.Parked:
+            pass
+        # Some change cannot be applied (or the user's resolver asked to park one), or the
+        # set-wise apply lost the order between rows (a unique value moved from one row to
+        # another inside the piece): go change by change, parking those that fail, so that
+        # the stream goes on.
         return self._apply_one_by_one(target, plans, expected, window, piece, last_order, final)
 
     def _apply_one_by_one(
@@ -546,6 +556,8 @@ class Puller:
                     if not is_data_problem(error):
                         raise
                     raise _ChangeFailed(f"{schema}.{name}: {first_line(error)}") from error
+                except resolver.Parked as parked_by_resolver:
+                    raise _ChangeFailed(f"{schema}.{name}: {parked_by_resolver}") from None
         return conflicts
 
     def _apply_change(self, target: Connection, plan: TablePlan, change_id: int) -> int:
@@ -643,12 +655,20 @@ def apply_table(
         return 0
     if filled.rowcount > 10_000:
         target.execute("ANALYZE pgconcord_decision")
+    verdicts = None
+    if plan.resolver:
+        verdicts = resolver.judge(target, plan.table, origin, plan.resolver)
+        if verdicts.park:
+            raise resolver.Parked(next(iter(verdicts.reasons.values())))
     target.execute(statements.choose_winners, parameters)
     recorded = target.execute(statements.record_conflicts, parameters).rowcount
     target.execute(statements.delete_rows, parameters)
     target.execute(statements.upsert_rows, parameters)
-    if statements.add_deltas is not None:
-        target.execute(statements.add_deltas, parameters)
+    if statements.merge_rows is not None:
+        target.execute(statements.merge_rows, parameters)
+    if verdicts is not None and verdicts.keep:
+        resolver.write_kept_rows(target, plan.table, plan.columns, verdicts)
+        resolver.mark_resolved(target, plan.table, verdicts)
     if filled.rowcount > 10_000:
         # A big piece: give the space back now rather than leave it for later DELETEs.
         target.execute("TRUNCATE pgconcord_decision, pgconcord_winner")

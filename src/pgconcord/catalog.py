@@ -229,16 +229,17 @@ def install_capture(
     delta_columns: tuple[str, ...] = (),
     policy: str = "last-writer-wins",
     priority: tuple[str, ...] = (),
+    resolver: str | None = None,
 ) -> int:
     """Register the table and (re)create its capture triggers; idempotent."""
     if not table.key_columns:
         raise SchemaError(f"table {table.qualified_name} has no primary key")
     row = connection.execute(
         "INSERT INTO pgconcord.replicated_table (schema_name, table_name, key_columns,"
-        " delta_columns, policy, priority) VALUES (%s, %s, %s, %s, %s, %s)"
+        " delta_columns, policy, priority, resolver) VALUES (%s, %s, %s, %s, %s, %s, %s)"
         " ON CONFLICT (schema_name, table_name) DO UPDATE SET key_columns = excluded.key_columns,"
         " delta_columns = excluded.delta_columns, policy = excluded.policy,"
-        " priority = excluded.priority RETURNING id",
+        " priority = excluded.priority, resolver = excluded.resolver RETURNING id",
         (
             table.schema,
             table.name,
@@ -246,6 +247,7 @@ def install_capture(
             list(delta_columns),
             policy,
             list(priority),
+            resolver,
         ),
     ).fetchone()
     assert row is not None
@@ -270,6 +272,8 @@ def install_capture(
         new_row=_new_row(table),
         settings=_fixed_settings(table),
         old_values=_old_values(delta_columns),
+        merges=sql.Literal(policy != "node-priority"),
+        changed_columns=_changed_columns(table, delta_columns),
         **_order_keys(policy, priority, node_name),
     )
     connection.execute(function)
@@ -385,6 +389,49 @@ def _new_row(table: Table) -> sql.Composable:
     return sql.SQL("to_jsonb(NEW) || jsonb_object(ARRAY[{}])").format(pairs)
 
 
+# Types whose = operator tells values apart exactly as their text does; other columns are
+# compared as text (json has no =, floats call -0 equal to 0, arrays vary by element type).
+_EXACT_EQUALITY = {
+    "bigint",
+    "integer",
+    "smallint",
+    "numeric",
+    "text",
+    "character varying",
+    "character",
+    "boolean",
+    "date",
+    "timestamp without time zone",
+    "timestamp with time zone",
+    "uuid",
+    "bytea",
+}
+
+
+def _changed_columns(table: Table, delta_columns: tuple[str, ...]) -> sql.Composable:
+    """The names of the columns an update changed, as text[]: the ones it stamps with its
+    version. Keys stay (an update of the key is a delete and an insert), counters add up
+    instead of merging, generated columns are recomputed."""
+    names = [
+        column
+        for column in table.stored_columns
+        if column.name not in table.key_columns and column.name not in delta_columns
+    ]
+    if not names:
+        return sql.SQL("'{}'::text[]")
+
+    def differs(column: Column) -> sql.Composable:
+        base_type = column.type_name.split("(")[0].strip()
+        cast = sql.SQL("") if base_type in _EXACT_EQUALITY else sql.SQL("::text")
+        return sql.SQL(
+            "CASE WHEN NEW.{name}{cast} IS DISTINCT FROM OLD.{name}{cast} THEN {literal} END"
+        ).format(name=sql.Identifier(column.name), cast=cast, literal=sql.Literal(column.name))
+
+    return sql.SQL("array_remove(ARRAY[{}]::text[], NULL)").format(
+        sql.SQL(", ").join(differs(column) for column in names)
+    )
+
+
 def _old_values(delta_columns: tuple[str, ...]) -> sql.Composable:
     """The expression logging counter columns' values before an update (NULL if none)."""
     if not delta_columns:
@@ -395,6 +442,17 @@ def _old_values(delta_columns: tuple[str, ...]) -> sql.Composable:
             for column in delta_columns
         )
     )
+
+
+def resolvers_of(
+    connection: psycopg.Connection[tuple[object, ...]],
+) -> dict[tuple[str, str], str]:
+    """(schema, table) -> the user's resolver function, for tables that have one."""
+    rows = connection.execute(
+        "SELECT schema_name, table_name, resolver FROM pgconcord.replicated_table"
+        " WHERE resolver IS NOT NULL"
+    ).fetchall()
+    return {(str(schema), str(name)): str(resolver) for schema, name, resolver in rows}
 
 
 def delta_columns_of(

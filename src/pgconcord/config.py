@@ -40,6 +40,7 @@ __all__ = [
     "TableConflictConfig",
     "load_config",
     "parse_config",
+    "parse_duration",
     "redacted_dsn",
 ]
 
@@ -221,11 +222,46 @@ class ClusterSection(_Section):
     name: Name
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION_PART = re.compile(r"(\d+)\s*([smhdw])")
+_DURATION = re.compile(r"\s*(?:\d+\s*[smhdw]\s*)+")
+_DURATION_RULE = 'a duration such as "7d", "12h", "90m" or "1d12h" (units s, m, h, d, w)'
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as "7d" or "1d12h"; ValueError naming the expected form."""
+    if not _DURATION.fullmatch(text):
+        raise ValueError(f"{text!r} is not {_DURATION_RULE}")
+    seconds = sum(
+        int(number) * _DURATION_UNITS[unit] for number, unit in _DURATION_PART.findall(text)
+    )
+    if seconds <= 0:
+        raise ValueError(f"{text!r} must be longer than zero")
+    return float(seconds)
+
+
 class ReplicationConfig(_Section):
     """`[replication]`: which tables are replicated."""
 
     schemas: list[Text] = Field(default_factory=lambda: ["public"])
     exclude: list[TableName] = Field(default_factory=list)
+    # A node that has not applied a node's changes for this long is evicted from its backlog
+    # (it no longer holds back the purge) and must join again; None: never.
+    evict_after: str | None = None
+
+    @field_validator("evict_after")
+    @classmethod
+    def _check_evict_after(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_duration(value)
+            except ValueError as error:
+                raise _invalid(str(error)) from None
+        return value
+
+    @property
+    def evict_after_seconds(self) -> float | None:
+        return None if self.evict_after is None else parse_duration(self.evict_after)
 
     @field_validator("schemas")
     @classmethod
@@ -255,6 +291,8 @@ class ReplicationConfig(_Section):
 
 
 _POLICIES = ("last-writer-wins", "keep-existing", "node-priority")
+_IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
+_RESOLVER = re.compile(rf"^{_IDENTIFIER}(\.{_IDENTIFIER})*:{_IDENTIFIER}$")
 
 
 class TableConflictConfig(_Section):
@@ -307,12 +345,16 @@ class ClusterConfig(_Section):
             )
         for qualified_name, table_config in self.conflict.table.items():
             location = ("conflict", "table", qualified_name)
-            if table_config.resolver:
-                # Accepting a resolver and then resolving otherwise would be a silent lie
-                # about which write survives.
+            if table_config.resolver and not _RESOLVER.match(table_config.resolver):
                 raise _invalid(
-                    "custom resolvers are not available yet; use policy = 'last-writer-wins',"
-                    " 'keep-existing' or 'node-priority'",
+                    f"resolver {table_config.resolver!r} is not of the form"
+                    " 'package.module:function'",
+                    *location,
+                    "resolver",
+                )
+            if table_config.resolver and table_config.priority:
+                raise _invalid(
+                    "a table has either a resolver or a node priority list, not both",
                     *location,
                     "resolver",
                 )
@@ -331,6 +373,11 @@ class ClusterConfig(_Section):
                     *location,
                     "priority",
                 )
+
+    def table_resolver(self, schema: str, table: str) -> str | None:
+        """The user's function ('module:function') that resolves the table's conflicts."""
+        table_config = self.conflict.table.get(f"{schema}.{table}")
+        return table_config.resolver if table_config is not None else None
 
     def table_policy(self, schema: str, table: str) -> tuple[str, tuple[str, ...]]:
         """The conflict policy of one table and its node priority list (highest first)."""

@@ -15,6 +15,7 @@ seen (local version differs from the one the change replaced, and is not older t
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -81,26 +82,85 @@ CASE
     ELSE 'delete_missing'
 END"""
 
-# One decision per row: its last change in the piece, judged against the version the first
-# change replaced. A row only updated in the piece, in a table with counter columns, carries
-# the sum of its counters' differences (delta) instead of their values.
+# One decision per row: its last change in the piece (an update carries the whole row and its
+# column map, so the last change says everything), judged against the row's version here. The
+# version rows are locked first, in key order: a local write committing meanwhile is waited for
+# and then compared, never overwritten blindly. A row only updated in the piece, in a table
+# with counter columns, carries the sum of its counters' differences (delta).
+#   mode 'delete': a delete newer than the row's generation (or tombstone) here;
+#   'full': an insert or update of a newer generation than the one here: the whole row;
+#   'merge': an update of the generation here: the columns whose version is newer;
+#   'lose': older than what is here.
 _DECIDE = """
-INSERT INTO pgconcord_decision (row_key, operation, clock, new_row, previous_clock,
-                                previous_origin, local_clock, local_origin, local_deleted, delta,
-                                order_key, local_order_key)
+WITH locked AS MATERIALIZED (
+    SELECT v.row_key, v.clock, v.origin, v.deleted, v.order_key, v.column_versions,
+           coalesce(v.last_clock, v.clock) AS last_clock,
+           coalesce(v.last_origin, v.origin) AS last_origin
+      FROM pgconcord.row_version v
+     WHERE v.table_id = %(table_id)s
+       AND v.row_key IN (SELECT s.row_key FROM pgconcord_stage s
+                          WHERE s.schema_name = %(schema)s AND s.table_name = %(table)s
+                            AND ({selection}))
+     ORDER BY v.row_key
+       FOR UPDATE)
+INSERT INTO pgconcord_decision
 SELECT i.row_key, i.operation, i.clock, i.new_row, i.previous_clock, i.previous_origin,
-       v.clock, v.origin, v.deleted, i.delta, i.order_key, v.order_key
+       i.order_key, i.delta, i.generation_clock, i.generation_origin, i.column_versions,
+       l.clock, l.origin, l.deleted, l.order_key, l.column_versions, l.last_clock, l.last_origin,
+       m.mode,
+       CASE WHEN m.mode = 'merge' THEN
+           ARRAY(SELECT e.key FROM jsonb_each_text(i.column_versions) e
+                  WHERE e.value COLLATE "C"
+                        > coalesce(l.column_versions ->> e.key, '') COLLATE "C") END,
+       CASE WHEN m.mode = 'merge'
+            THEN pgconcord.merge_versions(l.column_versions, i.column_versions) END,
+       CASE WHEN m.mode = 'merge' AND (l.last_clock, l.last_origin COLLATE "C")
+                                      > (i.clock, %(origin)s COLLATE "C")
+            THEN l.last_clock ELSE i.clock END,
+       CASE WHEN m.mode = 'merge' AND (l.last_clock, l.last_origin COLLATE "C")
+                                      > (i.clock, %(origin)s COLLATE "C")
+            THEN l.last_origin ELSE %(origin)s END,
+       -- Columns both sides changed since the incoming writer's last sight of the row.
+       CASE WHEN m.mode = 'merge' THEN
+           ARRAY(SELECT e.key FROM jsonb_each_text(i.column_versions) e
+                  WHERE e.value COLLATE "C" > m.seen COLLATE "C"
+                    AND l.column_versions ->> e.key COLLATE "C" > m.seen COLLATE "C"
+                    AND l.column_versions ->> e.key <> e.value) END
   FROM (SELECT DISTINCT ON (s.row_key) s.row_key, s.operation, s.clock, s.new_row, s.order_key,
                first_value(s.previous_clock) OVER earliest AS previous_clock,
                first_value(s.previous_origin) OVER earliest AS previous_origin,
-               {delta} AS delta
+               {delta} AS delta,
+               coalesce(s.generation_clock, s.clock) AS generation_clock,
+               coalesce(s.generation_origin, %(origin)s) AS generation_origin,
+               s.column_versions
           FROM pgconcord_stage s
          WHERE s.schema_name = %(schema)s AND s.table_name = %(table)s AND ({selection})
                {parked_filter}
         WINDOW earliest AS (PARTITION BY s.row_key ORDER BY s.id),
                every_change AS (PARTITION BY s.row_key)
          ORDER BY s.row_key, s.id DESC) AS i
-  LEFT JOIN pgconcord.row_version v ON v.table_id = %(table_id)s AND v.row_key = i.row_key
+  LEFT JOIN locked l ON l.row_key = i.row_key
+ CROSS JOIN LATERAL (
+    SELECT CASE
+        WHEN i.operation = 'D' THEN
+            CASE WHEN l.row_key IS NULL
+                      OR (l.order_key, l.clock, l.origin COLLATE "C")
+                         < (i.order_key, i.clock, %(origin)s COLLATE "C")
+                 THEN 'delete' ELSE 'lose' END
+        -- A row that was there before replication began, never written here since.
+        WHEN l.row_key IS NULL AND i.operation = 'U'
+             AND (i.generation_clock, i.generation_origin) = (0, '')
+            THEN 'merge'
+        WHEN l.row_key IS NULL
+             OR (l.order_key, l.clock, l.origin COLLATE "C")
+                < (i.order_key, i.generation_clock, i.generation_origin COLLATE "C")
+            THEN 'full'
+        WHEN NOT l.deleted AND (l.order_key, l.clock, l.origin)
+                               = (i.order_key, i.generation_clock, i.generation_origin)
+            THEN 'merge'
+        ELSE 'lose'
+    END AS mode,
+    coalesce(pgconcord.version_text(i.previous_clock, i.previous_origin), '') AS seen) AS m
 """
 
 # Changes of a row with a parked change from the same origin wait (they were parked too).
@@ -110,18 +170,38 @@ _NOT_PARKED = """
                       AND p.schema_name = s.schema_name AND p.table_name = s.table_name
                       AND p.row_key = s.row_key)"""
 
-# The version table decides, under its row locks: a local write committing meanwhile is
-# waited for and then compared, never overwritten blindly. Sorted to lock in one order.
+# The rows locked above are decided; a row inserted here after that statement began is
+# checked again by the upsert's condition.
 _CHOOSE_WINNERS = """
 WITH won AS (
-    INSERT INTO pgconcord.row_version AS v (table_id, row_key, clock, origin, deleted, order_key)
-    SELECT %(table_id)s, d.row_key, d.clock, %(origin)s, d.operation = 'D', d.order_key
-      FROM pgconcord_decision d ORDER BY d.row_key
+    INSERT INTO pgconcord.row_version AS v
+        (table_id, row_key, clock, origin, deleted, order_key, column_versions, last_clock,
+         last_origin)
+    SELECT %(table_id)s, d.row_key,
+           CASE WHEN d.mode = 'delete' THEN d.clock ELSE d.generation_clock END,
+           CASE WHEN d.mode = 'delete' THEN %(origin)s ELSE d.generation_origin END,
+           d.mode = 'delete', d.order_key,
+           CASE d.mode WHEN 'merge' THEN d.merged_versions WHEN 'full' THEN d.column_versions END,
+           CASE WHEN d.mode <> 'delete' THEN d.last_clock END,
+           CASE WHEN d.mode <> 'delete' THEN d.last_origin END
+      FROM pgconcord_decision d WHERE d.mode <> 'lose' ORDER BY d.row_key
     ON CONFLICT (table_id, row_key) DO UPDATE
        SET clock = excluded.clock, origin = excluded.origin, deleted = excluded.deleted,
-           order_key = excluded.order_key, previous_clock = NULL, previous_origin = NULL
+           order_key = excluded.order_key,
+           -- The same generation (a local write may have stamped columns meanwhile): merge.
+           column_versions = CASE WHEN (v.order_key, v.clock, v.origin, v.deleted)
+                                       = (excluded.order_key, excluded.clock, excluded.origin,
+                                          excluded.deleted)
+                                  THEN pgconcord.merge_versions(v.column_versions,
+                                                                excluded.column_versions)
+                                  ELSE excluded.column_versions END,
+           last_clock = excluded.last_clock, last_origin = excluded.last_origin,
+           previous_clock = NULL, previous_origin = NULL
      WHERE (v.order_key, v.clock, v.origin COLLATE "C")
            < (excluded.order_key, excluded.clock, excluded.origin COLLATE "C")
+        OR (NOT v.deleted AND NOT excluded.deleted
+            AND (v.order_key, v.clock, v.origin) = (excluded.order_key, excluded.clock,
+                                                    excluded.origin))
     RETURNING v.row_key)
 INSERT INTO pgconcord_winner SELECT row_key FROM won
 """
@@ -134,21 +214,29 @@ INSERT INTO pgconcord.conflict
 SELECT %(schema)s, %(table)s, d.row_key, """
     + _CONFLICT_TYPE_SQL
     + """,
-       CASE WHEN w.row_key IS NULL THEN 'local' ELSE 'incoming' END,
-       d.local_clock, d.local_origin, l.local_row, d.clock, %(origin)s, d.operation, d.new_row
+       CASE WHEN w.row_key IS NULL THEN 'local'
+            WHEN d.mode <> 'merge' OR d.overlap <@ d.taken THEN 'incoming'
+            WHEN d.overlap && d.taken THEN 'merged'
+            ELSE 'local' END,
+       d.local_last_clock, d.local_last_origin, l.local_row, d.clock, %(origin)s, d.operation,
+       d.new_row
   FROM pgconcord_decision d
   LEFT JOIN pgconcord_winner w ON w.row_key = d.row_key
   LEFT JOIN LATERAL (SELECT to_jsonb(t.*) AS local_row
                        FROM {table} t, jsonb_populate_record(NULL::{table}, d.row_key) k
                       WHERE {key_match}) AS l ON true
  WHERE d.local_clock IS NOT NULL
-   -- Counters changed on both sides add up: no conflict unless another column differs.
-   AND (d.delta IS NULL
-        OR (d.new_row - {delta_names}) IS DISTINCT FROM (l.local_row - {delta_names}))
-   AND (d.local_clock, d.local_origin) IS DISTINCT FROM (d.previous_clock, d.previous_origin)
-   AND (d.previous_clock IS NULL
-        OR (d.local_clock, d.local_origin COLLATE "C")
-           > (d.previous_clock, d.previous_origin COLLATE "C"))
+   AND CASE WHEN d.mode = 'merge' THEN cardinality(d.overlap) > 0
+       ELSE
+           -- Counters changed on both sides add up: no conflict unless another column differs.
+           (d.delta IS NULL
+            OR (d.new_row - {delta_names}) IS DISTINCT FROM (l.local_row - {delta_names}))
+           AND (d.local_last_clock, d.local_last_origin)
+               IS DISTINCT FROM (d.previous_clock, d.previous_origin)
+           AND (d.previous_clock IS NULL
+                OR (d.local_last_clock, d.local_last_origin COLLATE "C")
+                   > (d.previous_clock, d.previous_origin COLLATE "C"))
+       END
 """
 )
 
@@ -160,7 +248,7 @@ DELETE FROM {table} t
   JOIN pgconcord_winner w ON w.row_key = d.row_key
  CROSS JOIN LATERAL jsonb_populate_record(NULL::{table}, d.row_key) k
  CROSS JOIN LATERAL jsonb_populate_record(NULL::{table}, d.new_row) r
- WHERE {key_match} AND (d.operation = 'D' {identity_changed})
+ WHERE {key_match} AND (d.mode = 'delete' {identity_changed})
 """
 
 _UPSERT_ROWS = """
@@ -169,19 +257,18 @@ SELECT {record_columns}
   FROM pgconcord_decision d
   JOIN pgconcord_winner w ON w.row_key = d.row_key
  CROSS JOIN LATERAL jsonb_populate_record(NULL::{table}, d.new_row) r
- WHERE d.operation <> 'D' AND d.delta IS NULL
+ WHERE d.mode = 'full'
     ON CONFLICT ({key_columns}) DO {on_conflict}
 """
 
-
-# Counters add the origin's difference whoever wins the row; the other columns follow the
-# row's winner.
-_ADD_DELTAS = """
+# An update of the generation here: the columns it brings newer versions of, and the
+# difference of each counter.
+_MERGE_ROWS = """
 UPDATE {table} AS t SET {assignments}
   FROM pgconcord_decision d
-  LEFT JOIN pgconcord_winner w ON w.row_key = d.row_key
+  JOIN pgconcord_winner w ON w.row_key = d.row_key
  CROSS JOIN LATERAL jsonb_populate_record(NULL::{table}, d.new_row) r
- WHERE d.delta IS NOT NULL AND {key_match}
+ WHERE d.mode = 'merge' AND (cardinality(d.taken) > 0 OR d.delta IS NOT NULL) AND {key_match}
 """
 
 
@@ -192,7 +279,7 @@ class TableStatements:
     record_conflicts: sql.Composed
     delete_rows: sql.Composed
     upsert_rows: sql.Composed
-    add_deltas: sql.Composed | None
+    merge_rows: sql.Composed | None
     delta: sql.Composable
 
     def decide(self, selection: sql.Composable, parked_waiting: bool) -> sql.Composed:
@@ -218,9 +305,7 @@ def table_statements(
     updatable = [c for c in columns if c not in table.key_columns and c not in always_identity]
     identity_changed: sql.Composable = sql.SQL("")
     if always_identity:
-        identity_changed = sql.SQL(
-            "OR (d.operation <> 'D' AND d.delta IS NULL AND ({}) IS DISTINCT FROM ({}))"
-        ).format(
+        identity_changed = sql.SQL("OR (d.mode = 'full' AND ({}) IS DISTINCT FROM ({}))").format(
             sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in always_identity),
             sql.SQL(", ").join(sql.SQL("r.{}").format(sql.Identifier(c)) for c in always_identity),
         )
@@ -263,7 +348,7 @@ def table_statements(
             key_columns=sql.SQL(", ").join(sql.Identifier(c) for c in table.key_columns),
             on_conflict=on_conflict,
         ),
-        add_deltas=_add_deltas(table, columns, delta_columns) if delta_columns else None,
+        merge_rows=_merge_rows(table, columns, delta_columns, record_column),
         delta=_delta_expression(delta_columns),
     )
 
@@ -286,22 +371,31 @@ def _delta_expression(delta_columns: tuple[str, ...]) -> sql.Composable:
     ).format(sums)
 
 
-def _add_deltas(
-    table: Table, columns: tuple[str, ...], delta_columns: tuple[str, ...]
-) -> sql.Composed:
+def _merge_rows(
+    table: Table,
+    columns: tuple[str, ...],
+    delta_columns: tuple[str, ...],
+    record_column: Callable[[str], sql.Composable],
+) -> sql.Composed | None:
+    by_name = {column.name: column for column in table.columns}
     assignments = [
-        sql.SQL("{column} = t.{column} + (d.delta ->> {name})::numeric").format(
+        sql.SQL("{column} = t.{column} + coalesce((d.delta ->> {name})::numeric, 0)").format(
             column=sql.Identifier(c), name=sql.Literal(c)
         )
         for c in delta_columns
+        if c in columns
     ] + [
         sql.SQL(
-            "{column} = CASE WHEN w.row_key IS NULL THEN t.{column} ELSE r.{column} END"
-        ).format(column=sql.Identifier(c))
+            "{column} = CASE WHEN {name} = ANY (d.taken) THEN {value} ELSE t.{column} END"
+        ).format(column=sql.Identifier(c), name=sql.Literal(c), value=record_column(c))
         for c in columns
-        if c not in delta_columns and c not in table.key_columns
+        if c not in delta_columns
+        and c not in table.key_columns
+        and not (c in by_name and by_name[c].identity_always)
     ]
-    return sql.SQL(_ADD_DELTAS).format(
+    if not assignments:
+        return None
+    return sql.SQL(_MERGE_ROWS).format(
         table=table.identifier,
         assignments=sql.SQL(", ").join(assignments),
         key_match=sql.SQL(" AND ").join(

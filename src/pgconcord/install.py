@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 
-from pgconcord import catalog
+from pgconcord import catalog, resolver
 from pgconcord.catalog import Table
 from pgconcord.config import ClusterConfig
 from pgconcord.errors import SchemaError
@@ -131,6 +131,10 @@ def setup(config: ClusterConfig, progress: Callable[[str], None] = lambda _: Non
             connection.rollback()
         tables = check_tables(node_tables)
         counters = check_delta_columns(config, tables)
+        for table in tables:
+            spec = config.table_resolver(table.schema, table.name)
+            if spec:
+                resolver.load(spec)  # refuses, by name, a function that cannot be imported
         slots = assign_key_slots({name: catalog.key_slot(c) for name, c in connections.items()})
         for connection in connections.values():
             connection.rollback()
@@ -149,6 +153,7 @@ def setup(config: ClusterConfig, progress: Callable[[str], None] = lambda _: Non
                         counters.get(table.qualified_name, ()),
                         policy,
                         priority,
+                        config.table_resolver(table.schema, table.name),
                     )
                 catalog.ensure_positions(
                     connection, [peer for peer in config.node_names if peer != node.name]

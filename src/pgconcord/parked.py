@@ -11,7 +11,7 @@ import psycopg
 from psycopg import sql
 
 # Module imports (not names) on both sides: apply parks changes, retry applies them again.
-from pgconcord import apply, catalog
+from pgconcord import apply, catalog, resolver
 from pgconcord.config import NodeConfig
 from pgconcord.conflict import change_object
 from pgconcord.errors import SchemaError
@@ -21,7 +21,7 @@ Connection = psycopg.Connection[tuple[object, ...]]
 _STAGED_CHANGE = """
 SELECT {origin}, s.schema_name, s.table_name, s.row_key, s.operation, s.clock,
        s.previous_clock, s.previous_origin, s.new_row, s.old_values, s.order_key,
-       s.transaction_order, {reason}
+       s.transaction_order, s.generation_clock, s.generation_origin, s.column_versions, {reason}
   FROM pgconcord_stage s
 """
 
@@ -29,7 +29,8 @@ _PARK = (
     """
 INSERT INTO pgconcord.parked_change (origin, schema_name, table_name, row_key, operation, clock,
                                      previous_clock, previous_origin, new_row, old_values,
-                                     order_key, transaction_order, reason)
+                                     order_key, transaction_order, generation_clock,
+                                     generation_origin, column_versions, reason)
 """
     + _STAGED_CHANGE
     + " WHERE {selection} ORDER BY s.transaction_order, s.id"
@@ -39,7 +40,8 @@ _PARK_FOLLOWERS = (
     """
 INSERT INTO pgconcord.parked_change (origin, schema_name, table_name, row_key, operation, clock,
                                      previous_clock, previous_origin, new_row, old_values,
-                                     order_key, transaction_order, reason)
+                                     order_key, transaction_order, generation_clock,
+                                     generation_origin, column_versions, reason)
 """
     + _STAGED_CHANGE
     + """
@@ -203,7 +205,8 @@ def _retry_group(target: Connection, identifiers: list[int]) -> str | None:
         target.execute("TRUNCATE pgconcord_stage")
         target.execute(
             "INSERT INTO pgconcord_stage SELECT 0, id, schema_name, table_name, operation,"
-            " row_key, clock, previous_clock, previous_origin, new_row, old_values, order_key"
+            " row_key, clock, previous_clock, previous_origin, new_row, old_values, order_key,"
+            " generation_clock, generation_origin, column_versions"
             " FROM pgconcord.parked_change WHERE id = ANY (%s)",
             (identifiers,),
         )
@@ -220,7 +223,7 @@ def _retry_group(target: Connection, identifiers: list[int]) -> str | None:
                         sql.SQL("s.id = {}").format(sql.Literal(int(str(identifier)))),
                         parked_waiting=False,
                     )
-        except (psycopg.DatabaseError, SchemaError) as error:
+        except (psycopg.DatabaseError, SchemaError, resolver.Parked) as error:
             if isinstance(error, psycopg.DatabaseError) and not apply.is_data_problem(error):
                 raise
             reason = f"{failing}: {apply.first_line(error)}"
@@ -251,4 +254,5 @@ def _plan_for_row(target: Connection, schema: str, name: str, row: object) -> ap
         table_id=registered[(schema, name)],
         columns=tuple(c for c in stored if c in carried),
         delta_columns=catalog.delta_columns_of(target).get((schema, name), ()),
+        resolver=catalog.resolvers_of(target).get((schema, name)),
     )

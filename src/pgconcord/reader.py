@@ -37,6 +37,9 @@ STAGE_COLUMNS = (
     "new_row",
     "old_values",
     "order_key",
+    "generation_clock",
+    "generation_origin",
+    "column_versions",
 )
 
 _WINDOW_FILTER = """
@@ -51,7 +54,7 @@ _WINDOW_ROWS = (
 COPY (
     SELECT w.transaction_order, w.id, t.schema_name, t.table_name, w.operation, w.row_key,
            w.clock, w.previous_clock, w.previous_origin, w.new_row, w.old_values,
-           w.order_key
+           w.order_key, w.generation_clock, w.generation_origin, w.column_versions
       FROM (SELECT max(c.id) OVER (PARTITION BY c.txid) AS transaction_order, c.*
               FROM pgconcord.change_log c
              WHERE """

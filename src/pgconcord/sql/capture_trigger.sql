@@ -4,6 +4,12 @@
 -- {settings} pins the session settings the logged text depends on, for tables that need it
 -- (catalog._fixed_settings): to_jsonb() prints floats per extra_float_digits, ranges per
 -- DateStyle and TimeZone, and a time-zoned key differently in every time zone.
+--
+-- Versions (see 008_column_versions.sql): an insert starts a generation; an update of the same
+-- key stays in it and stamps the columns it changed; a delete ends it. A write's clock is one
+-- past the row's latest version, whoever wrote it: a node whose wall clock lags still wins
+-- over a change it has already seen (hybrid logical clock). {merges} is false for policies
+-- that rank whole rows (node-priority): there every write starts a generation.
 CREATE OR REPLACE FUNCTION pgconcord.{function_name}() RETURNS trigger
 LANGUAGE plpgsql {settings}
 AS $body$
@@ -11,6 +17,7 @@ DECLARE
     new_key jsonb;
     old_key jsonb;
     version record;
+    changed text[];
     now_clock bigint := pgconcord.clock_now();
 BEGIN
     IF TG_OP <> 'INSERT' THEN
@@ -26,10 +33,12 @@ BEGIN
         VALUES ({table_id}, old_key, now_clock, {node_name}, true,
                 {order_key_first_delete})
         ON CONFLICT (table_id, row_key) DO UPDATE
-            SET previous_clock = v.clock, previous_origin = v.origin,
-                clock = greatest(now_clock, v.clock + 1),
+            SET previous_clock = coalesce(v.last_clock, v.clock),
+                previous_origin = coalesce(v.last_origin, v.origin),
+                clock = greatest(now_clock, coalesce(v.last_clock, v.clock) + 1),
                 origin = excluded.origin, deleted = true,
-                order_key = {order_key_next_delete}
+                order_key = {order_key_next_delete},
+                column_versions = NULL, last_clock = NULL, last_origin = NULL
         RETURNING v.clock, v.previous_clock, v.previous_origin, v.order_key INTO version;
         INSERT INTO pgconcord.change_log
             (table_id, operation, row_key, clock, previous_clock, previous_origin, new_row,
@@ -37,18 +46,56 @@ BEGIN
         VALUES ({table_id}, 'D', old_key, version.clock, version.previous_clock,
                 version.previous_origin, NULL, version.order_key);
     END IF;
-    IF TG_OP <> 'DELETE' THEN
-        -- The clock is one past the row's last version, whoever wrote it: a node whose wall
-        -- clock lags still wins over a change it has already seen (hybrid logical clock).
+    IF TG_OP = 'UPDATE' AND old_key = new_key AND {merges} THEN
+        changed := {changed_columns};
+        -- A row without a version yet was there before replication began: its generation is
+        -- the same zero version on every node.
+        INSERT INTO pgconcord.row_version AS v
+            (table_id, row_key, clock, origin, deleted, order_key, column_versions,
+             last_clock, last_origin)
+        VALUES ({table_id}, new_key, 0, '', false, {order_key_first_write},
+                jsonb_object(changed, array_fill(pgconcord.version_text(now_clock, {node_name}),
+                                                 ARRAY[cardinality(changed)])),
+                now_clock, {node_name})
+        ON CONFLICT (table_id, row_key) DO UPDATE
+            SET previous_clock = coalesce(v.last_clock, v.clock),
+                previous_origin = coalesce(v.last_origin, v.origin),
+                last_clock = greatest(now_clock, coalesce(v.last_clock, v.clock) + 1),
+                last_origin = excluded.last_origin,
+                -- A tombstone under a live row (written outside pgconcord): start afresh.
+                clock = CASE WHEN v.deleted
+                             THEN greatest(now_clock, coalesce(v.last_clock, v.clock) + 1)
+                             ELSE v.clock END,
+                origin = CASE WHEN v.deleted THEN excluded.origin ELSE v.origin END,
+                deleted = false,
+                column_versions = CASE WHEN v.deleted THEN NULL ELSE
+                    coalesce(v.column_versions, '{{}}') || jsonb_object(changed, array_fill(
+                        pgconcord.version_text(
+                            greatest(now_clock, coalesce(v.last_clock, v.clock) + 1),
+                            excluded.last_origin),
+                        ARRAY[cardinality(changed)])) END,
+                order_key = {order_key_next_write}
+        RETURNING v.clock, v.origin, v.last_clock, v.previous_clock, v.previous_origin,
+                  v.order_key, v.column_versions
+             INTO version;
+        INSERT INTO pgconcord.change_log
+            (table_id, operation, row_key, clock, previous_clock, previous_origin, new_row,
+             old_values, order_key, generation_clock, generation_origin, column_versions)
+        VALUES ({table_id}, 'U', new_key, version.last_clock, version.previous_clock,
+                version.previous_origin, {new_row}, {old_values}, version.order_key,
+                version.clock, version.origin, version.column_versions);
+    ELSIF TG_OP <> 'DELETE' THEN
         INSERT INTO pgconcord.row_version AS v
             (table_id, row_key, clock, origin, deleted, order_key)
         VALUES ({table_id}, new_key, now_clock, {node_name}, false,
                 {order_key_first_write})
         ON CONFLICT (table_id, row_key) DO UPDATE
-            SET previous_clock = v.clock, previous_origin = v.origin,
-                clock = greatest(now_clock, v.clock + 1),
+            SET previous_clock = coalesce(v.last_clock, v.clock),
+                previous_origin = coalesce(v.last_origin, v.origin),
+                clock = greatest(now_clock, coalesce(v.last_clock, v.clock) + 1),
                 origin = excluded.origin, deleted = false,
-                order_key = {order_key_next_write}
+                order_key = {order_key_next_write},
+                column_versions = NULL, last_clock = NULL, last_origin = NULL
         RETURNING v.clock, v.previous_clock, v.previous_origin, v.order_key INTO version;
         INSERT INTO pgconcord.change_log
             (table_id, operation, row_key, clock, previous_clock, previous_origin, new_row,
