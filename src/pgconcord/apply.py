@@ -636,6 +636,12 @@ def apply_table(
 ) -> int:
     """Apply the staged changes the selection picks for one table; the number of conflicts.
     Runs inside the caller's transaction."""
+    if not plan.table.key_columns:
+        target.execute(
+            conflict.insert_only_statement(plan.table, plan.columns, selection),
+            {"schema": plan.table.schema, "table": plan.table.name},
+        )
+        return 0
     statements = conflict.table_statements(plan.table, plan.columns, plan.delta_columns)
     parameters = {
         "schema": plan.table.schema,

@@ -4,7 +4,7 @@ registry of replicated tables and the capture triggers on them."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 
 import psycopg
@@ -178,7 +178,63 @@ def discover_tables(
                 ),
             )
         )
-    return tables
+    return _with_registered_keys(connection, tables)
+
+
+def _with_registered_keys(
+    connection: psycopg.Connection[tuple[object, ...]], tables: list[Table]
+) -> list[Table]:
+    """Tables without a primary key take the key setup registered for them (declared in the
+    config under [replication.keys]), so every part of pgconcord sees the same key."""
+    if all(table.key_columns for table in tables):
+        return tables
+    row = connection.execute("SELECT to_regclass('pgconcord.replicated_table')").fetchone()
+    if row is None or row[0] is None:
+        return tables
+    registered = {
+        (str(schema), str(name)): tuple(keys) if isinstance(keys, list) else ()
+        for schema, name, keys in connection.execute(
+            "SELECT schema_name, table_name, key_columns FROM pgconcord.replicated_table"
+        )
+    }
+    return [
+        table
+        if table.key_columns
+        else replace(table, key_columns=registered.get((table.schema, table.name), ()))
+        for table in tables
+    ]
+
+
+def check_declared_key(connection: psycopg.Connection[tuple[object, ...]], table: Table) -> None:
+    """A key declared in the config must be what the upsert can rely on: NOT NULL columns
+    with a unique index on exactly them."""
+    row = connection.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = %s::regclass"
+        " AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL"
+        " AND (SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_attribute a"
+        "      WHERE a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[]))"
+        "     = (SELECT array_agg(c ORDER BY c) FROM unnest(%s::text[]) c)),"
+        " (SELECT array_agg(a.attname::text) FROM pg_attribute a"
+        "   WHERE a.attrelid = %s::regclass AND a.attname = ANY (%s) AND NOT a.attnotnull)",
+        (
+            table.identifier.as_string(connection),
+            list(table.key_columns),
+            table.identifier.as_string(connection),
+            list(table.key_columns),
+        ),
+    ).fetchone()
+    assert row is not None
+    unique, nullable = row
+    if isinstance(nullable, list) and nullable:
+        raise SchemaError(
+            f"table {table.qualified_name}: declared key column {nullable[0]} may be NULL"
+            " (make it NOT NULL)"
+        )
+    if not unique:
+        raise SchemaError(
+            f"table {table.qualified_name}: the declared key ({', '.join(table.key_columns)})"
+            " needs a unique index or constraint on exactly those columns"
+        )
 
 
 _FINGERPRINT = """
@@ -231,9 +287,8 @@ def install_capture(
     priority: tuple[str, ...] = (),
     resolver: str | None = None,
 ) -> int:
-    """Register the table and (re)create its capture triggers; idempotent."""
-    if not table.key_columns:
-        raise SchemaError(f"table {table.qualified_name} has no primary key")
+    """Register the table and (re)create its capture triggers; idempotent. A table without a
+    key (primary or declared) is captured insert-only."""
     row = connection.execute(
         "INSERT INTO pgconcord.replicated_table (schema_name, table_name, key_columns,"
         " delta_columns, policy, priority, resolver) VALUES (%s, %s, %s, %s, %s, %s, %s)"
@@ -263,19 +318,27 @@ def install_capture(
         ]
         return sql.SQL("jsonb_build_object({})").format(sql.SQL(", ").join(pairs))
 
-    function = sql.SQL(read_sql("capture_trigger.sql")).format(
-        function_name=function_name,
-        table_id=sql.Literal(table_id),
-        node_name=sql.Literal(node_name),
-        new_key=key_object("NEW"),
-        old_key=key_object("OLD"),
-        new_row=_new_row(table),
-        settings=_fixed_settings(table),
-        old_values=_old_values(delta_columns),
-        merges=sql.Literal(policy != "node-priority"),
-        changed_columns=_changed_columns(table, delta_columns),
-        **_order_keys(policy, priority, node_name),
-    )
+    if not table.key_columns:
+        function = sql.SQL(read_sql("capture_insert_only.sql")).format(
+            function_name=function_name,
+            table_id=sql.Literal(table_id),
+            new_row=_new_row(table),
+            settings=_fixed_settings(table),
+        )
+    else:
+        function = sql.SQL(read_sql("capture_trigger.sql")).format(
+            function_name=function_name,
+            table_id=sql.Literal(table_id),
+            node_name=sql.Literal(node_name),
+            new_key=key_object("NEW"),
+            old_key=key_object("OLD"),
+            new_row=_new_row(table),
+            settings=_fixed_settings(table),
+            old_values=_old_values(delta_columns),
+            merges=sql.Literal(policy != "node-priority"),
+            changed_columns=_changed_columns(table, delta_columns),
+            **_order_keys(policy, priority, node_name),
+        )
     connection.execute(function)
     triggers = [
         ("pgconcord_capture", "AFTER INSERT OR UPDATE OR DELETE", "ROW", function_name),

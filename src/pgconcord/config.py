@@ -245,6 +245,10 @@ class ReplicationConfig(_Section):
 
     schemas: list[Text] = Field(default_factory=lambda: ["public"])
     exclude: list[TableName] = Field(default_factory=list)
+    # `[replication.keys]` "schema.table" = ["column", ...]: the key of a table that has no
+    # primary key (a unique index on those columns must exist). Tables without either are
+    # replicated insert-only.
+    keys: dict[TableName, list[Text]] = Field(default_factory=dict)
     # A node that has not applied a node's changes for this long is evicted from its backlog
     # (it no longer holds back the purge) and must join again; None: never.
     evict_after: str | None = None
@@ -284,6 +288,24 @@ class ReplicationConfig(_Section):
                     index,
                 )
         return self
+
+    @model_validator(mode="after")
+    def _check_declared_keys(self) -> "ReplicationConfig":
+        for entry, columns in self.keys.items():
+            schema, _table = _split_table_name(entry) or ("", "")
+            if schema not in self.schemas:
+                raise _invalid(
+                    f"{entry!r} is not in a replicated schema "
+                    f"(replication.schemas: {', '.join(self.schemas)})",
+                    "keys",
+                    entry,
+                )
+            if not columns or len(set(columns)) != len(columns):
+                raise _invalid("must list the key's columns, each once", "keys", entry)
+        return self
+
+    def declared_key(self, schema: str, table: str) -> tuple[str, ...]:
+        return tuple(self.keys.get(f"{schema}.{table}", ()))
 
     def is_excluded(self, schema: str, table: str) -> bool:
         """Whether `schema.table` is listed in `exclude` (names compared exactly)."""

@@ -290,6 +290,40 @@ class TableStatements:
         )
 
 
+def row_value(table: Table, name: str, change: str) -> sql.Composable:
+    """A column's value in the row a change carries (`r` = jsonb_populate_record of it)."""
+    column = next((c for c in table.columns if c.name == name), None)
+    if column is not None and column.as_text:
+        # Carried as text by capture (catalog._new_row): its own input function reads it.
+        return sql.SQL("({}.new_row ->> {})::{}").format(
+            sql.Identifier(change), sql.Literal(name), sql.SQL(column.type_name)
+        )
+    return sql.SQL("r.{}").format(sql.Identifier(name))
+
+
+# A table without a key takes inserts only (catalog: capture_insert_only.sql): in order, as
+# they come.
+_INSERT_ONLY = """
+INSERT INTO {table} ({columns}) OVERRIDING SYSTEM VALUE
+SELECT {values}
+  FROM pgconcord_stage s
+ CROSS JOIN LATERAL jsonb_populate_record(NULL::{table}, s.new_row) r
+ WHERE s.schema_name = %(schema)s AND s.table_name = %(table)s AND ({selection})
+ ORDER BY s.id
+"""
+
+
+def insert_only_statement(
+    table: Table, columns: tuple[str, ...], selection: sql.Composable
+) -> sql.Composed:
+    return sql.SQL(_INSERT_ONLY).format(
+        table=table.identifier,
+        columns=sql.SQL(", ").join(sql.Identifier(c) for c in columns),
+        values=sql.SQL(", ").join(row_value(table, c, "s") for c in columns),
+        selection=selection,
+    )
+
+
 @lru_cache(maxsize=512)
 def table_statements(
     table: Table, columns: tuple[str, ...], delta_columns: tuple[str, ...] = ()
@@ -311,13 +345,7 @@ def table_statements(
         )
 
     def record_column(name: str) -> sql.Composable:
-        column = by_name.get(name)
-        if column is not None and column.as_text:
-            # Carried as text by capture (catalog._new_row): its own input function reads it.
-            return sql.SQL("(d.new_row ->> {})::{}").format(
-                sql.Literal(name), sql.SQL(column.type_name)
-            )
-        return sql.SQL("r.{}").format(sql.Identifier(name))
+        return row_value(table, name, "d")
 
     on_conflict: sql.Composable = (
         sql.SQL("UPDATE SET {}").format(
@@ -498,6 +526,8 @@ def resolve_unique_collision(
     on every node: the local holders are deleted, or the incoming row is dropped; both are
     recorded. Returns whether the incoming row should now be applied, or None when the
     collision is not on such a constraint (the caller parks the change)."""
+    if not table.key_columns:
+        return None  # rows without a key cannot be told apart: park it
     staged = connection.execute(
         "SELECT row_key, new_row, clock, operation::text, order_key FROM pgconcord_stage"
         " WHERE id = %s",

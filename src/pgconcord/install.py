@@ -5,7 +5,7 @@ a refused setup leaves every database as it was."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import psycopg
 
@@ -39,11 +39,6 @@ def check_tables(node_tables: dict[str, list[Table]]) -> list[Table]:
             continue
         reference_node = present[0]
         reference = by_node[reference_node][name]
-        if not reference.key_columns:
-            problems.append(
-                f"table {name} has no primary key (add one, or list it under [replication] exclude)"
-            )
-            continue
         columns = {c.name: c for c in reference.columns}
         for node in present[1:]:
             other = by_node[node][name]
@@ -115,6 +110,26 @@ def assign_key_slots(existing: dict[str, int | None]) -> dict[str, int]:
     return slots
 
 
+def with_declared_keys(config: ClusterConfig, tables: list[Table]) -> list[Table]:
+    """Tables take the key declared for them under [replication.keys]; declaring one for a
+    table that has a primary key is refused, as the two could disagree."""
+    result = []
+    for table in tables:
+        declared = config.replication.declared_key(table.schema, table.name)
+        if declared and table.key_columns and declared != table.key_columns:
+            raise SchemaError(
+                f"table {table.qualified_name} has a primary key"
+                f" ({', '.join(table.key_columns)}); remove it from [replication.keys]"
+            )
+        missing = [c for c in declared if c not in {column.name for column in table.columns}]
+        if missing:
+            raise SchemaError(
+                f"table {table.qualified_name}: declared key column {missing[0]} does not exist"
+            )
+        result.append(replace(table, key_columns=declared) if declared else table)
+    return result
+
+
 def setup(config: ClusterConfig, progress: Callable[[str], None] = lambda _: None) -> SetupReport:
     connections: dict[str, psycopg.Connection[tuple[object, ...]]] = {}
     try:
@@ -125,9 +140,15 @@ def setup(config: ClusterConfig, progress: Callable[[str], None] = lambda _: Non
         for node in config.nodes:
             connection = connections[node.name]
             catalog.check_identity(connection, node.name)
-            node_tables[node.name] = catalog.discover_tables(
-                connection, config.replication.schemas, set(config.replication.exclude)
+            node_tables[node.name] = with_declared_keys(
+                config,
+                catalog.discover_tables(
+                    connection, config.replication.schemas, set(config.replication.exclude)
+                ),
             )
+            for table in node_tables[node.name]:
+                if config.replication.declared_key(table.schema, table.name):
+                    catalog.check_declared_key(connection, table)
             connection.rollback()
         tables = check_tables(node_tables)
         counters = check_delta_columns(config, tables)
@@ -139,6 +160,13 @@ def setup(config: ClusterConfig, progress: Callable[[str], None] = lambda _: Non
         for connection in connections.values():
             connection.rollback()
         report = SetupReport(tables=[t.qualified_name for t in tables])
+        for table in tables:
+            if not table.key_columns:
+                progress(
+                    f"table {table.qualified_name} has no primary key: only its inserts are"
+                    " replicated, and UPDATE or DELETE of it is refused (declare a key under"
+                    " [replication.keys] to change that)"
+                )
         for node in config.nodes:
             connection = connections[node.name]
             with connection.transaction():

@@ -1,0 +1,23 @@
+-- Row trigger function generated for a replicated table without a key (catalog.install_capture):
+-- its rows cannot be told apart, so only inserts are replicated (logs, history), and an update
+-- or delete is refused at once rather than left to make the nodes differ. The row itself
+-- stands in as the change's key.
+CREATE OR REPLACE FUNCTION pgconcord.{function_name}() RETURNS trigger
+LANGUAGE plpgsql {settings}
+AS $body$
+DECLARE
+    logged_row jsonb;
+BEGIN
+    IF TG_OP <> 'INSERT' THEN
+        RAISE EXCEPTION 'pgconcord: table %.% has no primary key, so only its inserts are'
+                        ' replicated; % is refused', TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Add a primary key, or declare a key under [replication.keys] in the'
+                         ' pgconcord config, then run pgconcord setup.';
+    END IF;
+    logged_row := {new_row};
+    INSERT INTO pgconcord.change_log (table_id, operation, row_key, clock, new_row)
+    VALUES ({table_id}, 'I', logged_row, pgconcord.clock_now(), logged_row);
+    RETURN NULL;
+END
+$body$;
