@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 
+from pgconcord import membership
 from pgconcord.apply import Puller, PullResult
 from pgconcord.config import ClusterConfig, NodeConfig
 from pgconcord.errors import NodeUnavailable, PgconcordError
@@ -54,28 +55,180 @@ def pairs(
     ]
 
 
+@dataclass
+class PurgeReport:
+    node: str
+    deleted: int = 0
+    kept_for: str | None = None  # why nothing was deleted: the member that holds it back
+    evicted: list[str] = field(default_factory=list)  # sentences, one per member evicted now
+    learned: list[str] = field(default_factory=list)  # membership news taken from the peers
+    problems: list[str] = field(default_factory=list)  # config and membership disagree
+
+
 def purge(config: ClusterConfig, node: NodeConfig) -> int:
-    """Delete the node's logged changes that every peer has applied; 0 if a peer is unknown."""
+    """Delete the node's logged changes that every member has applied; how many."""
+    return purge_node(config, node).deleted
+
+
+_PEER_POSITION = """
+SELECT pg_snapshot_xmin(applied_snapshot)::text::bigint,
+       extract(epoch FROM now() - updated_at)::float8
+  FROM pgconcord.position WHERE origin = %s
+"""
+
+# Copy horizons the position has passed: every transaction they cover is older than the
+# oldest one the position may still be missing (see 007_copy_horizon.sql).
+_PASSED_HORIZONS = """
+DELETE FROM pgconcord.copy_horizon h USING pgconcord.position p
+ WHERE p.origin = h.origin
+   AND pg_snapshot_xmin(p.applied_snapshot)
+       >= pg_snapshot_xmax(coalesce(h.window_snapshot, h.applied_snapshot))
+"""
+
+
+def purge_node(config: ClusterConfig, node: NodeConfig) -> PurgeReport:
+    """Delete the node's logged changes that every member has applied, in one transaction that
+    holds the node's membership lock (a join registered meanwhile waits, so nothing it needs
+    goes). On the way: take the membership news the peers have, evict a member silent for
+    longer than replication.evict_after, and forget copy horizons the positions have passed.
+    A joining member, or one that cannot be read and is not evicted, keeps everything."""
+    report = PurgeReport(node.name)
+    with connect(node) as connection:
+        if not membership.installed(connection):
+            connection.rollback()
+            report.deleted = _purge_without_members(config, node, connection)
+            return report
+        membership.lock(connection)
+        members = membership.read_members(connection)
+        positions: dict[str, tuple[int, float] | None] = {}
+        for peer in config.nodes:
+            if peer.name == node.name:
+                continue
+            if membership.state_of(members, peer.name) in membership.OUT_OF_CLUSTER:
+                continue
+            positions[peer.name] = _read_peer(peer, node.name, connection, report)
+        members = membership.read_members(connection)
+        report.problems = membership.config_problems(config, members)
+        local = membership.state_of(members, node.name)
+        if local != membership.ACTIVE:
+            report.kept_for = f"{node.name} is {local}"
+            connection.commit()
+            return report
+        holds = _holds(config, node, connection, members, positions, report)
+        lowest = min((p[0] for p in positions.values() if p is not None), default=None)
+        if holds:
+            report.kept_for = holds[0]
+        elif lowest is not None:
+            deleted = connection.execute(
+                "DELETE FROM pgconcord.change_log WHERE txid < %s::text::xid8", (lowest,)
+            ).rowcount
+            report.deleted = max(deleted, 0)
+        connection.execute(_PASSED_HORIZONS)
+        connection.commit()
+    return report
+
+
+def _read_peer(
+    peer: NodeConfig,
+    origin: str,
+    connection: psycopg.Connection[tuple[object, ...]],
+    report: PurgeReport,
+) -> tuple[int, float] | None:
+    """The peer's position for the origin (oldest transaction it may lack, age in seconds by
+    its own clock), None if unreachable or absent; adopts the peer's newer member records."""
+    try:
+        with connect(peer, autocommit=True) as peer_connection:
+            row = peer_connection.execute(_PEER_POSITION, (origin,)).fetchone()
+            news = (
+                membership.read_members(peer_connection).values()
+                if membership.installed(peer_connection)
+                else ()
+            )
+    except (NodeUnavailable, psycopg.OperationalError):
+        return None
+    for member in membership.adopt(connection, news):
+        report.learned.append(f"{member.name} is {member.state} (learned from {peer.name})")
+    if row is None:
+        return None
+    return int(str(row[0])), float(str(row[1]))
+
+
+def _holds(
+    config: ClusterConfig,
+    node: NodeConfig,
+    connection: psycopg.Connection[tuple[object, ...]],
+    members: dict[str, membership.Member],
+    positions: dict[str, tuple[int, float] | None],
+    report: PurgeReport,
+) -> list[str]:
+    """The members that keep the node's changes; evicts those silent for too long."""
+    limit = config.replication.evict_after_seconds
+    holds = []
+    for name, position in list(positions.items()):
+        state = membership.state_of(members, name)
+        if state in membership.OUT_OF_CLUSTER:
+            positions.pop(name)
+            continue
+        if state == membership.JOINING:
+            holds.append(f"{name} is joining")
+            continue
+        if position is not None:
+            membership.note_progress(connection, name, position[1])
+            silent = position[1]
+        else:
+            silent = membership.silent_seconds(connection, name)
+        if limit is not None and silent > limit:
+            reason = (
+                f"had not applied {node.name}'s changes for {_duration(silent)}"
+                f" (replication.evict_after = {config.replication.evict_after})"
+            )
+            membership.evict(connection, name, reason)
+            report.evicted.append(
+                f"EVICTED node {name} from {node.name}'s backlog: it {reason}; {node.name} no"
+                f" longer keeps changes for it nor applies any from it;"
+                f" `pgconcord join {name}` brings it back with a fresh copy"
+            )
+            positions.pop(name)
+            continue
+        if position is None:
+            holds.append(f"{name} cannot be read")
+    for name, member in members.items():
+        listed = name == node.name or name in config.node_names
+        if not listed and member.state not in membership.OUT_OF_CLUSTER:
+            holds.append(f"{name} is a member missing from the config")
+    return holds
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def _purge_without_members(
+    config: ClusterConfig, node: NodeConfig, connection: psycopg.Connection[tuple[object, ...]]
+) -> int:
+    """The purge of a catalog older than membership: every configured peer's position."""
     lowest: int | None = None
     for peer in config.nodes:
         if peer.name == node.name:
             continue
-        with connect(peer, autocommit=True) as connection:
-            row = connection.execute(
-                "SELECT pg_snapshot_xmin(applied_snapshot)::text::bigint"
-                " FROM pgconcord.position WHERE origin = %s",
-                (node.name,),
-            ).fetchone()
+        try:
+            with connect(peer, autocommit=True) as peer_connection:
+                row = peer_connection.execute(_PEER_POSITION, (node.name,)).fetchone()
+        except NodeUnavailable:
+            return 0
         if row is None:
             return 0
         horizon = int(str(row[0]))
         lowest = horizon if lowest is None else min(lowest, horizon)
     if lowest is None:
         return 0
-    with connect(node, autocommit=True) as connection:
-        deleted = connection.execute(
-            "DELETE FROM pgconcord.change_log WHERE txid < %s::text::xid8", (lowest,)
-        ).rowcount
+    deleted = connection.execute(
+        "DELETE FROM pgconcord.change_log WHERE txid < %s::text::xid8", (lowest,)
+    ).rowcount
+    connection.commit()
     return max(deleted, 0)
 
 
@@ -255,11 +408,25 @@ class Agent:
                 backoff = min(MAX_BACKOFF_SECONDS, backoff * 2)
 
     def _purge_loop(self) -> None:
-        while not self.stopping.wait(PURGE_SECONDS):
+        """Purge each node's log now and then; membership news and evictions are logged loudly,
+        a disagreement between the config and the membership once."""
+        said: set[str] = set()
+        while True:
             for name in self.nodes:
                 try:
-                    deleted = purge(self.config, self.config.node_by_name(name))
-                    if deleted:
-                        log.info("%s: purged %d changes every peer has", name, deleted)
+                    report = purge_node(self.config, self.config.node_by_name(name))
                 except (NodeUnavailable, psycopg.Error) as error:
                     log.debug("purge of %s skipped: %s", name, error)
+                    continue
+                if report.deleted:
+                    log.info("%s: purged %d changes every peer has", name, report.deleted)
+                for sentence in report.evicted:
+                    log.error("pgconcord: %s", sentence)
+                for sentence in report.learned:
+                    log.warning("%s: membership: %s", name, sentence)
+                for problem in report.problems:
+                    if problem not in said:
+                        said.add(problem)
+                        log.warning("pgconcord: %s", problem)
+            if self.stopping.wait(PURGE_SECONDS):
+                return
