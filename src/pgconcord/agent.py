@@ -20,6 +20,7 @@ from pgconcord import membership
 from pgconcord.apply import Puller, PullResult
 from pgconcord.config import ClusterConfig, NodeConfig
 from pgconcord.errors import NodeUnavailable, PgconcordError
+from pgconcord.membership import ACTIVE
 from pgconcord.transport import connect
 
 log = logging.getLogger(__name__)
@@ -161,8 +162,13 @@ def _holds(
     positions: dict[str, tuple[int, float] | None],
     report: PurgeReport,
 ) -> list[str]:
-    """The members that keep the node's changes; evicts those silent for too long."""
+    """The members that keep the node's changes. One that has not been reached for longer than
+    replication.evict_after is evicted, but only by a node that reaches a majority of the
+    active members (itself included): a node cut off from the others must not evict them."""
     limit = config.replication.evict_after_seconds
+    active = [name for name in positions if membership.state_of(members, name) == ACTIVE]
+    reached = [name for name in active if positions[name] is not None]
+    majority = 2 * (1 + len(reached)) > 1 + len(active)
     holds = []
     for name, position in list(positions.items()):
         state = membership.state_of(members, name)
@@ -173,13 +179,12 @@ def _holds(
             holds.append(f"{name} is joining")
             continue
         if position is not None:
-            membership.note_progress(connection, name, position[1])
-            silent = position[1]
-        else:
-            silent = membership.silent_seconds(connection, name)
-        if limit is not None and silent > limit:
+            membership.note_reached(connection, name)
+            continue
+        unreached = membership.unreached_seconds(connection, name)
+        if limit is not None and unreached > limit and majority:
             reason = (
-                f"had not applied {node.name}'s changes for {_duration(silent)}"
+                f"could not be reached for {_duration(unreached)}"
                 f" (replication.evict_after = {config.replication.evict_after})"
             )
             membership.evict(connection, name, reason)
@@ -190,8 +195,7 @@ def _holds(
             )
             positions.pop(name)
             continue
-        if position is None:
-            holds.append(f"{name} cannot be read")
+        holds.append(f"{name} cannot be read")
     for name, member in members.items():
         listed = name == node.name or name in config.node_names
         if not listed and member.state not in membership.OUT_OF_CLUSTER:

@@ -138,6 +138,8 @@ def status(config_path: str | None, as_json: bool) -> None:
             nodes.add_column(heading)
         for node in report.nodes:
             state = "up" if node.reachable and not node.error else (node.error or "down")
+            if node.membership not in (None, "active"):
+                state = f"{node.membership.upper()}, {state}"
             log_size = (
                 f"{node.change_log_rows} rows, {(node.change_log_bytes or 0) // 1024} kB"
                 if node.change_log_rows is not None
@@ -152,12 +154,14 @@ def status(config_path: str | None, as_json: bool) -> None:
             pairs.add_row(
                 pair.origin,
                 pair.target,
-                "?" if pair.pending_changes is None else str(pair.pending_changes),
+                pair.state or "?" if pair.pending_changes is None else str(pair.pending_changes),
                 "?" if pair.pending_bytes is None else f"{pair.pending_bytes // 1024} kB",
                 "?" if pair.lag_seconds is None else f"{pair.lag_seconds:.1f} s",
                 "?" if pair.applied_changes is None else str(pair.applied_changes),
             )
         console.print(pairs)
+        for warning in report.warnings:
+            console.print(f"warning: {warning}", style="bold red", highlight=False)
     if not report.healthy:
         sys.exit(1)
 
@@ -356,17 +360,18 @@ class _JoinProgress:
         self.rows: Any = None
 
     def __enter__(self) -> _JoinProgress:
-        self.progress.start()
         return self
 
     def __exit__(self, *_: object) -> None:
-        self.progress.stop()
+        if self.tables is not None:
+            self.progress.stop()
 
     def note(self, text: str) -> None:
         self.progress.console.print(text, highlight=False)
 
     def table_started(self, name: str, number: int, count: int, estimated_rows: int) -> None:
         if self.tables is None:
+            self.progress.start()  # only now: an early refusal stays one line
             self.tables = self.progress.add_task("tables", total=count)
         self.progress.update(self.tables, completed=number - 1)
         if self.rows is not None:

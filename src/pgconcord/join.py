@@ -189,14 +189,14 @@ def _open(config: ClusterConfig, name: str) -> _Cluster:
             except NodeUnavailable as error:
                 unreachable[node.name] = error.reason
         views = []
-        for node_name, connection in admin.items():
+        outside = set()  # listed but never set up: nodes waiting to join themselves
+        for node_name, connection in list(admin.items()):
             if node_name == name:
                 continue
             if catalog.installed_version(connection) == 0:
-                raise PgconcordError(
-                    f"node {node_name} is not set up: run pgconcord setup for the cluster"
-                    f" without {name} first, then join it"
-                )
+                outside.add(node_name)
+                admin.pop(node_name).close()
+                continue
             with connection.transaction():
                 catalog.migrate(connection)
             views.append(membership.read_members(connection))
@@ -207,10 +207,16 @@ def _open(config: ClusterConfig, name: str) -> _Cluster:
         peers = [
             node
             for node in config.nodes
-            if node.name != name and membership.state_of(members, node.name) == ACTIVE
+            if node.name not in outside
+            and node.name != name
+            and node.name not in unreachable
+            and membership.state_of(members, node.name) == ACTIVE
         ]
         if not peers:
-            raise PgconcordError(f"no active member to copy {name} from")
+            raise PgconcordError(
+                f"no node to copy {name} from: run pgconcord setup for the cluster without"
+                f" {name} first"
+            )
         return _Cluster(config, joiner, admin, members, peers)
     except BaseException:
         for connection in admin.values():
@@ -300,14 +306,16 @@ def _register(
                 f"node {name}: table {holding[0]} already holds rows; a joining node gets its"
                 " rows from the donor (empty it, or add --discard to replace them)"
             )
+    # Tables an earlier run created keep their pending indexes and constraints.
+    earlier = (
+        joiner.execute("SELECT created_tables, post_data FROM pgconcord.join_state").fetchone()
+        if membership.installed(joiner)
+        else None
+    )
     when = membership.now()
     with joiner.transaction():
         catalog.migrate(joiner)
         catalog.claim_identity(joiner, name, cluster.config.cluster.name)
-        # Tables an earlier run created keep their pending indexes and constraints.
-        earlier = joiner.execute(
-            "SELECT created_tables, post_data FROM pgconcord.join_state"
-        ).fetchone()
         membership.lock(joiner)
         membership.adopt(joiner, cluster.members.values())
         membership.record(joiner, name, JOINING, when, f"joining from {donor.name}")
@@ -335,9 +343,35 @@ def _register(
             membership.record(connection, name, JOINING, when, f"joining from {donor.name}")
             catalog.ensure_positions(connection, [name])
     observer.note(f"{name} registered as joining on {len(cluster.peers)} nodes")
+    earlier_created = set(earlier[0]) if earlier and isinstance(earlier[0], list) else set()
+    _check_shapes(cluster, donor, tables, joiner, earlier_created)
     missing = [t for t in tables if t.qualified_name not in present]
     if missing:
         _create_tables(cluster, donor, present, missing, report, observer)
+
+
+def _check_shapes(
+    cluster: _Cluster,
+    donor: NodeConfig,
+    tables: list[Table],
+    joiner: Connection,
+    created: set[str],
+) -> None:
+    """The joining node's tables in the replicated schemas must be the donor's, column for
+    column (tables an earlier run created are the donor's, their keys still to come)."""
+    replication = cluster.config.replication
+    own = [
+        t
+        for t in catalog.discover_tables(joiner, replication.schemas, set(replication.exclude))
+        if t.qualified_name not in created
+    ]
+    names = {t.qualified_name for t in own}
+    install.check_tables(
+        {
+            donor.name: [t for t in tables if t.qualified_name in names],
+            cluster.joiner.name: own,
+        }
+    )
 
 
 def _donor_tables(
@@ -595,10 +629,14 @@ def _finish(cluster: _Cluster, report: JoinReport, observer: JoinObserver) -> No
                 ) from None
             session.execute("UPDATE pgconcord.join_state SET post_data = NULL")
             session.commit()
+    slots = {peer.name: catalog.key_slot(cluster.admin[peer.name]) for peer in cluster.peers}
+    slots[name] = catalog.key_slot(joiner)
+    slot = install.assign_key_slots(slots)[name]
     when = membership.now()
     with joiner.transaction():
         membership.lock(joiner)
         membership.record(joiner, name, ACTIVE, when, f"joined from {report.donor}")
+        joiner.execute("UPDATE pgconcord.local_node SET key_slot = %s", (slot,))
         first = joiner.execute("SELECT min(attempt) FROM pgconcord.join_attempt").fetchone()
         if first is not None and first[0] is not None:
             joiner.execute("DELETE FROM pgconcord.position")
@@ -608,12 +646,11 @@ def _finish(cluster: _Cluster, report: JoinReport, observer: JoinObserver) -> No
                 " FROM pgconcord.join_position WHERE attempt = %s",
                 (first[0],),
             )
-    # The same install as setup, for the members that are in the cluster: capture on the new
-    # node, its key slot, and positions for it on the others (from its log's beginning).
-    members = [cluster.joiner, *cluster.peers]
+    # The same install as setup, on the new node alone (the live members keep their triggers:
+    # recreating them would lock their tables under load): capture, event triggers, and the
+    # key slot chosen above, which setup keeps.
     install.setup(
-        cluster.config.model_copy(update={"node": members}),
-        progress=observer.note,
+        cluster.config.model_copy(update={"node": [cluster.joiner]}), progress=observer.note
     )
     with joiner.transaction():
         for table in ("join_state", "join_table", "join_attempt"):

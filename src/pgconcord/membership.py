@@ -18,6 +18,7 @@ What the states mean to the rest of pgconcord:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -50,7 +51,7 @@ class Member:
     state: str
     changed_at: datetime
     reason: str | None = None
-    progress_at: datetime | None = None
+    reached_at: datetime | None = None
 
 
 def now() -> datetime:
@@ -63,17 +64,17 @@ def installed(connection: Connection) -> bool:
 
 def read_members(connection: Connection) -> dict[str, Member]:
     rows = connection.execute(
-        "SELECT name, state, changed_at, reason, progress_at FROM pgconcord.member"
+        "SELECT name, state, changed_at, reason, reached_at FROM pgconcord.member"
     ).fetchall()
     members = {}
-    for name, state, changed_at, reason, progress_at in rows:
+    for name, state, changed_at, reason, reached_at in rows:
         assert isinstance(changed_at, datetime)
         members[str(name)] = Member(
             str(name),
             str(state),
             changed_at,
             None if reason is None else str(reason),
-            progress_at if isinstance(progress_at, datetime) else None,
+            reached_at if isinstance(reached_at, datetime) else None,
         )
     return members
 
@@ -103,11 +104,11 @@ def record(
 ) -> bool:
     """Store a member's state unless the node already knows a newer one; whether it did."""
     written = connection.execute(
-        "INSERT INTO pgconcord.member AS m (name, state, changed_at, reason, progress_at)"
+        "INSERT INTO pgconcord.member AS m (name, state, changed_at, reason, reached_at)"
         " VALUES (%s, %s, %s, %s, now())"
         " ON CONFLICT (name) DO UPDATE SET state = excluded.state,"
         " changed_at = excluded.changed_at, reason = excluded.reason,"
-        " progress_at = coalesce(m.progress_at, excluded.progress_at)"
+        " reached_at = now()"
         " WHERE m.changed_at < excluded.changed_at",
         (name, state, changed_at, reason),
     ).rowcount
@@ -146,6 +147,28 @@ def drop_capture(connection: Connection) -> None:
                     sql.Identifier(trigger), sql.Identifier(schema, name)
                 )
             )
+
+
+def switch_off_capture(connection: Connection, attempts: int = 20) -> None:
+    """drop_capture on a node whose application may still be writing: in one transaction, so
+    that a transaction of the application is captured whole or not at all, and with a short
+    deadlock_timeout and lock_timeout so that a lock conflict with the application aborts this
+    attempt, not the application's work; then it is tried again."""
+    for setting in ("deadlock_timeout = '50ms'", "lock_timeout = '2s'"):
+        try:
+            connection.execute(f"SET {setting}")
+            connection.commit()
+        except psycopg.errors.InsufficientPrivilege:
+            connection.rollback()
+    for attempt in range(attempts):
+        try:
+            with connection.transaction():
+                drop_capture(connection)
+            return
+        except (psycopg.errors.DeadlockDetected, psycopg.errors.LockNotAvailable):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.1 * (attempt + 1))
 
 
 def config_problems(config: ClusterConfig, members: dict[str, Member]) -> list[str]:
@@ -299,8 +322,7 @@ def _hand_over(
         # A first pass while the node still captures (nothing changes if it fails), then the
         # capture is switched off and a second pass takes whatever was committed meanwhile.
         _deliver(parting, targets, report)
-        with leaving.transaction():
-            drop_capture(leaving)
+        switch_off_capture(leaving)
         _deliver(parting, targets, report)
         with leaving.transaction():
             if installed(leaving):
@@ -340,28 +362,28 @@ def evict(connection: Connection, name: str, reason: str) -> bool:
     return record(connection, name, EVICTED, now(), reason)
 
 
-def note_progress(connection: Connection, name: str, age_seconds: float) -> None:
-    """The member applied this node's changes age_seconds ago (by its own clock)."""
+def note_reached(connection: Connection, name: str) -> None:
+    """This node's purge has just read the member's position: restart its eviction clock."""
     connection.execute(
-        "INSERT INTO pgconcord.member AS m (name, state, changed_at, progress_at)"
-        " VALUES (%s, 'active', %s, now() - make_interval(secs => %s))"
-        " ON CONFLICT (name) DO UPDATE SET progress_at = excluded.progress_at",
-        (name, _NEVER, age_seconds),
+        "INSERT INTO pgconcord.member AS m (name, state, changed_at, reached_at)"
+        " VALUES (%s, 'active', %s, now())"
+        " ON CONFLICT (name) DO UPDATE SET reached_at = now()",
+        (name, _NEVER),
     )
 
 
-def silent_seconds(connection: Connection, name: str) -> float:
-    """How long ago the member was last seen applying this node's changes; the clock starts
-    when this node first looks (a member nobody has seen yet gets the full limit)."""
+def unreached_seconds(connection: Connection, name: str) -> float:
+    """How long ago this node last reached the member; the clock starts when this node first
+    looks (a member nobody reached yet gets the full limit)."""
     connection.execute(
-        "INSERT INTO pgconcord.member (name, state, changed_at, progress_at)"
+        "INSERT INTO pgconcord.member (name, state, changed_at, reached_at)"
         " VALUES (%s, 'active', %s, now())"
-        " ON CONFLICT (name) DO UPDATE SET progress_at = coalesce(pgconcord.member.progress_at,"
-        " now())",
+        " ON CONFLICT (name) DO UPDATE"
+        " SET reached_at = coalesce(pgconcord.member.reached_at, now())",
         (name, _NEVER),
     )
     row = connection.execute(
-        "SELECT extract(epoch FROM now() - progress_at)::float8 FROM pgconcord.member"
+        "SELECT extract(epoch FROM now() - reached_at)::float8 FROM pgconcord.member"
         " WHERE name = %s",
         (name,),
     ).fetchone()

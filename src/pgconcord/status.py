@@ -5,12 +5,12 @@ an agent is running."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import psycopg
 
-from pgconcord import catalog
+from pgconcord import catalog, membership
 from pgconcord.config import ClusterConfig
 from pgconcord.errors import NodeUnavailable
 from pgconcord.transport import connect
@@ -25,6 +25,8 @@ class PairStatus:
     lag_seconds: float | None  # age of the oldest change not yet applied; 0 when none pending
     applied_changes: int | None
     position_updated_at: str | None
+    # "evicted" or "parted" (the target's backlog is dropped), "joining" (kept whole for it).
+    state: str | None = None
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,8 @@ class NodeStatus:
     change_log_rows: int | None = None
     change_log_bytes: int | None = None
     conflicts: int | None = None
+    membership: str | None = None  # joining, active, evicted or parted (as the nodes record it)
+    membership_changed_at: str | None = None
 
 
 @dataclass
@@ -44,10 +48,11 @@ class ClusterStatus:
     cluster: str
     nodes: list[NodeStatus] = field(default_factory=list)
     pairs: list[PairStatus] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # membership: evictions, stale config
 
     @property
     def healthy(self) -> bool:
-        return all(node.reachable for node in self.nodes)
+        return all(node.reachable for node in self.nodes) and not self.warnings
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -55,6 +60,7 @@ class ClusterStatus:
             "healthy": self.healthy,
             "nodes": [asdict(node) for node in self.nodes],
             "pairs": [asdict(pair) for pair in self.pairs],
+            "warnings": self.warnings,
         }
 
 
@@ -94,6 +100,35 @@ SELECT count(*), min(c.clock), coalesce(sum(pg_column_size(c.*)), 0)
 """
 
 
+def _membership(
+    config: ClusterConfig,
+    connections: dict[str, psycopg.Connection[tuple[object, ...]]],
+    status: ClusterStatus,
+) -> dict[str, membership.Member]:
+    """The membership as the reachable nodes record it (the newest record of each member),
+    written into the node statuses, with a loud sentence for what needs a person."""
+    members = membership.merge(
+        membership.read_members(connection)
+        for connection in connections.values()
+        if membership.installed(connection)
+    )
+    for index, node in enumerate(status.nodes):
+        member = members.get(node.name)
+        status.nodes[index] = replace(
+            node,
+            membership=membership.state_of(members, node.name),
+            membership_changed_at=None if member is None else str(member.changed_at),
+        )
+    status.warnings += membership.config_problems(config, members)
+    for name, member in sorted(members.items()):
+        if member.state == membership.JOINING:
+            status.warnings.append(
+                f"node {name} is joining since {member.changed_at:%Y-%m-%d %H:%M}: every node"
+                f" keeps its whole change log for it until `pgconcord join {name}` has finished"
+            )
+    return members
+
+
 def cluster_status(config: ClusterConfig) -> ClusterStatus:
     status = ClusterStatus(cluster=config.cluster.name)
     connections: dict[str, psycopg.Connection[tuple[object, ...]]] = {}
@@ -107,14 +142,31 @@ def cluster_status(config: ClusterConfig) -> ClusterStatus:
             connections[node.name] = connection
             status.nodes.append(_node_status(connection, node.name))
         ready = {n.name for n in status.nodes if n.reachable and n.catalog_version}
+        members = _membership(config, connections, status)
         now_microseconds = time.time() * 1_000_000
         for target in config.nodes:
             for origin in config.nodes:
                 if origin.name == target.name:
                     continue
-                if origin.name not in ready or target.name not in ready:
+                # The first of the pair that is not an active member names the pair's state.
+                state = next(
+                    (
+                        each
+                        for each in (
+                            membership.state_of(members, target.name),
+                            membership.state_of(members, origin.name),
+                        )
+                        if each != membership.ACTIVE
+                    ),
+                    None,
+                )
+                if (
+                    state in membership.OUT_OF_CLUSTER
+                    or origin.name not in ready
+                    or target.name not in ready
+                ):
                     status.pairs.append(
-                        PairStatus(origin.name, target.name, None, None, None, None, None)
+                        PairStatus(origin.name, target.name, None, None, None, None, None, state)
                     )
                     continue
                 position = (
@@ -129,7 +181,7 @@ def cluster_status(config: ClusterConfig) -> ClusterStatus:
                 # A window in progress counts as pending as a whole: it is not applied yet.
                 if position is None:
                     status.pairs.append(
-                        PairStatus(origin.name, target.name, None, None, None, None, None)
+                        PairStatus(origin.name, target.name, None, None, None, None, None, state)
                     )
                     continue
                 pending = (
@@ -154,6 +206,7 @@ def cluster_status(config: ClusterConfig) -> ClusterStatus:
                         round(lag, 3),
                         int(str(position[1])),
                         str(position[2]),
+                        state,
                     )
                 )
     finally:

@@ -10,7 +10,7 @@ CREATE TABLE pgconcord.member (
     state text NOT NULL CHECK (state IN ('joining', 'active', 'evicted', 'parted')),
     changed_at timestamptz NOT NULL,
     reason text,
-    progress_at timestamptz
+    reached_at timestamptz
 );
 
 -- A join in progress, on the joining node: the donor it copies from, the tables it created
