@@ -678,3 +678,49 @@ def test_cluster_config_round_trips_through_model_validate() -> None:
     config = parse_config(DESIGN_EXAMPLE)
 
     assert ClusterConfig.model_validate(config.model_dump()) == config
+
+
+# --- eviction -----------------------------------------------------------------------------------
+
+
+def with_evict_after(value: str) -> str:
+    return with_replaced(
+        'exclude = ["public.scratch"]', f'exclude = ["public.scratch"]\nevict_after = {value}'
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("7d", 604800.0), ("12h", 43200.0), ("90m", 5400.0), ("1d12h", 129600.0), ("2w", 1209600.0)],
+)
+def test_evict_after_durations(text: str, seconds: float) -> None:
+    config = parse_config(with_evict_after(f'"{text}"'))
+
+    assert config.replication.evict_after == text
+    assert config.replication.evict_after_seconds == seconds
+
+
+def test_evict_after_is_off_by_default() -> None:
+    assert parse_config(DESIGN_EXAMPLE).replication.evict_after_seconds is None
+
+
+@pytest.mark.parametrize("text", ["7 days", "7", "1.5d", "d", "12H", ""])
+def test_evict_after_malformed(text: str) -> None:
+    message = config_error(with_evict_after(f'"{text}"'))
+
+    assert message == (
+        f"shops.toml: replication.evict_after: {text!r} is not a duration such as"
+        ' "7d", "12h", "90m" or "1d12h" (units s, m, h, d, w)'
+    )
+
+
+def test_evict_after_zero() -> None:
+    message = config_error(with_evict_after('"0h"'))
+
+    assert message == "shops.toml: replication.evict_after: '0h' must be longer than zero"
+
+
+def test_evict_after_not_a_string() -> None:
+    message = config_error(with_evict_after("7"))
+
+    assert message == "shops.toml: replication.evict_after: expected a string, got an integer"
