@@ -313,6 +313,7 @@ def _register(
         else None
     )
     when = membership.now()
+    membership.quiet_schema_changes(joiner)
     with joiner.transaction():
         catalog.migrate(joiner)
         catalog.claim_identity(joiner, name, cluster.config.cluster.name)
@@ -419,6 +420,7 @@ def _create_tables(
     )
     created = [t.qualified_name for t in missing]
     with connect(cluster.joiner) as session:
+        membership.quiet_schema_changes(session)
         try:
             session.execute(definitions.pre_data.encode())
         except psycopg.Error as error:
@@ -457,13 +459,14 @@ def _copy(
         donor.commit()
         joiner.commit()
         snapshot = reader.begin_snapshot(donor)
+        source = tablecopy.Donor(donor_node, donor)
         positions = _positions(cluster, donor, donor_node.name, snapshot)
         with connect(donor_node) as flusher:
             reader.make_durable(flusher)  # what the snapshot calls committed stays so
             flusher.commit()
         tables, registered = _donor_tables(cluster.config, donor, donor_node.name)
         report.tables = len(tables)
-        attempt = _start_attempt(joiner, donor, name, snapshot, positions)
+        attempt = _start_attempt(joiner, source, name, snapshot, positions)
         for number, table in enumerate(tables, start=1):
             if table.qualified_name in done:
                 report.kept.append(table.qualified_name)
@@ -472,7 +475,7 @@ def _copy(
                 table.qualified_name, number, len(tables), _estimate(donor, table)
             )
             rows = _copy_table(
-                donor,
+                source,
                 joiner,
                 table,
                 registered[(table.schema, table.name)],
@@ -515,7 +518,7 @@ def _positions(
 
 def _start_attempt(
     joiner: Connection,
-    donor: Connection,
+    donor: tablecopy.Donor,
     name: str,
     snapshot: str,
     positions: dict[str, Position],
@@ -556,7 +559,7 @@ def _estimate(donor: Connection, table: Table) -> int:
 
 
 def _copy_table(
-    donor: Connection,
+    donor: tablecopy.Donor,
     joiner: Connection,
     table: Table,
     donor_table_id: int,
@@ -577,13 +580,7 @@ def _copy_table(
         _empty(joiner, table)
         joiner.execute("DELETE FROM pgconcord.row_version WHERE table_id = %s", (table_id,))
         rows = tablecopy.table_rows(donor, joiner, table, observer.rows_copied)
-        tablecopy.catalog_rows(
-            donor,
-            joiner,
-            "pgconcord.row_version",
-            sql.SQL("table_id = {}").format(sql.Literal(donor_table_id)),
-            replaced={"table_id": sql.Literal(table_id)},
-        )
+        _copy_row_versions(donor, joiner, donor_table_id, table_id)
         for origin, (applied, window, done) in positions.items():
             joiner.execute(
                 "INSERT INTO pgconcord.copy_horizon VALUES (%s, %s, %s, %s, %s, %s)"
@@ -598,6 +595,51 @@ def _copy_table(
             (table.schema, table.name, attempt, rows),
         )
     return rows
+
+
+BULK_VERSIONS = 100_000
+
+
+def _copy_row_versions(
+    donor: tablecopy.Donor, joiner: Connection, donor_table_id: int, table_id: int
+) -> None:
+    """The table's rows of pgconcord.row_version, under the joiner's id of the table. Many of
+    them go in faster without the key's index, built again afterwards (it is the joiner's own
+    table, unused until the join has finished); fewer go in the order of that index."""
+    count = donor.connection.execute(
+        "SELECT count(*) FROM pgconcord.row_version WHERE table_id = %s", (donor_table_id,)
+    ).fetchone()
+    incoming = int(str(count[0])) if count else 0
+    key = None
+    if incoming > BULK_VERSIONS:
+        present = joiner.execute("SELECT count(*) FROM pgconcord.row_version").fetchone()
+        if present is not None and int(str(present[0])) < incoming:
+            key = joiner.execute(
+                "SELECT conname::text, pg_get_constraintdef(oid) FROM pg_constraint"
+                " WHERE conrelid = 'pgconcord.row_version'::regclass AND contype = 'p'"
+            ).fetchone()
+    if key is not None:
+        joiner.execute(
+            sql.SQL("ALTER TABLE pgconcord.row_version DROP CONSTRAINT {}").format(
+                sql.Identifier(str(key[0]))
+            )
+        )
+    tablecopy.catalog_rows(
+        donor,
+        joiner,
+        "pgconcord.row_version",
+        sql.SQL("table_id = {}").format(sql.Literal(donor_table_id)),
+        replaced={"table_id": sql.Literal(table_id)},
+        order=None if key is not None else sql.SQL("row_key"),
+    )
+    if key is not None:
+        # The definition comes from pg_get_constraintdef: PostgreSQL's own, quoted text.
+        joiner.execute(
+            sql.SQL("ALTER TABLE pgconcord.row_version ADD CONSTRAINT {} {}").format(
+                sql.Identifier(str(key[0])),
+                sql.SQL(str(key[1])),
+            )
+        )
 
 
 def _empty(joiner: Connection, table: Table) -> None:
@@ -621,6 +663,7 @@ def _finish(cluster: _Cluster, report: JoinReport, observer: JoinObserver) -> No
     if row is not None and row[1]:
         observer.note("building the indexes and constraints of the tables created")
         with connect(cluster.joiner) as session:
+            membership.quiet_schema_changes(session)
             try:
                 session.execute(str(row[1]).encode())
             except psycopg.Error as error:

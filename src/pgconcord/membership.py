@@ -149,11 +149,30 @@ def drop_capture(connection: Connection) -> None:
             )
 
 
+def quiet_schema_changes(connection: Connection) -> None:
+    """Keep this session's schema changes (pgconcord's own triggers, the tables a join creates)
+    from being logged for the peers, or refused, by the event triggers that replicate schema
+    changes: they do not fire with session_replication_role = replica, and skip statements
+    marked as pgconcord's own work."""
+    for statement in (
+        "SET session_replication_role = replica",
+        "SELECT set_config('pgconcord.installing', 'on', false)",
+    ):
+        try:
+            connection.execute(statement)
+            if not connection.autocommit:
+                connection.commit()
+        except psycopg.errors.InsufficientPrivilege:
+            if not connection.autocommit:
+                connection.rollback()
+
+
 def switch_off_capture(connection: Connection, attempts: int = 20) -> None:
     """drop_capture on a node whose application may still be writing: in one transaction, so
     that a transaction of the application is captured whole or not at all, and with a short
     deadlock_timeout and lock_timeout so that a lock conflict with the application aborts this
     attempt, not the application's work; then it is tried again."""
+    quiet_schema_changes(connection)
     for setting in ("deadlock_timeout = '50ms'", "lock_timeout = '2s'"):
         try:
             connection.execute(f"SET {setting}")

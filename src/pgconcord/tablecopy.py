@@ -1,10 +1,12 @@
 """Copying tables from a donor node to a joining one: their definitions (pg_dump) and their
 rows (COPY, streamed from one server to the other without landing on disk).
 
-Rows are read with libpq's COPY calls directly and forwarded in blocks of about a megabyte:
-that costs a few Python operations per row, where psycopg's per-row iteration costs a round of
-its wait machinery each. Binary format is used when every column is of a built-in type
-(binary values of arrays and records carry type OIDs, which differ between databases).
+Rows are read by psql, in the donor's snapshot (exported by the donor's session, imported by
+psql's), and forwarded to the joining node's COPY in blocks of a megabyte: Python never looks at
+a row. Without psql, the donor's own session reads them with libpq's COPY calls, which costs a
+few Python operations per row (about twice as slow). Binary format is used when every column is
+of a built-in type (binary values of arrays and records carry type OIDs, which differ between
+databases).
 """
 
 from __future__ import annotations
@@ -110,22 +112,82 @@ def copy_out(donor: Connection, query: sql.Composable, sink: Callable[[bytes, in
     return final.command_tuples or 0
 
 
+class Donor:
+    """Where rows are read: the donor's session, in the REPEATABLE READ transaction whose
+    snapshot the copy is made on (open it first), and psql if one is found."""
+
+    def __init__(self, node: NodeConfig, connection: Connection) -> None:
+        self.node = node
+        self.connection = connection
+        self.psql = client_program("psql")
+        self.snapshot: str | None = None
+        if self.psql is not None:
+            row = connection.execute("SELECT pg_export_snapshot()").fetchone()
+            self.snapshot = None if row is None else str(row[0])
+
+    def copy_out(self, query: sql.Composable, sink: Callable[[bytes, int], None]) -> None:
+        """The output of a COPY ... TO STDOUT in the donor's snapshot, in blocks to sink with
+        the number of bytes read so far."""
+        if self.psql is None or self.snapshot is None:
+            copy_out(self.connection, query, lambda block, _rows: sink(block, len(block)))
+            return
+        arguments: list[str | Path] = [
+            self.psql,
+            "--no-psqlrc",
+            "--quiet",
+            "--no-password",
+            "--set=ON_ERROR_STOP=1",
+            f"--dbname={self.node.dsn}",
+            "--command=BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+            f"--command=SET TRANSACTION SNAPSHOT '{self.snapshot}'",
+            f"--command={SESSION_SETTINGS}",
+            f"--command={query.as_string(self.connection)}",
+            "--command=COMMIT",
+        ]
+        row = self.connection.execute("SHOW client_encoding").fetchone()
+        encoding = "UTF8" if row is None else str(row[0])
+        environment = dict(os.environ, PGAPPNAME="pgconcord", PGCLIENTENCODING=encoding)
+        with tempfile.TemporaryFile() as errors:
+            process = subprocess.Popen(
+                arguments, stdout=subprocess.PIPE, stderr=errors, env=environment
+            )
+            assert process.stdout is not None
+            read = 0
+            try:
+                while block := os.read(process.stdout.fileno(), BLOCK_BYTES):
+                    read += len(block)
+                    sink(block, read)
+            except BaseException:
+                process.kill()
+                raise
+            finally:
+                process.stdout.close()
+                code = process.wait()
+            if code != 0:
+                errors.seek(0)
+                lines = [line for line in errors.read().decode(errors="replace").splitlines()]
+                reason = next((line for line in lines if line.strip()), f"exit code {code}")
+                raise psycopg.OperationalError(f"reading from {self.node.name}: {reason}")
+
+
 def stream(
-    donor: Connection,
+    donor: Donor,
     joiner: Connection,
     source: sql.Composable,
     destination: sql.Composed,
-    on_rows: Callable[[int], None] = lambda _: None,
+    on_bytes: Callable[[int], None] = lambda _: None,
 ) -> int:
     """COPY from a query on the donor into a table of the joiner, in the joiner's current
     transaction; the number of rows."""
-    with joiner.cursor() as cursor, cursor.copy(destination) as copy:
+    with joiner.cursor() as cursor:
+        with cursor.copy(destination) as copy:
 
-        def forward(block: bytes, rows: int) -> None:
-            copy.write(block)
-            on_rows(rows)
+            def forward(block: bytes, read: int) -> None:
+                copy.write(block)
+                on_bytes(read)
 
-        return copy_out(donor, source, forward)
+            donor.copy_out(source, forward)
+        return max(cursor.rowcount, 0)
 
 
 def binary_safe(connection: Connection, table: Table) -> bool:
@@ -144,26 +206,35 @@ def binary_safe(connection: Connection, table: Table) -> bool:
 
 
 def table_rows(
-    donor: Connection,
+    donor: Donor,
     joiner: Connection,
     table: Table,
     on_rows: Callable[[int], None] = lambda _: None,
 ) -> int:
-    """Copy a table's stored columns (generated ones are computed again on the joiner)."""
+    """Copy a table's stored columns (generated ones are computed again on the joiner); the
+    progress is reported in rows estimated from the bytes read."""
+    connection = donor.connection
     columns = sql.SQL(", ").join(sql.Identifier(c.name) for c in table.stored_columns)
-    options = sql.SQL(" (FORMAT binary)" if binary_safe(donor, table) else "")
-    partitioned = donor.execute(
-        "SELECT relkind = 'p' FROM pg_class WHERE oid = %s::regclass",
-        (table.identifier.as_string(donor),),
+    options = sql.SQL(" (FORMAT binary)" if binary_safe(connection, table) else "")
+    row = connection.execute(
+        "SELECT c.relkind = 'p', (SELECT sum(pg_table_size(p.relid))::float8"
+        "                           / greatest(sum(greatest(k.reltuples, 0)), 1)"
+        "                           FROM pg_partition_tree(c.oid) p"
+        "                           JOIN pg_class k ON k.oid = p.relid WHERE p.isleaf)"
+        " FROM pg_class c WHERE c.oid = %s::regclass",
+        (table.identifier.as_string(connection),),
     ).fetchone()
-    if partitioned and partitioned[0]:
+    partitioned, row_bytes = (bool(row[0]), float(str(row[1] or 1))) if row else (False, 1.0)
+    if partitioned:
         source = sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT{}").format(
             columns, table.identifier, options
         )
     else:
         source = sql.SQL("COPY {} ({}) TO STDOUT{}").format(table.identifier, columns, options)
     destination = sql.SQL("COPY {} ({}) FROM STDIN{}").format(table.identifier, columns, options)
-    return stream(donor, joiner, source, destination, on_rows)
+    return stream(
+        donor, joiner, source, destination, lambda read: on_rows(int(read / max(row_bytes, 1)))
+    )
 
 
 def column_names(connection: Connection, table: str) -> list[str]:
@@ -176,17 +247,18 @@ def column_names(connection: Connection, table: str) -> list[str]:
 
 
 def catalog_rows(
-    donor: Connection,
+    donor: Donor,
     joiner: Connection,
     table: str,
     where: sql.Composable,
     replaced: dict[str, sql.Composable] | None = None,
     skipped: Iterable[str] = (),
+    order: sql.Composable | None = None,
 ) -> int:
     """Copy rows of one of pgconcord's own tables (pgconcord.row_version, parked_change) with
     every column both nodes have, some of them replaced by expressions (a local table id)."""
     replaced = replaced or {}
-    donor_columns = set(column_names(donor, table))
+    donor_columns = set(column_names(donor.connection, table))
     names = [
         name
         for name in column_names(joiner, table)
@@ -194,8 +266,10 @@ def catalog_rows(
     ]
     selected = sql.SQL(", ").join(replaced.get(name, sql.Identifier(name)) for name in names)
     qualified = sql.SQL(table)
-    source = sql.SQL("COPY (SELECT {} FROM {} WHERE {}) TO STDOUT (FORMAT binary)").format(
-        selected, qualified, where
+    # Rows in the order of the joiner's index (its primary key) fill it from one end.
+    ordered = sql.SQL("") if order is None else sql.SQL(" ORDER BY {}").format(order)
+    source = sql.SQL("COPY (SELECT {} FROM {} WHERE {}{}) TO STDOUT (FORMAT binary)").format(
+        selected, qualified, where, ordered
     )
     destination = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(
         qualified, sql.SQL(", ").join(sql.Identifier(name) for name in names)
@@ -215,9 +289,33 @@ class Definitions:
     post_data: str
 
 
+def client_program(name: str) -> Path | None:
+    """A PostgreSQL client program (psql), from the places dump_tools looks in."""
+    for directory in _tool_directories():
+        if (directory / name).is_file() or (directory / f"{name}.exe").is_file():
+            return directory / name
+    return None
+
+
 def dump_tools(server_version: int) -> Path:
     """A directory holding pg_dump and pg_restore able to dump a server of this version
     (server_version_num): PG_BINDIR, PATH, /usr/lib/postgresql/*/bin, the embedded wheel."""
+    needed = server_version // 10000
+    seen = []
+    for directory in _tool_directories():
+        version = _tool_version(directory)
+        if version is not None:
+            seen.append(f"{directory} ({version})")
+            if version >= needed:
+                return directory
+    raise SchemaError(
+        f"pg_dump {needed} or newer is needed to create the missing tables"
+        f" ({', '.join(seen) or 'none found'}); create the tables on the joining node or set"
+        " PG_BINDIR to a PostgreSQL bin directory"
+    )
+
+
+def _tool_directories() -> list[Path]:
     candidates: list[Path] = []
     if os.environ.get("PG_BINDIR"):
         candidates.append(Path(os.environ["PG_BINDIR"]))
@@ -235,19 +333,7 @@ def dump_tools(server_version: int) -> Path:
         candidates.append(Path(str(located)) / "pginstall" / "bin")
     except metadata.PackageNotFoundError:
         pass
-    needed = server_version // 10000
-    seen = []
-    for directory in candidates:
-        version = _tool_version(directory)
-        if version is not None:
-            seen.append(f"{directory} ({version})")
-            if version >= needed:
-                return directory
-    raise SchemaError(
-        f"pg_dump {needed} or newer is needed to create the missing tables"
-        f" ({', '.join(seen) or 'none found'}); create the tables on the joining node or set"
-        " PG_BINDIR to a PostgreSQL bin directory"
-    )
+    return candidates
 
 
 def _tool_version(directory: Path) -> int | None:
