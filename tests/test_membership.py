@@ -164,6 +164,7 @@ def test_join_under_concurrent_writes(system_cluster: Cluster) -> None:
         "public.stock",
     ]
     assert report.copied["public.orders"] >= 3000
+    horizons = cluster.value("east", "SELECT count(*) FROM pgconcord.copy_horizon")
     cluster.sync()
     # east writes too, and its changes reach the others.
     cluster.execute(
@@ -191,6 +192,9 @@ def test_join_under_concurrent_writes(system_cluster: Cluster) -> None:
     }
     assert len(slots) == 3
     assert not [r for r in cluster.conflicts() if r["kind"] == "parked"]
+    # Once east's positions had passed the copy's horizons, the purge forgot them.
+    assert horizons == 4 * 2
+    assert cluster.value("east", "SELECT count(*) FROM pgconcord.copy_horizon") == 0
 
 
 class Interrupt(Exception):
@@ -206,8 +210,7 @@ class InterruptSecondTable(QuietObserver):
             raise Interrupt
 
 
-def test_interrupted_join_is_resumed(system_cluster: Cluster) -> None:
-    cluster = system_cluster
+def test_interrupted_join_is_resumed(cluster: Cluster) -> None:
     two_node_shop(cluster)
     configure(cluster, ["north", "south", "east"])
     with pytest.raises(Interrupt):
