@@ -20,7 +20,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
 
-from pgconcord import catalog, conflict, parked, reader, resolver
+from pgconcord import catalog, conflict, parked, reader, resolver, schema
 from pgconcord.catalog import Table
 from pgconcord.config import NodeConfig
 from pgconcord.errors import NodeUnavailable, PgconcordError, SchemaError
@@ -86,6 +86,11 @@ class ApplyError(PgconcordError):
     """Changes from an origin cannot be applied; they stay queued and are retried."""
 
 
+class TableDropped(PgconcordError):
+    """Changes for a table that was replicated here and has been dropped since: parked (a
+    DROP TABLE replicated while another node still wrote to the table), never waited for."""
+
+
 class _ChangeFailed(Exception):
     """A change of a source transaction cannot be applied here (the reason is in the text)."""
 
@@ -123,6 +128,7 @@ class TablePlan:
     columns: tuple[str, ...]  # stored columns the origin sends and the target has
     delta_columns: tuple[str, ...] = ()  # counters: concurrent changes add up
     resolver: str | None = None  # the user's function for conflicts ('module:function')
+    dropped: bool = False  # the table was replicated here and has been dropped
 
 
 class Puller:
@@ -138,6 +144,8 @@ class Puller:
         self._parked_waiting = False
         # Table checks are kept while neither node's catalog changed (see catalog.fingerprint).
         self._plans_cache: dict[tuple[str, str], TablePlan] = {}
+        # Plans of single changes around a schema change, by table and carried columns.
+        self._carried_cache: dict[tuple[str, str, tuple[str, ...]], TablePlan] = {}
         self._plans_fingerprints: tuple[int, int] | None = None
         self._origin_connection: Connection | None = None
         self._target_connection: Connection | None = None
@@ -249,7 +257,9 @@ class Puller:
         position = self._read_position(target, lock=False)
         target.commit()
         if position.window_snapshot is None:
-            snapshot = reader.begin_snapshot(origin)
+            snapshot, refresh_due = reader.begin_window(origin)
+            if refresh_due:
+                self._refresh_origin_capture()
             window = reader.Window(position.applied_snapshot, snapshot, 0)
             if not reader.window_has_changes(origin, window):
                 reader.make_durable(origin)
@@ -260,7 +270,12 @@ class Puller:
             window = reader.Window(
                 position.applied_snapshot, position.window_snapshot, position.window_done or 0
             )
-        staged = self._stage(origin, target, window)
+        staged, schema_changes = self._stage(origin, target, window)
+        if schema_changes:
+            self._parked_waiting = parked.any_waiting(target, self.origin.name)
+            reader.make_durable(origin)
+            origin.commit()
+            return self._pull_schema_window(result, position, window, should_stop, on_progress)
         plans = self._plans(origin, target)
         self._parked_waiting = parked.any_waiting(target, self.origin.name)
         reader.make_durable(origin)
@@ -285,6 +300,61 @@ class Puller:
         if not pieces:
             self._finish_empty_window(target, position, window)
         return "fresh" if position.window_snapshot is None else "resumed"
+
+    def _pull_schema_window(
+        self,
+        result: PullResult,
+        position: Position,
+        window: reader.Window,
+        should_stop: Callable[[], bool],
+        on_progress: Callable[[PullResult], None],
+    ) -> Literal["fresh", "resumed"] | None:
+        """Apply a window that holds schema changes: each in its own piece, change by change,
+        and the pieces around them with the columns their rows carry (see schema.py)."""
+        target = self._target()
+        pieces = schema.pieces(target, window.done, self.piece_rows)
+        target.commit()
+        done = window.done
+        for index, piece in enumerate(pieces):
+            if should_stop():
+                return None
+            final = index == len(pieces) - 1
+            expected = (
+                position
+                if index == 0
+                else Position(window.applied_snapshot, window.window_snapshot, done)
+            )
+            selection = sql.SQL("s.transaction_order > {} AND s.transaction_order <= {}").format(
+                sql.Literal(piece.after), sql.Literal(piece.last)
+            )
+            if piece.schema:
+                self._carried_cache.clear()
+                conflicts = self._apply_one_by_one(
+                    target, self._carried_plan, expected, window, selection, piece.last, final
+                )
+                self._plans_cache.clear()
+            else:
+                plans = self._carried_plans(target, selection)
+                target.commit()
+                conflicts = self._apply_piece(
+                    target, plans, expected, window, piece.after, piece.last, final
+                )
+            done = piece.last
+            result.changes += piece.rows
+            result.transactions += piece.transactions
+            result.conflicts += conflicts
+            on_progress(result)
+        if not pieces:
+            self._finish_empty_window(target, position, window)
+        return "fresh" if position.window_snapshot is None else "resumed"
+
+    def _refresh_origin_capture(self) -> None:
+        """The origin's schema changed: capture its new tables and regenerate the capture of
+        changed ones there (their rows so far are logged, see catalog.refresh_capture)."""
+        with connect(self.origin) as connection, connection.transaction():
+            adopted = catalog.refresh_capture(connection, self.origin.name)
+        for name in adopted:
+            log.info("%s: new table %s is replicated from now on", self.origin.name, name)
 
     # -- position ------------------------------------------------------------------------
 
@@ -331,7 +401,9 @@ class Puller:
 
     # -- staging -------------------------------------------------------------------------
 
-    def _stage(self, origin: Connection, target: Connection, window: reader.Window) -> int:
+    def _stage(
+        self, origin: Connection, target: Connection, window: reader.Window
+    ) -> tuple[int, int]:
         with target.transaction():
             horizons = reader.copy_horizons(target, self.origin.name)
             target.execute("TRUNCATE pgconcord_stage")
@@ -340,11 +412,14 @@ class Puller:
             with target.cursor() as cursor, cursor.copy("COPY pgconcord_stage FROM STDIN") as copy:
                 for block in reader.stream_window(origin, window, horizons):
                     copy.write(block)
-            row = target.execute("SELECT count(*) FROM pgconcord_stage").fetchone()
+            row = target.execute(
+                "SELECT count(*), count(*) FILTER (WHERE operation = 'S') FROM pgconcord_stage"
+            ).fetchone()
             staged = int(str(row[0])) if row else 0
+            schema_changes = int(str(row[1])) if row else 0
             if staged > 10_000:
                 target.execute("ANALYZE pgconcord_stage")
-        return staged
+        return staged, schema_changes
 
     def _plans(self, origin: Connection, target: Connection) -> dict[tuple[str, str], TablePlan]:
         """Check the staged tables exist on the target with every column the origin sends."""
@@ -359,9 +434,84 @@ class Puller:
         fingerprints = (catalog.fingerprint(origin), catalog.fingerprint(target))
         if fingerprints == self._plans_fingerprints and names <= self._plans_cache.keys():
             return {name: self._plans_cache[name] for name in names}
-        plans = self._check_tables(origin, target, names)
+        try:
+            plans = self._check_tables(origin, target, names)
+        except SchemaError:
+            target.rollback()
+            # The origin's table may have changed after this window was read (a schema change
+            # still ahead in its log): what counts is what the staged rows carry.
+            plans = self._carried_plans(target, sql.SQL("true"))
+            target.commit()
+            return plans
         self._plans_cache, self._plans_fingerprints = plans, fingerprints
         return plans
+
+    def _carried_plans(
+        self, target: Connection, selection: sql.Composable
+    ) -> dict[tuple[str, str], TablePlan]:
+        """Plans for the selected staged changes with the columns their rows carry, checked
+        against the target's tables as they are now."""
+        names = {
+            (str(schema_name), str(table_name))
+            for schema_name, table_name in target.execute(
+                sql.SQL(
+                    "SELECT DISTINCT s.schema_name, s.table_name FROM pgconcord_stage s"
+                    " WHERE s.schema_name IS NOT NULL AND ({})"
+                ).format(selection)
+            )
+        }
+        if not names:
+            return {}
+        registered = catalog.registered_tables(target)
+        counters = catalog.delta_columns_of(target)
+        resolvers = catalog.resolvers_of(target)
+        at_target = {
+            (t.schema, t.name): t
+            for t in catalog.discover_tables(target, sorted({s for s, _ in names}), set())
+        }
+        plans = {}
+        for name in sorted(names):
+            qualified = ".".join(name)
+            destination = at_target.get(name)
+            if destination is None and name in registered:
+                table = Table(name[0], name[1], (), ())
+                plans[name] = TablePlan(table, registered[name], (), dropped=True)
+                continue
+            if destination is None or name not in registered:
+                raise SchemaError(
+                    f"table {qualified}: changes from {self.origin.name} cannot be applied on"
+                    f" {self.target.name}: the table is missing there"
+                )
+            carried = schema.carried_columns(target, name[0], name[1], selection)
+            generated = {c.name for c in destination.columns if c.generated}
+            stored = [c.name for c in destination.stored_columns]
+            schema.check_carried(
+                self.origin.name, self.target.name, qualified, carried - generated, set(stored)
+            )
+            wanted = carried | set(destination.key_columns)
+            plans[name] = TablePlan(
+                table=destination,
+                table_id=registered[name],
+                columns=tuple(c for c in stored if c in wanted),
+                delta_columns=counters.get(name, ()),
+                resolver=resolvers.get(name),
+            )
+        return plans
+
+    def _carried_plan(self, schema_name: str, table_name: str, change_id: int) -> TablePlan:
+        """The plan of one change in a piece with a schema change (cached until the next)."""
+        selection = sql.SQL("s.id = {}").format(sql.Literal(change_id))
+        columns = tuple(
+            sorted(
+                schema.carried_columns(target := self._target(), schema_name, table_name, selection)
+            )
+        )
+        key = (schema_name, table_name, columns)
+        if key not in self._carried_cache:
+            self._carried_cache[key] = self._carried_plans(target, selection)[
+                (schema_name, table_name)
+            ]
+        return self._carried_cache[key]
 
     def _check_tables(
         self, origin: Connection, target: Connection, names: set[tuple[str, str]]
@@ -379,6 +529,9 @@ class Puller:
         for name in sorted(names):
             qualified = ".".join(name)
             source, destination = at_origin.get(name), at_target.get(name)
+            if destination is None and name in registered and source is not None:
+                plans[name] = TablePlan(source, registered[name], (), dropped=True)
+                continue
             if destination is None or name not in registered:
                 raise SchemaError(
                     f"table {qualified}: changes from {self.origin.name} cannot be applied on"
@@ -458,18 +611,26 @@ class Puller:
         except psycopg.DatabaseError as error:
             if not is_data_problem(error):
                 raise
-        except resolver.Parked:
+        except (resolver.Parked, TableDropped):
             pass
         # Some change cannot be applied (or the user's resolver asked to park one), or the
         # set-wise apply lost the order between rows (a unique value moved from one row to
         # another inside the piece): go change by change, parking those that fail, so that
         # the stream goes on.
-        return self._apply_one_by_one(target, plans, expected, window, piece, last_order, final)
+        return self._apply_one_by_one(
+            target,
+            lambda schema_name, table_name, _change: plans[(schema_name, table_name)],
+            expected,
+            window,
+            piece,
+            last_order,
+            final,
+        )
 
     def _apply_one_by_one(
         self,
         target: Connection,
-        plans: dict[tuple[str, str], TablePlan],
+        plan_for: Callable[[str, str, int], TablePlan],
         expected: Position,
         window: reader.Window,
         piece: sql.Composable,
@@ -488,16 +649,20 @@ class Puller:
                     " FROM pgconcord_stage s WHERE {} ORDER BY s.transaction_order, s.id"
                 ).format(piece)
             ).fetchall()
-            transactions: dict[int, list[tuple[int, str, str]]] = {}
-            for transaction_order, change_id, schema, name in changes:
+            transactions: dict[int, list[tuple[int, str | None, str | None]]] = {}
+            for transaction_order, change_id, schema_name, table_name in changes:
                 transactions.setdefault(int(str(transaction_order)), []).append(
-                    (int(str(change_id)), str(schema), str(name))
+                    (
+                        int(str(change_id)),
+                        None if schema_name is None else str(schema_name),
+                        None if table_name is None else str(table_name),
+                    )
                 )
             failures = 0
             orders = list(transactions)
             for index, order in enumerate(orders):
                 try:
-                    conflicts += self._apply_transaction(target, plans, transactions[order])
+                    conflicts += self._apply_transaction(target, plan_for, transactions[order])
                     continue
                 except _ChangeFailed as failed:
                     reason = failed.reason
@@ -542,22 +707,28 @@ class Puller:
     def _apply_transaction(
         self,
         target: Connection,
-        plans: dict[tuple[str, str], TablePlan],
-        changes: list[tuple[int, str, str]],
+        plan_for: Callable[[str, str, int], TablePlan],
+        changes: list[tuple[int, str | None, str | None]],
     ) -> int:
         """Apply one source transaction change by change, under one savepoint; raise
         _ChangeFailed (with everything undone) if a change cannot be applied."""
         conflicts = 0
         with target.transaction():
-            for change_id, schema, name in changes:
+            for change_id, schema_name, table_name in changes:
+                what = "schema change" if schema_name is None else f"{schema_name}.{table_name}"
                 try:
-                    conflicts += self._apply_change(target, plans[(schema, name)], change_id)
+                    if schema_name is None or table_name is None:
+                        schema.run_statement(target, change_id)
+                        self._carried_cache.clear()
+                        continue
+                    plan = plan_for(schema_name, table_name, change_id)
+                    conflicts += self._apply_change(target, plan, change_id)
                 except psycopg.DatabaseError as error:
                     if not is_data_problem(error):
                         raise
-                    raise _ChangeFailed(f"{schema}.{name}: {first_line(error)}") from error
-                except resolver.Parked as parked_by_resolver:
-                    raise _ChangeFailed(f"{schema}.{name}: {parked_by_resolver}") from None
+                    raise _ChangeFailed(f"{what}: {first_line(error)}") from error
+                except (resolver.Parked, TableDropped) as not_applied:
+                    raise _ChangeFailed(f"{what}: {not_applied}") from None
         return conflicts
 
     def _apply_change(self, target: Connection, plan: TablePlan, change_id: int) -> int:
@@ -636,6 +807,17 @@ def apply_table(
 ) -> int:
     """Apply the staged changes the selection picks for one table; the number of conflicts.
     Runs inside the caller's transaction."""
+    if plan.dropped:
+        staged = target.execute(
+            sql.SQL(
+                "SELECT EXISTS (SELECT 1 FROM pgconcord_stage s WHERE s.schema_name = %s"
+                " AND s.table_name = %s AND ({}))"
+            ).format(selection),
+            (plan.table.schema, plan.table.name),
+        ).fetchone()
+        if staged and staged[0]:
+            raise TableDropped(f"table {plan.table.qualified_name} was dropped on this node")
+        return 0
     if not plan.table.key_columns:
         target.execute(
             conflict.insert_only_statement(plan.table, plan.columns, selection),

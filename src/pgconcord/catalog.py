@@ -241,6 +241,7 @@ _FINGERPRINT = """
 SELECT coalesce(sum(hashtext(concat_ws(':', a.attrelid, a.attnum, a.attname, a.atttypid,
                                        a.atttypmod, a.attisdropped, a.attgenerated,
                                        a.attidentity))), 0)
+       + coalesce((SELECT generation FROM pgconcord.schema_state), 0)
        + (SELECT coalesce(sum(hashtext(concat_ws(':', t.id, t.schema_name, t.table_name,
                                                  t.key_columns, t.delta_columns, t.policy))), 0)
             FROM pgconcord.replicated_table t)
@@ -333,10 +334,11 @@ def install_capture(
             new_key=key_object("NEW"),
             old_key=key_object("OLD"),
             new_row=_new_row(table),
+            old_row=_new_row(table, "OLD"),
             settings=_fixed_settings(table),
             old_values=_old_values(delta_columns),
             merges=sql.Literal(policy != "node-priority"),
-            changed_columns=_changed_columns(table, delta_columns),
+            unmerged_columns=_unmerged_columns(table, delta_columns),
             **_order_keys(policy, priority, node_name),
         )
     connection.execute(function)
@@ -367,6 +369,10 @@ def install_capture(
                 target,
             )
         )
+    connection.execute(
+        "UPDATE pgconcord.replicated_table SET relation = %s::regclass WHERE id = %s",
+        (table.identifier.as_string(connection), table_id),
+    )
     return table_id
 
 
@@ -438,60 +444,27 @@ def _fixed_settings(table: Table) -> sql.Composable:
     )
 
 
-def _new_row(table: Table) -> sql.Composable:
+def _new_row(table: Table, record: str = "NEW") -> sql.Composable:
     """The logged row: to_jsonb(NEW), with the columns jsonb would alter carried as their text
     (json keeps its text, floats their -0, arrays their bounds, a JSON null stays non-NULL)."""
     text_columns = [c.name for c in table.stored_columns if c.as_text]
     if not text_columns:
-        return sql.SQL("to_jsonb(NEW)")
+        return sql.SQL("to_jsonb({})").format(sql.SQL(record))
     pairs = sql.SQL(", ").join(
-        sql.SQL("{}, NEW.{}::text").format(sql.Literal(name), sql.Identifier(name))
+        sql.SQL("{}, {}.{}::text").format(sql.Literal(name), sql.SQL(record), sql.Identifier(name))
         for name in text_columns
     )
     # jsonb_object(text[]) takes any number of pairs (jsonb_build_object stops at 50).
-    return sql.SQL("to_jsonb(NEW) || jsonb_object(ARRAY[{}])").format(pairs)
+    return sql.SQL("to_jsonb({}) || jsonb_object(ARRAY[{}])").format(sql.SQL(record), pairs)
 
 
-# Types whose = operator tells values apart exactly as their text does; other columns are
-# compared as text (json has no =, floats call -0 equal to 0, arrays vary by element type).
-_EXACT_EQUALITY = {
-    "bigint",
-    "integer",
-    "smallint",
-    "numeric",
-    "text",
-    "character varying",
-    "character",
-    "boolean",
-    "date",
-    "timestamp without time zone",
-    "timestamp with time zone",
-    "uuid",
-    "bytea",
-}
-
-
-def _changed_columns(table: Table, delta_columns: tuple[str, ...]) -> sql.Composable:
-    """The names of the columns an update changed, as text[]: the ones it stamps with its
-    version. Keys stay (an update of the key is a delete and an insert), counters add up
-    instead of merging, generated columns are recomputed."""
-    names = [
-        column
-        for column in table.stored_columns
-        if column.name not in table.key_columns and column.name not in delta_columns
-    ]
-    if not names:
-        return sql.SQL("'{}'::text[]")
-
-    def differs(column: Column) -> sql.Composable:
-        base_type = column.type_name.split("(")[0].strip()
-        cast = sql.SQL("") if base_type in _EXACT_EQUALITY else sql.SQL("::text")
-        return sql.SQL(
-            "CASE WHEN NEW.{name}{cast} IS DISTINCT FROM OLD.{name}{cast} THEN {literal} END"
-        ).format(name=sql.Identifier(column.name), cast=cast, literal=sql.Literal(column.name))
-
-    return sql.SQL("array_remove(ARRAY[{}]::text[], NULL)").format(
-        sql.SQL(", ").join(differs(column) for column in names)
+def _unmerged_columns(table: Table, delta_columns: tuple[str, ...]) -> sql.Composable:
+    """The columns an update never stamps with its version: keys (an update of the key is a
+    delete and an insert), counters (they add up instead) and generated columns (recomputed)."""
+    names = set(table.key_columns) | set(delta_columns)
+    names |= {column.name for column in table.columns if column.generated}
+    return sql.SQL("ARRAY[{}]::text[]").format(
+        sql.SQL(", ").join(sql.Literal(name) for name in sorted(names))
     )
 
 
@@ -597,3 +570,144 @@ def ensure_positions(
             " VALUES (%s, '1:1:') ON CONFLICT (origin) DO NOTHING",
             (origin,),
         )
+
+
+# -- schema changes (011_schema_changes.sql) -----------------------------------------------
+
+
+def installing(connection: psycopg.Connection[tuple[object, ...]]) -> None:
+    """Mark the current transaction as pgconcord's own work, which the event triggers do not
+    log as a schema change to replicate."""
+    connection.execute("SELECT set_config('pgconcord.installing', 'on', true)")
+
+
+def store_scope(
+    connection: psycopg.Connection[tuple[object, ...]], schemas: list[str], excluded: list[str]
+) -> None:
+    connection.execute(
+        "INSERT INTO pgconcord.replication_scope (schemas, excluded) VALUES (%s, %s)"
+        " ON CONFLICT (singleton) DO UPDATE SET schemas = excluded.schemas,"
+        " excluded = excluded.excluded",
+        (schemas, excluded),
+    )
+
+
+def install_event_triggers(connection: psycopg.Connection[tuple[object, ...]]) -> bool:
+    """Capture schema changes; False if this role may not (event triggers need superuser)."""
+    triggers = (
+        ("pgconcord_schema_change", "ddl_command_end", "capture_schema_change"),
+        ("pgconcord_schema_drop", "sql_drop", "capture_schema_drop"),
+    )
+    try:
+        with connection.transaction():
+            for name, event, function in triggers:
+                connection.execute(
+                    sql.SQL("DROP EVENT TRIGGER IF EXISTS {}").format(sql.Identifier(name))
+                )
+                connection.execute(
+                    sql.SQL("CREATE EVENT TRIGGER {} ON {} EXECUTE FUNCTION pgconcord.{}()").format(
+                        sql.Identifier(name), sql.SQL(event), sql.Identifier(function)
+                    )
+                )
+    except psycopg.errors.InsufficientPrivilege:
+        return False
+    return True
+
+
+def schema_generation(connection: psycopg.Connection[tuple[object, ...]]) -> int:
+    row = connection.execute("SELECT generation FROM pgconcord.schema_state").fetchone()
+    return int(str(row[0])) if row else 0
+
+
+def refresh_capture(
+    connection: psycopg.Connection[tuple[object, ...]], node_name: str
+) -> list[str]:
+    """After schema changes: capture every table of the replicated schemas, adopting new ones
+    (their rows so far are logged as inserts, so nothing written before is missed) and
+    regenerating the capture of the others from their current columns. Runs in the caller's
+    transaction; the names of the adopted tables."""
+    installing(connection)
+    # Serializes refreshers; a refresh that finds nothing new since the last one stops here.
+    state = connection.execute(
+        "SELECT generation, refreshed_generation FROM pgconcord.schema_state FOR UPDATE"
+    ).fetchone()
+    if state is None:
+        return []
+    connection.execute("UPDATE pgconcord.schema_state SET refreshed_generation = %s", (state[0],))
+    scope = connection.execute(
+        "SELECT schemas, excluded FROM pgconcord.replication_scope"
+    ).fetchone()
+    if scope is None:
+        return []
+    schemas = [str(s) for s in scope[0]] if isinstance(scope[0], list) else []
+    excluded = {str(s) for s in scope[1]} if isinstance(scope[1], list) else set()
+    registry = {
+        (str(row[0]), str(row[1])): row[2:]
+        for row in connection.execute(
+            "SELECT schema_name, table_name, delta_columns, policy, priority, resolver"
+            " FROM pgconcord.replicated_table"
+        ).fetchall()
+    }
+    adopted = []
+    slot = key_slot(connection)
+    for table in discover_tables(connection, schemas, excluded):
+        settings = registry.get((table.schema, table.name))
+        if settings is None:
+            table_id = install_capture(connection, table, node_name)
+            _log_existing_rows(connection, table, table_id, node_name)
+            if slot is not None:
+                set_key_slot(connection, slot, [table])
+            adopted.append(table.qualified_name)
+            connection.execute("SELECT pg_notify('pgconcord_change', '')")
+            continue
+        delta, policy, priority, resolver = settings
+        install_capture(
+            connection,
+            table,
+            node_name,
+            tuple(delta) if isinstance(delta, list) else (),
+            str(policy),
+            tuple(priority) if isinstance(priority, list) else (),
+            None if resolver is None else str(resolver),
+        )
+    return adopted
+
+
+def _log_existing_rows(
+    connection: psycopg.Connection[tuple[object, ...]], table: Table, table_id: int, node: str
+) -> None:
+    """Log a newly adopted table's rows as inserts (its capture trigger, created in this
+    transaction, locks writers out until it commits)."""
+    row = _new_row(table, "t")
+    if not table.key_columns:
+        connection.execute(
+            sql.SQL(
+                "INSERT INTO pgconcord.change_log (table_id, operation, row_key, clock, new_row)"
+                " SELECT {id}, 'I', r, pgconcord.clock_now(), r"
+                " FROM (SELECT {row} AS r FROM {table} t) AS existing"
+            ).format(id=sql.Literal(table_id), row=row, table=table.identifier)
+        )
+        return
+    key = sql.SQL("jsonb_build_object({})").format(
+        sql.SQL(", ").join(
+            sql.SQL("{}, t.{}").format(sql.Literal(c), sql.Identifier(c)) for c in table.key_columns
+        )
+    )
+    connection.execute(
+        sql.SQL(
+            "WITH existing AS (SELECT {key} AS k, {row} AS r FROM {table} t),"
+            " versions AS (INSERT INTO pgconcord.row_version"
+            "   (table_id, row_key, clock, origin, deleted)"
+            "   SELECT {id}, k, pgconcord.clock_now(), {node}, false FROM existing"
+            "   ON CONFLICT (table_id, row_key) DO NOTHING RETURNING row_key, clock)"
+            " INSERT INTO pgconcord.change_log (table_id, operation, row_key, clock, new_row)"
+            " SELECT {id}, 'I', e.k, v.clock, e.r FROM existing e"
+            " JOIN versions v ON v.row_key = e.k"
+        ).format(
+            key=key,
+            row=row,
+            table=table.identifier,
+            id=sql.Literal(table_id),
+            node=sql.Literal(node),
+        )
+    )

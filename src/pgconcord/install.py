@@ -170,8 +170,12 @@ def setup(config: ClusterConfig, progress: Callable[[str], None] = lambda _: Non
         for node in config.nodes:
             connection = connections[node.name]
             with connection.transaction():
+                catalog.installing(connection)
                 report.catalog_versions[node.name] = catalog.migrate(connection)
                 catalog.claim_identity(connection, node.name, config.cluster.name)
+                catalog.store_scope(
+                    connection, config.replication.schemas, config.replication.exclude
+                )
                 for table in tables:
                     policy, priority = config.table_policy(table.schema, table.name)
                     catalog.install_capture(
@@ -187,6 +191,12 @@ def setup(config: ClusterConfig, progress: Callable[[str], None] = lambda _: Non
                     connection, [peer for peer in config.node_names if peer != node.name]
                 )
                 catalog.set_key_slot(connection, slots[node.name], tables)
+                schema_changes = catalog.install_event_triggers(connection)
+            if not schema_changes:
+                progress(
+                    f"{node.name}: schema changes made there are not replicated (creating event"
+                    " triggers needs superuser); make them on every node yourself"
+                )
             progress(
                 f"{node.name}: catalog v{report.catalog_versions[node.name]},"
                 f" capture on {len(tables)} tables"

@@ -11,7 +11,7 @@ import psycopg
 from psycopg import sql
 
 # Module imports (not names) on both sides: apply parks changes, retry applies them again.
-from pgconcord import apply, catalog, resolver
+from pgconcord import apply, catalog, resolver, schema
 from pgconcord.config import NodeConfig
 from pgconcord.conflict import change_object
 from pgconcord.errors import SchemaError
@@ -19,9 +19,10 @@ from pgconcord.errors import SchemaError
 Connection = psycopg.Connection[tuple[object, ...]]
 
 _STAGED_CHANGE = """
-SELECT {origin}, s.schema_name, s.table_name, s.row_key, s.operation, s.clock,
-       s.previous_clock, s.previous_origin, s.new_row, s.old_values, s.order_key,
-       s.transaction_order, s.generation_clock, s.generation_origin, s.column_versions, {reason}
+SELECT {origin}, coalesce(s.schema_name, ''), coalesce(s.table_name, ''), s.row_key,
+       s.operation, s.clock, s.previous_clock, s.previous_origin, s.new_row, s.old_values,
+       s.order_key, s.transaction_order, s.generation_clock, s.generation_origin,
+       s.column_versions, {reason}
   FROM pgconcord_stage s
 """
 
@@ -213,9 +214,13 @@ def _retry_group(target: Connection, identifiers: list[int]) -> str | None:
         failing = ""
         try:
             with target.transaction():
-                for identifier, origin, schema, name, new_row, _ in rows:
-                    failing = f"{schema}.{name}"
-                    plan = _plan_for_row(target, str(schema), str(name), new_row)
+                for identifier, origin, schema_name, name, new_row, _ in rows:
+                    failing = f"{schema_name}.{name}"
+                    if not schema_name:  # a schema change (schema.py)
+                        failing = "schema change"
+                        schema.run_statement(target, int(str(identifier)))
+                        continue
+                    plan = _plan_for_row(target, str(schema_name), str(name), new_row)
                     apply.apply_table(
                         target,
                         plan,

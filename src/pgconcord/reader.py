@@ -60,7 +60,8 @@ COPY (
              WHERE """
     + _WINDOW_FILTER
     + """) w
-      JOIN pgconcord.replicated_table t ON t.id = w.table_id
+      -- Schema changes (operation 'S') belong to no table.
+      LEFT JOIN pgconcord.replicated_table t ON t.id = w.table_id
      WHERE w.transaction_order > {done} {not_copied}
 ) TO STDOUT
 """
@@ -69,12 +70,14 @@ COPY (
 # Changes a copied table already holds (pgconcord.copy_horizon, rows given as VALUES).
 _NOT_COPIED = """
        AND NOT EXISTS (
-           SELECT 1 FROM (VALUES {horizons}) AS h(schema_name, table_name, applied, window, done)
+           SELECT 1
+             FROM (VALUES {horizons}) AS h(schema_name, table_name, applied_snapshot,
+                                           window_snapshot, window_done)
             WHERE h.schema_name = t.schema_name AND h.table_name = t.table_name
-              AND (pg_visible_in_snapshot(w.txid, h.applied::pg_snapshot)
-                   OR (h.window IS NOT NULL
-                       AND pg_visible_in_snapshot(w.txid, h.window::pg_snapshot)
-                       AND w.transaction_order <= h.done)))
+              AND (pg_visible_in_snapshot(w.txid, h.applied_snapshot::pg_snapshot)
+                   OR (h.window_snapshot IS NOT NULL
+                       AND pg_visible_in_snapshot(w.txid, h.window_snapshot::pg_snapshot)
+                       AND w.transaction_order <= h.window_done)))
 """
 
 
@@ -126,6 +129,17 @@ def begin_snapshot(origin: psycopg.Connection[tuple[object, ...]]) -> str:
     row = origin.execute("SELECT pg_current_snapshot()::text").fetchone()
     assert row is not None
     return str(row[0])
+
+
+def begin_window(origin: psycopg.Connection[tuple[object, ...]]) -> tuple[str, bool]:
+    """begin_snapshot(), and whether the origin's schema changed since its capture was last
+    regenerated (catalog.refresh_capture is then due there)."""
+    row = origin.execute(
+        "SELECT pg_current_snapshot()::text, generation > refreshed_generation"
+        " FROM pgconcord.schema_state"
+    ).fetchone()
+    assert row is not None
+    return str(row[0]), bool(row[1])
 
 
 def make_durable(origin: psycopg.Connection[tuple[object, ...]]) -> None:

@@ -18,6 +18,8 @@ DECLARE
     old_key jsonb;
     version record;
     changed text[];
+    logged jsonb;
+    old_logged jsonb;
     now_clock bigint := pgconcord.clock_now();
 BEGIN
     IF TG_OP <> 'INSERT' THEN
@@ -47,7 +49,12 @@ BEGIN
                 version.previous_origin, NULL, version.order_key);
     END IF;
     IF TG_OP = 'UPDATE' AND old_key = new_key AND {merges} THEN
-        changed := {changed_columns};
+        -- Compared as logged, so a column added since this function was generated counts too.
+        logged := {new_row};
+        old_logged := {old_row};
+        changed := ARRAY(SELECT n.key FROM jsonb_each(logged) AS n
+                          WHERE n.value IS DISTINCT FROM old_logged -> n.key
+                            AND n.key <> ALL ({unmerged_columns}));
         -- A row without a version yet was there before replication began: its generation is
         -- the same zero version on every node.
         INSERT INTO pgconcord.row_version AS v
@@ -82,7 +89,7 @@ BEGIN
             (table_id, operation, row_key, clock, previous_clock, previous_origin, new_row,
              old_values, order_key, generation_clock, generation_origin, column_versions)
         VALUES ({table_id}, 'U', new_key, version.last_clock, version.previous_clock,
-                version.previous_origin, {new_row}, {old_values}, version.order_key,
+                version.previous_origin, logged, {old_values}, version.order_key,
                 version.clock, version.origin, version.column_versions);
     ELSIF TG_OP <> 'DELETE' THEN
         INSERT INTO pgconcord.row_version AS v
