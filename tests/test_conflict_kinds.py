@@ -149,6 +149,11 @@ def test_a_child_arriving_before_its_parent(cluster: Cluster) -> None:
     cluster.pull("north", "east")
     assert cluster.query("east", "SELECT id FROM child") == [(10,)]
     assert cluster.query("east", "SELECT id FROM parent") == []
+    # Recorded where it happened, and only there.
+    missing = [r for r in cluster.conflicts() if r["type"] == "parent_missing"]
+    assert [(r["node"], r["table"], r["key"]) for r in missing] == [
+        ("east", "public.child", {"id": 10})
+    ]
     cluster.sync()
     for name in cluster.names:
         assert cluster.query(

@@ -129,6 +129,7 @@ class TablePlan:
     delta_columns: tuple[str, ...] = ()  # counters: concurrent changes add up
     resolver: str | None = None  # the user's function for conflicts ('module:function')
     dropped: bool = False  # the table was replicated here and has been dropped
+    foreign_keys: tuple[catalog.ForeignKey, ...] = ()  # checked after applying, and recorded
 
 
 class Puller:
@@ -495,6 +496,7 @@ class Puller:
                 columns=tuple(c for c in stored if c in wanted),
                 delta_columns=counters.get(name, ()),
                 resolver=resolvers.get(name),
+                foreign_keys=catalog.foreign_keys(target, destination),
             )
         return plans
 
@@ -559,6 +561,7 @@ class Puller:
                 columns=tuple(c.name for c in source.stored_columns),
                 delta_columns=counters.get(name, ()),
                 resolver=resolvers.get(name),
+                foreign_keys=catalog.foreign_keys(target, destination),
             )
         return plans
 
@@ -854,6 +857,13 @@ def apply_table(
     target.execute(statements.upsert_rows, parameters)
     if statements.merge_rows is not None:
         target.execute(statements.merge_rows, parameters)
+    for foreign_key in plan.foreign_keys:
+        recorded += max(
+            target.execute(
+                conflict.parent_missing_statement(plan.table, foreign_key), parameters
+            ).rowcount,
+            0,
+        )
     if verdicts is not None and verdicts.keep:
         resolver.write_kept_rows(target, plan.table, plan.columns, verdicts)
         resolver.mark_resolved(target, plan.table, verdicts)

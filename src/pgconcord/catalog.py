@@ -181,6 +181,38 @@ def discover_tables(
     return _with_registered_keys(connection, tables)
 
 
+@dataclass(frozen=True)
+class ForeignKey:
+    """A foreign key of a replicated table: its columns and the parent's columns they name."""
+
+    columns: tuple[str, ...]
+    parent: sql.Identifier
+    parent_columns: tuple[str, ...]
+
+
+def foreign_keys(
+    connection: psycopg.Connection[tuple[object, ...]], table: Table
+) -> tuple[ForeignKey, ...]:
+    rows = connection.execute(
+        "SELECT (SELECT array_agg(a.attname::text ORDER BY k.n) FROM unnest(c.conkey)"
+        "        WITH ORDINALITY AS k(attnum, n)"
+        "        JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum),"
+        "       n.nspname::text, p.relname::text,"
+        "       (SELECT array_agg(a.attname::text ORDER BY k.n) FROM unnest(c.confkey)"
+        "        WITH ORDINALITY AS k(attnum, n)"
+        "        JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.attnum)"
+        "  FROM pg_constraint c JOIN pg_class p ON p.oid = c.confrelid"
+        "  JOIN pg_namespace n ON n.oid = p.relnamespace"
+        " WHERE c.conrelid = %s::regclass AND c.contype = 'f'",
+        (table.identifier.as_string(connection),),
+    ).fetchall()
+    return tuple(
+        ForeignKey(tuple(columns), sql.Identifier(str(schema), str(name)), tuple(parents))
+        for columns, schema, name, parents in rows
+        if isinstance(columns, list) and isinstance(parents, list)
+    )
+
+
 def _with_registered_keys(
     connection: psycopg.Connection[tuple[object, ...]], tables: list[Table]
 ) -> list[Table]:

@@ -25,7 +25,7 @@ import psycopg
 import psycopg.types.json
 from psycopg import sql
 
-from pgconcord.catalog import Table
+from pgconcord.catalog import ForeignKey, Table
 
 
 class Version(NamedTuple):
@@ -299,6 +299,36 @@ def row_value(table: Table, name: str, change: str) -> sql.Composable:
             sql.Identifier(change), sql.Literal(name), sql.SQL(column.type_name)
         )
     return sql.SQL("r.{}").format(sql.Identifier(name))
+
+
+# A row applied here whose parent (foreign key) is not here (yet): the apply does not check
+# foreign keys, so the row is kept on every node and the parent may still arrive; recorded.
+_PARENT_MISSING = """
+INSERT INTO pgconcord.conflict
+    (schema_name, table_name, row_key, conflict_type, resolution, incoming_clock,
+     incoming_origin, incoming_operation, incoming_row)
+SELECT %(schema)s, %(table)s, d.row_key, 'parent_missing', 'incoming', d.clock, %(origin)s,
+       d.operation, d.new_row
+  FROM pgconcord_decision d
+  JOIN pgconcord_winner w ON w.row_key = d.row_key
+ CROSS JOIN LATERAL jsonb_populate_record(NULL::{table}, d.new_row) r
+ WHERE d.mode IN ('full', 'merge') AND {all_set}
+   AND NOT EXISTS (SELECT 1 FROM {parent} p WHERE {matches})
+"""
+
+
+def parent_missing_statement(table: Table, foreign_key: ForeignKey) -> sql.Composed:
+    return sql.SQL(_PARENT_MISSING).format(
+        table=table.identifier,
+        parent=foreign_key.parent,
+        all_set=sql.SQL(" AND ").join(
+            sql.SQL("r.{} IS NOT NULL").format(sql.Identifier(c)) for c in foreign_key.columns
+        ),
+        matches=sql.SQL(" AND ").join(
+            sql.SQL("p.{} = r.{}").format(sql.Identifier(parent), sql.Identifier(child))
+            for child, parent in zip(foreign_key.columns, foreign_key.parent_columns, strict=True)
+        ),
+    )
 
 
 # A table without a key takes inserts only (catalog: capture_insert_only.sql): in order, as
