@@ -89,6 +89,9 @@ SHARED_KEYS = st.integers(1, 6)
 operation = st.one_of(
     st.tuples(st.just("upsert"), SHARED_KEYS, st.integers(0, 999)),
     st.tuples(st.just("update"), SHARED_KEYS, st.integers(0, 999)),
+    # One column only: concurrent ones on other columns of the row merge (column-level).
+    st.tuples(st.just("update_value"), SHARED_KEYS, st.integers(0, 999)),
+    st.tuples(st.just("sign"), SHARED_KEYS),
     st.tuples(st.just("delete"), SHARED_KEYS),
     st.tuples(st.just("move"), SHARED_KEYS, SHARED_KEYS),
     st.tuples(st.just("insert_private"), st.integers(0, 999)),
@@ -281,6 +284,10 @@ class FaultSchedule(RuleBasedStateMachine):
             connection.execute(
                 "UPDATE shared SET value = %s, writer = %s WHERE id = %s", (op[2], node, op[1])
             )
+        elif kind == "update_value":
+            connection.execute("UPDATE shared SET value = %s WHERE id = %s", (op[2], op[1]))
+        elif kind == "sign":
+            connection.execute("UPDATE shared SET writer = %s WHERE id = %s", (node, op[1]))
         elif kind == "delete":
             connection.execute("DELETE FROM shared WHERE id = %s", (op[1],))
         elif kind == "move":
