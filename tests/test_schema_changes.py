@@ -5,9 +5,13 @@ until it is healed."""
 
 from __future__ import annotations
 
+import threading
+
 import psycopg
 import pytest
 from harness import Cluster, wait_for
+
+from pgconcord.agent import Agent, sync
 
 BASE = "CREATE TABLE items (id int PRIMARY KEY, name text, price numeric)"
 
@@ -154,7 +158,7 @@ def test_a_difference_made_by_hand_holds_the_changes_until_it_is_healed(
     cluster.execute("south", by_hand)
     cluster.execute("south", "INSERT INTO items VALUES (9, 'clip', 1, 42)")
     cluster.execute("north", "INSERT INTO items VALUES (10, 'pad', 3)")
-    report = __import__("pgconcord.agent", fromlist=["sync"]).sync(cluster.config)
+    report = sync(cluster.config)
     assert not report.ok
     assert any("column extra" in failure for failure in report.failures), report.failures
     # Everything else flowed; the held change is still queued.
@@ -192,4 +196,57 @@ def test_a_dropped_table_is_dropped_everywhere_and_late_writes_to_it_are_parked(
         assert cluster.value(name, "SELECT name FROM items WHERE id = 7") == "after the drop"
     parked = [r for r in cluster.conflicts() if r["kind"] == "parked"]
     assert parked and all("was dropped on this node" in r["reason"] for r in parked)
+    cluster.assert_identical()
+
+
+def test_schema_changes_arrive_under_a_running_agent_while_writes_go_on(
+    cluster: Cluster,
+) -> None:
+    prepared(cluster)
+    stop = threading.Event()
+    written: list[int] = []
+
+    def keep_writing() -> None:
+        number = 100
+        while not stop.is_set():
+            number += 1
+            node = cluster.names[number % len(cluster.names)]
+            cluster.execute(node, "INSERT INTO items VALUES (%s, 'busy', 1)", (number,))
+            written.append(number)
+
+    writer = threading.Thread(target=keep_writing)
+    running = Agent(cluster.config, poll_seconds=5).start()
+    writer.start()
+    try:
+        cluster.execute("south", "CREATE TABLE tags (id int PRIMARY KEY, label text)")
+        cluster.execute("south", "INSERT INTO tags VALUES (1, 'new')")
+        cluster.execute("north", "ALTER TABLE items ADD COLUMN weight int")
+        wait_for(
+            lambda: all(
+                cluster.value(name, "SELECT to_regclass('public.tags') IS NOT NULL")
+                and cluster.value(name, "SELECT count(*) FROM tags") == 1
+                and "weight" in [c for c, _ in columns(cluster, name, "items")]
+                for name in cluster.names
+            ),
+            timeout=60,
+            message="the new table, its row and the new column on every node",
+        )
+        cluster.execute("east", "INSERT INTO tags VALUES (2, 'from east')")
+        cluster.execute("east", "UPDATE items SET weight = 3 WHERE id = 1")
+    finally:
+        stop.set()
+        writer.join()
+    try:
+        wait_for(
+            lambda: all(
+                cluster.value(name, "SELECT count(*) FROM items WHERE id > 100") == len(written)
+                and cluster.value(name, "SELECT count(*) FROM tags") == 2
+                and cluster.value(name, "SELECT weight FROM items WHERE id = 1") == 3
+                for name in cluster.names
+            ),
+            timeout=60,
+            message="every write on every node",
+        )
+    finally:
+        running.stop()
     cluster.assert_identical()
