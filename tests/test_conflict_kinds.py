@@ -49,6 +49,23 @@ def test_insert_colliding_on_several_unique_constraints(cluster: Cluster) -> Non
     cluster.assert_identical()
 
 
+def test_updates_giving_two_rows_the_same_unique_value(cluster: Cluster) -> None:
+    setup_users(cluster)
+    cluster.execute(
+        "north", "INSERT INTO users VALUES ('n1', 'n@x', '1', 'N'), ('s1', 's@x', '2', 'S')"
+    )
+    cluster.sync()
+    cluster.execute("north", "UPDATE users SET email = 'same@x' WHERE id = 'n1'")
+    time.sleep(0.01)
+    cluster.execute("south", "UPDATE users SET email = 'same@x' WHERE id = 's1'")
+    cluster.sync()
+    # The later update keeps the value on every node, as for inserts; recorded.
+    for name in cluster.names:
+        assert cluster.query(name, "SELECT id FROM users WHERE email = 'same@x'") == [("s1",)]
+    assert "update_exists" in conflict_types(cluster)
+    cluster.assert_identical()
+
+
 def test_same_clock_reading_breaks_the_tie_by_node_name(cluster: Cluster) -> None:
     for name in cluster.names:
         cluster.execute(name, "CREATE TABLE t (id int PRIMARY KEY, v text)")

@@ -581,7 +581,8 @@ def resolve_unique_collision(
         names = [str(column) for column in (columns if isinstance(columns, list) else [])]
         found = connection.execute(
             sql.SQL(
-                "SELECT {key}, to_jsonb(t.*), v.clock, v.origin, v.order_key FROM {table} t"
+                "SELECT {key}, to_jsonb(t.*), coalesce(v.last_clock, v.clock),"
+                " coalesce(v.last_origin, v.origin), v.order_key FROM {table} t"
                 " LEFT JOIN pgconcord.row_version v ON v.table_id = %s AND v.row_key = {key}"
                 " WHERE ({columns}) = (SELECT {record_columns}"
                 "   FROM jsonb_populate_record(NULL::{table}, %s) r) AND {key} <> %s"
@@ -613,7 +614,13 @@ def resolve_unique_collision(
     if not holders:
         return None
     incoming_wins_all = all(incoming_wins(incoming, h.version) for h in holders.values())
-    kind = "multiple_unique_conflicts" if constraints_hit > 1 else "insert_exists"
+    kind = (
+        "multiple_unique_conflicts"
+        if constraints_hit > 1
+        else "update_exists"
+        if operation == "U"
+        else "insert_exists"
+    )
     for holder in holders.values():
         connection.execute(
             "INSERT INTO pgconcord.conflict (schema_name, table_name, row_key, conflict_type,"
@@ -636,17 +643,30 @@ def resolve_unique_collision(
             ),
         )
         if incoming_wins_all:
-            connection.execute(
-                sql.SQL("DELETE FROM {table} t WHERE {key} = %s").format(
-                    table=table.identifier, key=key_object
-                ),
-                (psycopg.types.json.Jsonb(holder.row_key),),
-            )
-            # The loser stays a tombstone at its own version: if its insert reaches a node
-            # later, it meets the winner there and loses the same way.
-            connection.execute(
-                "UPDATE pgconcord.row_version SET deleted = true"
-                " WHERE table_id = %s AND row_key = %s",
-                (table_id, psycopg.types.json.Jsonb(holder.row_key)),
-            )
+            _remove_loser(connection, table, table_id, key_object, holder.row_key)
+    if not incoming_wins_all and operation == "U":
+        # The row whose update lost goes, as it does on the nodes where it was the holder.
+        _remove_loser(connection, table, table_id, key_object, incoming_key)
     return incoming_wins_all
+
+
+def _remove_loser(
+    connection: psycopg.Connection[tuple[object, ...]],
+    table: Table,
+    table_id: int,
+    key_object: sql.Composable,
+    row_key: Any,
+) -> None:
+    """Delete the row that lost a unique value. It stays a tombstone at its own version: if its
+    write reaches a node later, it meets the winner there and loses the same way."""
+    connection.execute(
+        sql.SQL("DELETE FROM {table} t WHERE {key} = %s").format(
+            table=table.identifier, key=key_object
+        ),
+        (psycopg.types.json.Jsonb(row_key),),
+    )
+    connection.execute(
+        "UPDATE pgconcord.row_version SET deleted = true, column_versions = NULL,"
+        " last_clock = NULL, last_origin = NULL WHERE table_id = %s AND row_key = %s",
+        (table_id, psycopg.types.json.Jsonb(row_key)),
+    )
