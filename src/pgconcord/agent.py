@@ -241,6 +241,8 @@ class SyncReport:
     unreachable: dict[str, str] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     results: list[PullResult] = field(default_factory=list)
+    # Nodes the config lists that left the cluster (evicted, parted): skipped, not failures.
+    departed: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -251,13 +253,23 @@ def sync(config: ClusterConfig) -> SyncReport:
     """Exchange changes among all reachable nodes until each has what the others had when the
     sync started; name the nodes that could not be reached."""
     report = SyncReport()
+    views = []
     for node in config.nodes:
         try:
-            connect(node).close()
+            with connect(node) as connection:
+                if membership.installed(connection):
+                    views.append(membership.read_members(connection))
         except NodeUnavailable as error:
             report.unreachable[node.name] = error.reason
+    members = membership.merge(views)
+    for node in config.nodes:
+        state = membership.state_of(members, node.name)
+        if state in (membership.EVICTED, membership.PARTED):
+            report.departed[node.name] = state
+            report.unreachable.pop(node.name, None)
+    skipped = set(report.unreachable) | set(report.departed)
     for origin, target in pairs(config):
-        if origin.name in report.unreachable or target.name in report.unreachable:
+        if origin.name in skipped or target.name in skipped:
             continue
         puller = Puller(origin, target)
         try:

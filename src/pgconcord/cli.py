@@ -112,6 +112,11 @@ def sync(config_path: str | None) -> None:
                 f" {result.transactions} transactions, {result.conflicts} conflicts",
                 highlight=False,
             )
+    for name, state in report.departed.items():
+        console.print(
+            f"[yellow]node {name} is {state}: skipped (pgconcord join {name} brings it back,"
+            " or remove it from the config)[/yellow]"
+        )
     if report.ok:
         console.print("all nodes have every change", highlight=False)
         return
