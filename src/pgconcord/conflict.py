@@ -1,15 +1,20 @@
 """Conflict resolution: every node picks the same winner alone, and records what it saw.
 
-Each row carries a version (clock, origin): the hybrid logical clock of its last write, in
-microseconds, and the node that wrote it. Capture makes a write's clock one past the version it
-replaced, so a write that follows another in causal order always has the greater version, even
-from a node whose wall clock lags. Concurrent writes are ordered by clock, then by node name
-(byte order): the greater version wins everywhere, deletes included (tombstones keep a deleted
-row's version). So an update that arrives after a delete resurrects the row only if it was
-written later than the delete, and that is recorded as an update_deleted conflict.
+A version is (order key, clock, origin): the hybrid logical clock of a write, in microseconds,
+and the node that wrote it (the order key is empty under last-writer-wins; see
+004_conflict_policies.sql). Capture makes a write's clock one past the row's latest version,
+so a write that follows another in causal order always has the greater version, even from a
+node whose wall clock lags. Concurrent writes are ordered by clock, then node name (bytes).
 
-A conflict is recorded when the target holds a version the incoming change's writer had not
-seen (local version differs from the one the change replaced, and is not older than it).
+A row's life is a generation (008_column_versions.sql): its insert, then updates that stamp the
+columns they change. Two versions of one generation merge column by column, each column taking
+its greatest version; of two generations the greater one is kept whole; a delete newer than
+the generation ends it, and no update of that generation brings it back. The merge is
+commutative, associative and idempotent, so every node ends with the same rows whatever the
+order of arrival.
+
+A conflict is recorded when the target held a version the incoming change's writer had not
+seen (for a merge: when both changed the same column).
 """
 
 from __future__ import annotations
