@@ -250,3 +250,39 @@ def test_schema_changes_arrive_under_a_running_agent_while_writes_go_on(
     finally:
         running.stop()
     cluster.assert_identical()
+
+
+def test_writes_go_on_right_after_a_schema_change_with_no_agent_running(
+    cluster: Cluster,
+) -> None:
+    for name in cluster.names:
+        cluster.execute(
+            name,
+            "CREATE TABLE docs (id int PRIMARY KEY, body json, score float8, tags int[],"
+            " note text)",
+        )
+    cluster.setup()
+    cluster.execute("north", """INSERT INTO docs VALUES (1, '{"a": 1}', -0.0, '{1,2}', 'x')""")
+    cluster.sync()
+    # No agent has seen these yet: the table's capture must keep working on its own.
+    cluster.execute("north", "ALTER TABLE docs DROP COLUMN body")
+    cluster.execute("north", "UPDATE docs SET note = 'after the drop', score = 1.5 WHERE id = 1")
+    cluster.execute("north", "ALTER TABLE docs ADD COLUMN extra jsonb")
+    cluster.execute("north", """UPDATE docs SET extra = '{"b": 2}' WHERE id = 1""")
+    cluster.execute("north", "INSERT INTO docs VALUES (2, '-0', '[0:1]={3,4}', 'y', '[]')")
+    cluster.sync()
+    cluster.sync()
+    expected = [
+        ("1", "1.5", "{1,2}", "after the drop", '{"b": 2}'),
+        ("2", "-0", "[0:1]={3,4}", "y", "[]"),
+    ]
+    for name in cluster.names:
+        assert (
+            cluster.query(
+                name,
+                "SELECT id::text, score::text, tags::text, note, extra::text FROM docs"
+                " ORDER BY id",
+            )
+            == expected
+        ), name
+    cluster.assert_identical()

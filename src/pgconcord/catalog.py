@@ -16,6 +16,11 @@ SCHEMA = "pgconcord"
 _MIGRATION_FILE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 # Serializes concurrent setups of one database (two operators, or setup racing an agent).
 _SETUP_LOCK = 0x70676363  # "pgcc"
+# Session settings a capture function runs under when its logged text depends on them.
+_PINNED = sql.SQL(
+    "SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD' SET IntervalStyle = 'postgres'"
+    " SET extra_float_digits = 3"
+)
 
 
 @dataclass(frozen=True)
@@ -357,6 +362,8 @@ def install_capture(
             table_id=sql.Literal(table_id),
             new_row=_new_row(table),
             settings=_fixed_settings(table),
+            declarations=sql.SQL(""),
+            prologue=sql.SQL(""),
         )
     else:
         function = sql.SQL(read_sql("capture_trigger.sql")).format(
@@ -366,11 +373,12 @@ def install_capture(
             new_key=key_object("NEW"),
             old_key=key_object("OLD"),
             new_row=_new_row(table),
-            old_row=_new_row(table, "OLD"),
             settings=_fixed_settings(table),
             old_values=_old_values(delta_columns),
             merges=sql.Literal(policy != "node-priority"),
-            unmerged_columns=_unmerged_columns(table, delta_columns),
+            changed_columns=_changed_columns(table, delta_columns),
+            declarations=sql.SQL(""),
+            prologue=sql.SQL(""),
             **_order_keys(policy, priority, node_name),
         )
     connection.execute(function)
@@ -470,10 +478,7 @@ def _fixed_settings(table: Table) -> sql.Composable:
 
     if not any(needs_pinning(column) for column in table.stored_columns):
         return sql.SQL("")
-    return sql.SQL(
-        "SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD' SET IntervalStyle = 'postgres'"
-        " SET extra_float_digits = 3"
-    )
+    return _PINNED
 
 
 def _new_row(table: Table, record: str = "NEW") -> sql.Composable:
@@ -490,13 +495,46 @@ def _new_row(table: Table, record: str = "NEW") -> sql.Composable:
     return sql.SQL("to_jsonb({}) || jsonb_object(ARRAY[{}])").format(sql.SQL(record), pairs)
 
 
-def _unmerged_columns(table: Table, delta_columns: tuple[str, ...]) -> sql.Composable:
-    """The columns an update never stamps with its version: keys (an update of the key is a
-    delete and an insert), counters (they add up instead) and generated columns (recomputed)."""
-    names = set(table.key_columns) | set(delta_columns)
-    names |= {column.name for column in table.columns if column.generated}
-    return sql.SQL("ARRAY[{}]::text[]").format(
-        sql.SQL(", ").join(sql.Literal(name) for name in sorted(names))
+# Types whose = operator tells values apart exactly as their text does; other columns are
+# compared as text (json has no =, floats call -0 equal to 0, arrays vary by element type).
+_EXACT_EQUALITY = {
+    "bigint",
+    "integer",
+    "smallint",
+    "numeric",
+    "text",
+    "character varying",
+    "character",
+    "boolean",
+    "date",
+    "timestamp without time zone",
+    "timestamp with time zone",
+    "uuid",
+    "bytea",
+}
+
+
+def _changed_columns(table: Table, delta_columns: tuple[str, ...]) -> sql.Composable:
+    """The names of the columns an update changed, as text[]: the ones it stamps with its
+    version. Keys stay (an update of the key is a delete and an insert), counters add up
+    instead of merging, generated columns are recomputed."""
+    names = [
+        column
+        for column in table.stored_columns
+        if column.name not in table.key_columns and column.name not in delta_columns
+    ]
+    if not names:
+        return sql.SQL("'{}'::text[]")
+
+    def differs(column: Column) -> sql.Composable:
+        base_type = column.type_name.split("(")[0].strip()
+        cast = sql.SQL("") if base_type in _EXACT_EQUALITY else sql.SQL("::text")
+        return sql.SQL(
+            "CASE WHEN NEW.{name}{cast} IS DISTINCT FROM OLD.{name}{cast} THEN {literal} END"
+        ).format(name=sql.Identifier(column.name), cast=cast, literal=sql.Literal(column.name))
+
+    return sql.SQL("array_remove(ARRAY[{}]::text[], NULL)").format(
+        sql.SQL(", ").join(differs(column) for column in names)
     )
 
 
@@ -555,16 +593,30 @@ def key_slot(connection: psycopg.Connection[tuple[object, ...]]) -> int | None:
 
 
 def set_key_slot(
-    connection: psycopg.Connection[tuple[object, ...]], slot: int, tables: list[Table]
+    connection: psycopg.Connection[tuple[object, ...]],
+    slot: int,
+    tables: list[Table],
+    *,
+    only_new: bool = False,
 ) -> None:
     """Make the sequences behind the tables' columns (serial, identity) and pgconcord's own
-    unique_id() hand out values congruent to the slot, above every value already used."""
-    connection.execute("UPDATE pgconcord.local_node SET key_slot = %s", (slot,))
-    sequences: list[tuple[str, sql.Composable]] = [("pgconcord.unique_id_sequence", sql.SQL("0"))]
+    unique_id() hand out values congruent to the slot, above every value already used; with
+    only_new, just the tables' sequences that do not step by the cluster's capacity yet."""
+    sequences: list[tuple[str, sql.Composable]] = []
+    if not only_new:
+        connection.execute("UPDATE pgconcord.local_node SET key_slot = %s", (slot,))
+        sequences.append(("pgconcord.unique_id_sequence", sql.SQL("0")))
     for table in tables:
         for sequence, column in connection.execute(
             _OWNED_SEQUENCES, (table.identifier.as_string(connection),)
         ).fetchall():
+            if only_new:
+                step = connection.execute(
+                    "SELECT seqincrement FROM pg_sequence WHERE seqrelid = %s::regclass",
+                    (str(sequence),),
+                ).fetchone()
+                if step is not None and int(str(step[0])) == KEY_CAPACITY:
+                    continue
             used = sql.SQL("(SELECT max({}) FROM {})").format(
                 sql.Identifier(str(column)), table.identifier
             )
@@ -646,6 +698,85 @@ def install_event_triggers(connection: psycopg.Connection[tuple[object, ...]]) -
     return True
 
 
+# What the generic capture reads about its table when it runs (see capture_trigger.sql).
+_GENERIC_PROLOGUE = """
+    SELECT t.id, t.key_columns, t.delta_columns, t.policy, t.priority, n.name AS node,
+           coalesce(array_position(t.priority, n.name), 0) AS level,
+           t.key_columns || t.delta_columns
+             || coalesce((SELECT array_agg(a.attname::text) FROM pg_attribute a
+                           WHERE a.attrelid = TG_RELID AND a.attgenerated <> ''), '{}')
+             AS unmerged
+      INTO registered
+      FROM pgconcord.replicated_table t, pgconcord.local_node n
+     WHERE t.relation = TG_RELID;
+    IF TG_OP = 'UPDATE' THEN
+        old_logged := pgconcord.logged_row(TG_RELID, OLD);
+    END IF;"""
+
+
+def install_generic_capture(connection: psycopg.Connection[tuple[object, ...]]) -> None:
+    """(Re)create pgconcord.capture_generic() and capture_generic_insert_only() from the same
+    templates as every table's own function, with expressions that look the table up when
+    they run instead of constants: slower, but right for any columns the table has now."""
+
+    def key_of(record: str) -> sql.Composable:
+        return sql.SQL(
+            "(SELECT jsonb_object_agg(k, to_jsonb({}) -> k) FROM unnest(registered.key_columns) k)"
+        ).format(sql.SQL(record))
+
+    def order_key(previous: str, operation: str, clock: str) -> sql.Composable:
+        return sql.SQL(
+            "pgconcord.next_order_key(registered.policy, registered.level,"
+            " cardinality(registered.priority), {}, {}, {})"
+        ).format(sql.SQL(previous), sql.SQL(operation), sql.SQL(clock))
+
+    write = 'left(TG_OP, 1)::"char"'
+    connection.execute(
+        sql.SQL(read_sql("capture_trigger.sql")).format(
+            function_name=sql.Identifier("capture_generic"),
+            table_id=sql.SQL("registered.id"),
+            node_name=sql.SQL("registered.node"),
+            new_key=key_of("NEW"),
+            old_key=key_of("OLD"),
+            new_row=sql.SQL("pgconcord.logged_row(TG_RELID, NEW)"),
+            settings=_PINNED,
+            old_values=sql.SQL(
+                "(SELECT jsonb_object_agg(c, to_jsonb(OLD) -> c)"
+                " FROM unnest(registered.delta_columns) c)"
+            ),
+            merges=sql.SQL("(registered.policy <> 'node-priority')"),
+            changed_columns=sql.SQL(
+                "ARRAY(SELECT n.key FROM jsonb_each(logged) AS n"
+                " WHERE n.value IS DISTINCT FROM old_logged -> n.key"
+                " AND n.key <> ALL (registered.unmerged))"
+            ),
+            declarations=sql.SQL("registered record;"),
+            prologue=sql.SQL(_GENERIC_PROLOGUE),
+            order_key_first_delete=order_key("NULL, NULL", "'D'", "now_clock"),
+            order_key_next_delete=order_key(
+                "v.order_key, v.deleted", "'D'", "greatest(now_clock, v.clock + 1)"
+            ),
+            order_key_first_write=order_key("NULL, NULL", write, "now_clock"),
+            order_key_next_write=order_key(
+                "v.order_key, v.deleted", write, "greatest(now_clock, v.clock + 1)"
+            ),
+        )
+    )
+    connection.execute(
+        sql.SQL(read_sql("capture_insert_only.sql")).format(
+            function_name=sql.Identifier("capture_generic_insert_only"),
+            table_id=sql.SQL("registered.id"),
+            new_row=sql.SQL("pgconcord.logged_row(TG_RELID, NEW)"),
+            settings=_PINNED,
+            declarations=sql.SQL("registered record;"),
+            prologue=sql.SQL(
+                "SELECT t.id INTO registered FROM pgconcord.replicated_table t"
+                " WHERE t.relation = TG_RELID;"
+            ),
+        )
+    )
+
+
 def schema_generation(connection: psycopg.Connection[tuple[object, ...]]) -> int:
     row = connection.execute("SELECT generation FROM pgconcord.schema_state").fetchone()
     return int(str(row[0])) if row else 0
@@ -693,6 +824,9 @@ def refresh_capture(
             connection.execute("SELECT pg_notify('pgconcord_change', '')")
             continue
         delta, policy, priority, resolver = settings
+        if slot is not None:
+            # A table the event trigger registered has not had its keys' slot yet.
+            set_key_slot(connection, slot, [table], only_new=True)
         install_capture(
             connection,
             table,

@@ -176,6 +176,7 @@ def setup(config: ClusterConfig, progress: Callable[[str], None] = lambda _: Non
                 catalog.store_scope(
                     connection, config.replication.schemas, config.replication.exclude
                 )
+                catalog.install_generic_capture(connection)
                 for table in tables:
                     policy, priority = config.table_policy(table.schema, table.name)
                     catalog.install_capture(

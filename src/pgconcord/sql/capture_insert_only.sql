@@ -7,7 +7,9 @@ LANGUAGE plpgsql {settings}
 AS $body$
 DECLARE
     logged_row jsonb;
+    {declarations}
 BEGIN
+    {prologue}
     IF TG_OP <> 'INSERT' THEN
         RAISE EXCEPTION 'pgconcord: table %.% has no primary key, so only its inserts are'
                         ' replicated; % is refused', TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP

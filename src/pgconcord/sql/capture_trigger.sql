@@ -10,6 +10,10 @@
 -- past the row's latest version, whoever wrote it: a node whose wall clock lags still wins
 -- over a change it has already seen (hybrid logical clock). {merges} is false for policies
 -- that rank whole rows (node-priority): there every write starts a generation.
+--
+-- The same template makes pgconcord.capture_generic() (catalog.install_generic_capture), which
+-- reads everything about the table when it runs: a schema change switches the table to it at
+-- once (013_generic_capture.sql), until an agent generates the table's own function again.
 CREATE OR REPLACE FUNCTION pgconcord.{function_name}() RETURNS trigger
 LANGUAGE plpgsql {settings}
 AS $body$
@@ -21,7 +25,9 @@ DECLARE
     logged jsonb;
     old_logged jsonb;
     now_clock bigint := pgconcord.clock_now();
+    {declarations}
 BEGIN
+    {prologue}
     IF TG_OP <> 'INSERT' THEN
         old_key := {old_key};
     END IF;
@@ -49,12 +55,8 @@ BEGIN
                 version.previous_origin, NULL, version.order_key);
     END IF;
     IF TG_OP = 'UPDATE' AND old_key = new_key AND {merges} THEN
-        -- Compared as logged, so a column added since this function was generated counts too.
         logged := {new_row};
-        old_logged := {old_row};
-        changed := ARRAY(SELECT n.key FROM jsonb_each(logged) AS n
-                          WHERE n.value IS DISTINCT FROM old_logged -> n.key
-                            AND n.key <> ALL ({unmerged_columns}));
+        changed := {changed_columns};
         -- A row without a version yet was there before replication began: its generation is
         -- the same zero version on every node.
         INSERT INTO pgconcord.row_version AS v
