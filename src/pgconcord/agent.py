@@ -148,7 +148,11 @@ def _read_peer(
     except (NodeUnavailable, psycopg.OperationalError):
         return None
     for member in membership.adopt(connection, news):
-        report.learned.append(f"{member.name} is {member.state} (learned from {peer.name})")
+        sentence = f"{member.name} is {member.state} (learned from {peer.name})"
+        if member.state == ACTIVE:
+            log.debug("membership: %s", sentence)  # the usual news after a setup or a join
+        else:
+            report.learned.append(sentence)
     if row is None:
         return None
     return int(str(row[0])), float(str(row[1]))

@@ -86,6 +86,11 @@ class ApplyError(PgconcordError):
     """Changes from an origin cannot be applied; they stay queued and are retried."""
 
 
+class RacedWithLocalWrite(PgconcordError):
+    """A merge lost a race with a local write to the same new row: the piece is applied again
+    (like a deadlock), now seeing that write."""
+
+
 class TableDropped(PgconcordError):
     """Changes for a table that was replicated here and has been dropped since: parked (a
     DROP TABLE replicated while another node still wrote to the table), never waited for."""
@@ -198,7 +203,7 @@ class Puller:
                         self.target.name,
                     )
                     continue
-                except pg_errors.DeadlockDetected:
+                except (pg_errors.DeadlockDetected, RacedWithLocalWrite):
                     self._rollback()
                     continue
                 finally:
@@ -272,49 +277,16 @@ class Puller:
                 position.applied_snapshot, position.window_snapshot, position.window_done or 0
             )
         staged, schema_changes = self._stage(origin, target, window)
-        if schema_changes:
-            self._parked_waiting = parked.any_waiting(target, self.origin.name)
-            reader.make_durable(origin)
-            origin.commit()
-            return self._pull_schema_window(result, position, window, should_stop, on_progress)
-        plans = self._plans(origin, target)
+        # A window with schema changes is applied with the columns its rows carry (schema.py).
+        plans = None if schema_changes else self._plans(origin, target)
         self._parked_waiting = parked.any_waiting(target, self.origin.name)
         reader.make_durable(origin)
         origin.commit()
-        pieces = self._pieces(target, many=staged > self.piece_rows)
-        done = window.done
-        for index, (last_order, rows, transactions) in enumerate(pieces):
-            if should_stop():
-                return None
-            final = index == len(pieces) - 1
-            expected = (
-                position
-                if index == 0
-                else Position(window.applied_snapshot, window.window_snapshot, done)
-            )
-            conflicts = self._apply_piece(target, plans, expected, window, done, last_order, final)
-            done = last_order
-            result.changes += rows
-            result.transactions += transactions
-            result.conflicts += conflicts
-            on_progress(result)
-        if not pieces:
-            self._finish_empty_window(target, position, window)
-        return "fresh" if position.window_snapshot is None else "resumed"
-
-    def _pull_schema_window(
-        self,
-        result: PullResult,
-        position: Position,
-        window: reader.Window,
-        should_stop: Callable[[], bool],
-        on_progress: Callable[[PullResult], None],
-    ) -> Literal["fresh", "resumed"] | None:
-        """Apply a window that holds schema changes: each in its own piece, change by change,
-        and the pieces around them with the columns their rows carry (see schema.py)."""
-        target = self._target()
-        pieces = schema.pieces(target, window.done, self.piece_rows)
-        target.commit()
+        if schema_changes:
+            pieces = schema.pieces(target, window.done, self.piece_rows)
+            target.commit()
+        else:
+            pieces = self._pieces(target, window.done, many=staged > self.piece_rows)
         done = window.done
         for index, piece in enumerate(pieces):
             if should_stop():
@@ -325,21 +297,7 @@ class Puller:
                 if index == 0
                 else Position(window.applied_snapshot, window.window_snapshot, done)
             )
-            selection = sql.SQL("s.transaction_order > {} AND s.transaction_order <= {}").format(
-                sql.Literal(piece.after), sql.Literal(piece.last)
-            )
-            if piece.schema:
-                self._carried_cache.clear()
-                conflicts = self._apply_one_by_one(
-                    target, self._carried_plan, expected, window, selection, piece.last, final
-                )
-                self._plans_cache.clear()
-            else:
-                plans = self._carried_plans(target, selection)
-                target.commit()
-                conflicts = self._apply_piece(
-                    target, plans, expected, window, piece.after, piece.last, final
-                )
+            conflicts = self._apply_window_piece(target, piece, plans, expected, window, final)
             done = piece.last
             result.changes += piece.rows
             result.transactions += piece.transactions
@@ -348,6 +306,29 @@ class Puller:
         if not pieces:
             self._finish_empty_window(target, position, window)
         return "fresh" if position.window_snapshot is None else "resumed"
+
+    def _apply_window_piece(
+        self,
+        target: Connection,
+        piece: schema.Piece,
+        plans: dict[tuple[str, str], TablePlan] | None,
+        expected: Position,
+        window: reader.Window,
+        final: bool,
+    ) -> int:
+        """Apply one piece: set-wise, or change by change when it holds a schema change."""
+        selection = piece_selection(piece.after, piece.last)
+        if piece.schema:
+            self._carried_cache.clear()
+            conflicts = self._apply_one_by_one(
+                target, self._carried_plan, expected, window, selection, piece.last, final
+            )
+            self._plans_cache.clear()
+            return conflicts
+        if plans is None:
+            plans = self._carried_plans(target, selection)
+            target.commit()
+        return self._apply_piece(target, plans, expected, window, piece.after, piece.last, final)
 
     def _refresh_origin_capture(self) -> None:
         """The origin's schema changed: capture its new tables and regenerate the capture of
@@ -565,8 +546,8 @@ class Puller:
             )
         return plans
 
-    def _pieces(self, target: Connection, *, many: bool) -> list[tuple[int, int, int]]:
-        """(last transaction order, rows, transactions) of each piece, in order."""
+    def _pieces(self, target: Connection, after: int, *, many: bool) -> list[schema.Piece]:
+        """The staged window (no schema changes in it) cut into pieces of about piece_rows."""
         if many:
             target.execute(
                 "CREATE INDEX pgconcord_stage_order ON pgconcord_stage (transaction_order)"
@@ -585,7 +566,15 @@ class Puller:
             (self.piece_rows,),
         ).fetchall()
         target.commit()
-        return [(int(str(a)), int(str(b)), int(str(c))) for a, b, c in rows]
+        pieces = []
+        for last, changes, transactions in rows:
+            pieces.append(
+                schema.Piece(
+                    after, int(str(last)), int(str(changes)), int(str(transactions)), False
+                )
+            )
+            after = int(str(last))
+        return pieces
 
     # -- applying ------------------------------------------------------------------------
 
@@ -599,9 +588,7 @@ class Puller:
         last_order: int,
         final: bool,
     ) -> int:
-        piece = sql.SQL("s.transaction_order > {} AND s.transaction_order <= {}").format(
-            sql.Literal(after), sql.Literal(last_order)
-        )
+        piece = piece_selection(after, last_order)
         try:
             with target.transaction():
                 self._check_position(target, expected)
@@ -785,6 +772,13 @@ class Puller:
         )
 
 
+def piece_selection(after: int, last: int) -> sql.Composable:
+    """The staged changes of the source transactions ordered after `after`, up to `last`."""
+    return sql.SQL("s.transaction_order > {} AND s.transaction_order <= {}").format(
+        sql.Literal(after), sql.Literal(last)
+    )
+
+
 def is_data_problem(error: psycopg.DatabaseError) -> bool:
     """A change that cannot be applied as it is (as opposed to a lost connection or a
     deadlock, which a retry of the same work overcomes)."""
@@ -851,7 +845,12 @@ def apply_table(
         verdicts = resolver.judge(target, plan.table, origin, plan.resolver)
         if verdicts.park:
             raise resolver.Parked(next(iter(verdicts.reasons.values())))
-    target.execute(statements.choose_winners, parameters)
+    raced = target.execute(statements.choose_winners, parameters).fetchone()
+    if raced and int(str(raced[0])):
+        raise RacedWithLocalWrite(
+            f"{plan.table.qualified_name}: a local write created a row version while it was"
+            " being merged"
+        )
     recorded = target.execute(statements.record_conflicts, parameters).rowcount
     target.execute(statements.delete_rows, parameters)
     target.execute(statements.upsert_rows, parameters)

@@ -176,7 +176,7 @@ _NOT_PARKED = """
                       AND p.row_key = s.row_key)"""
 
 # The rows locked above are decided; a row inserted here after that statement began is
-# checked again by the upsert's condition.
+# checked again by the upsert's condition (and a merge decided without it is retried).
 _CHOOSE_WINNERS = """
 WITH won AS (
     INSERT INTO pgconcord.row_version AS v
@@ -207,8 +207,12 @@ WITH won AS (
         OR (NOT v.deleted AND NOT excluded.deleted
             AND (v.order_key, v.clock, v.origin) = (excluded.order_key, excluded.clock,
                                                     excluded.origin))
-    RETURNING v.row_key)
-INSERT INTO pgconcord_winner SELECT row_key FROM won
+    RETURNING v.row_key, v.xmax <> 0 AS updated),
+winners AS (INSERT INTO pgconcord_winner SELECT row_key FROM won)
+-- A merge decided against a row version that did not exist yet, which a local write created
+-- before the upsert: the columns it took were chosen blind. The caller retries the piece.
+SELECT count(*) FROM won JOIN pgconcord_decision d ON d.row_key = won.row_key
+ WHERE won.updated AND d.mode = 'merge' AND d.local_clock IS NULL
 """
 
 _RECORD_CONFLICTS = (
