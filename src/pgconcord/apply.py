@@ -150,9 +150,9 @@ class Puller:
         self._parked_waiting = False
         # Table checks are kept while neither node's catalog changed (see catalog.fingerprint).
         self._plans_cache: dict[tuple[str, str], TablePlan] = {}
+        self._plans_key: object = None
         # Plans of single changes around a schema change, by table and carried columns.
         self._carried_cache: dict[tuple[str, str, tuple[str, ...]], TablePlan] = {}
-        self._plans_fingerprints: tuple[int, int] | None = None
         self._origin_connection: Connection | None = None
         self._target_connection: Connection | None = None
 
@@ -323,7 +323,7 @@ class Puller:
             conflicts = self._apply_one_by_one(
                 target, self._carried_plan, expected, window, selection, piece.last, final
             )
-            self._plans_cache.clear()
+            self._plans_cache, self._plans_key = {}, None
             return conflicts
         if plans is None:
             plans = self._carried_plans(target, selection)
@@ -404,101 +404,72 @@ class Puller:
         return staged, schema_changes
 
     def _plans(self, origin: Connection, target: Connection) -> dict[tuple[str, str], TablePlan]:
-        """Check the staged tables exist on the target with every column the origin sends."""
-        names = {
-            (str(schema), str(table))
-            for schema, table in target.execute(
-                "SELECT DISTINCT schema_name, table_name FROM pgconcord_stage"
-            )
-        }
-        if not names:
+        """Plans for the staged window, checked against both nodes' tables (kept while neither
+        catalog changed and the rows carry the same columns)."""
+        carried = self._carried_columns(target, sql.SQL("true"))
+        if not carried:
             return {}
         fingerprints = (catalog.fingerprint(origin), catalog.fingerprint(target))
-        if fingerprints == self._plans_fingerprints and names <= self._plans_cache.keys():
-            return {name: self._plans_cache[name] for name in names}
-        try:
-            plans = self._check_tables(origin, target, names)
-        except SchemaError:
-            target.rollback()
-            # The origin's table may have changed after this window was read (a schema change
-            # still ahead in its log): what counts is what the staged rows carry.
-            plans = self._carried_plans(target, sql.SQL("true"))
-            target.commit()
-            return plans
-        self._plans_cache, self._plans_fingerprints = plans, fingerprints
+        key = (fingerprints, frozenset(carried.items()))
+        if key == self._plans_key:
+            return dict(self._plans_cache)
+        plans = self._build_plans(origin, target, carried)
+        self._plans_cache, self._plans_key = plans, key
         return plans
+
+    def _carried_columns(
+        self, target: Connection, selection: sql.Composable
+    ) -> dict[tuple[str, str], frozenset[str]]:
+        """Per staged table, the columns the selected rows carry: what counts, not the origin's
+        table as it is now, which may have changed since (a schema change ahead in its log)."""
+        rows = target.execute(
+            sql.SQL(
+                "SELECT s.schema_name, s.table_name,"
+                " array_agg(DISTINCT k) FILTER (WHERE k IS NOT NULL)"
+                " FROM pgconcord_stage s LEFT JOIN LATERAL jsonb_object_keys(s.new_row) k ON true"
+                " WHERE s.schema_name IS NOT NULL AND ({}) GROUP BY 1, 2"
+            ).format(selection)
+        ).fetchall()
+        return {
+            (str(schema_name), str(table_name)): frozenset(
+                str(column) for column in (columns if isinstance(columns, list) else [])
+            )
+            for schema_name, table_name, columns in rows
+        }
 
     def _carried_plans(
         self, target: Connection, selection: sql.Composable
     ) -> dict[tuple[str, str], TablePlan]:
-        """Plans for the selected staged changes with the columns their rows carry, checked
-        against the target's tables as they are now."""
-        names = {
-            (str(schema_name), str(table_name))
-            for schema_name, table_name in target.execute(
-                sql.SQL(
-                    "SELECT DISTINCT s.schema_name, s.table_name FROM pgconcord_stage s"
-                    " WHERE s.schema_name IS NOT NULL AND ({})"
-                ).format(selection)
-            )
-        }
-        if not names:
+        """Plans for some staged changes of a window with schema changes (after the origin's
+        window transaction ended)."""
+        carried = self._carried_columns(target, selection)
+        if not carried:
             return {}
-        registered = catalog.registered_tables(target)
-        counters = catalog.delta_columns_of(target)
-        resolvers = catalog.resolvers_of(target)
-        at_target = {
-            (t.schema, t.name): t
-            for t in catalog.discover_tables(target, sorted({s for s, _ in names}), set())
-        }
-        plans = {}
-        for name in sorted(names):
-            qualified = ".".join(name)
-            destination = at_target.get(name)
-            if destination is None and name in registered:
-                table = Table(name[0], name[1], (), ())
-                plans[name] = TablePlan(table, registered[name], (), dropped=True)
-                continue
-            if destination is None or name not in registered:
-                raise SchemaError(
-                    f"table {qualified}: changes from {self.origin.name} cannot be applied on"
-                    f" {self.target.name}: the table is missing there"
-                )
-            carried = schema.carried_columns(target, name[0], name[1], selection)
-            generated = {c.name for c in destination.columns if c.generated}
-            stored = [c.name for c in destination.stored_columns]
-            schema.check_carried(
-                self.origin.name, self.target.name, qualified, carried - generated, set(stored)
-            )
-            wanted = carried | set(destination.key_columns)
-            plans[name] = TablePlan(
-                table=destination,
-                table_id=registered[name],
-                columns=tuple(c for c in stored if c in wanted),
-                delta_columns=counters.get(name, ()),
-                resolver=resolvers.get(name),
-                foreign_keys=catalog.foreign_keys(target, destination),
-            )
-        return plans
+        origin = self._origin()
+        try:
+            return self._build_plans(origin, target, carried)
+        finally:
+            origin.rollback()
 
     def _carried_plan(self, schema_name: str, table_name: str, change_id: int) -> TablePlan:
         """The plan of one change in a piece with a schema change (cached until the next)."""
+        target = self._target()
         selection = sql.SQL("s.id = {}").format(sql.Literal(change_id))
-        columns = tuple(
-            sorted(
-                schema.carried_columns(target := self._target(), schema_name, table_name, selection)
-            )
-        )
-        key = (schema_name, table_name, columns)
+        carried = self._carried_columns(target, selection)
+        key = (schema_name, table_name, tuple(sorted(carried.get((schema_name, table_name), ()))))
         if key not in self._carried_cache:
             self._carried_cache[key] = self._carried_plans(target, selection)[
                 (schema_name, table_name)
             ]
         return self._carried_cache[key]
 
-    def _check_tables(
-        self, origin: Connection, target: Connection, names: set[tuple[str, str]]
+    def _build_plans(
+        self,
+        origin: Connection,
+        target: Connection,
+        carried: dict[tuple[str, str], frozenset[str]],
     ) -> dict[tuple[str, str], TablePlan]:
+        names = set(carried)
         at_origin = reader.origin_tables(origin, names)
         registered = catalog.registered_tables(target)
         counters = catalog.delta_columns_of(target)
@@ -507,13 +478,13 @@ class Puller:
             (t.schema, t.name): t
             for t in catalog.discover_tables(target, sorted({s for s, _ in names}), set())
         }
-        target.commit()
         plans = {}
         for name in sorted(names):
             qualified = ".".join(name)
             source, destination = at_origin.get(name), at_target.get(name)
-            if destination is None and name in registered and source is not None:
-                plans[name] = TablePlan(source, registered[name], (), dropped=True)
+            if destination is None and name in registered:
+                table = source or Table(name[0], name[1], (), ())
+                plans[name] = TablePlan(table, registered[name], (), dropped=True)
                 continue
             if destination is None or name not in registered:
                 raise SchemaError(
@@ -521,25 +492,37 @@ class Puller:
                     f" {self.target.name}: the table is missing there"
                     + ("" if destination is None else " from replication (run pgconcord setup)")
                 )
-            if source is None:
-                raise SchemaError(f"table {qualified}: no longer exists on {self.origin.name}")
-            target_columns = {c.name for c in destination.stored_columns}
-            for column in source.stored_columns:
-                if column.name not in target_columns:
-                    raise SchemaError(
-                        f"table {qualified}: column {column.name} exists on {self.origin.name}"
-                        f" but not on {self.target.name}"
-                    )
-            if source.key_columns != destination.key_columns:
+            if source is not None and source.key_columns != destination.key_columns:
                 raise SchemaError(
                     f"table {qualified}: primary key differs between {self.origin.name}"
                     f" ({', '.join(source.key_columns)}) and {self.target.name}"
                     f" ({', '.join(destination.key_columns)})"
                 )
+            stored = [c.name for c in destination.stored_columns]
+            generated = {c.name for c in destination.columns if c.generated}
+            at_origin_now = {c.name for c in source.columns} if source is not None else set()
+            for column in sorted(carried[name] - set(stored) - generated):
+                if column in at_origin_now:
+                    # The origin has it and this node does not: made by hand on one node, or
+                    # a schema change that failed here. Its changes wait (nothing is lost).
+                    raise SchemaError(
+                        f"table {qualified}: column {column} exists on {self.origin.name}"
+                        f" but not on {self.target.name}; its changes wait until it exists"
+                        " there"
+                    )
+                # Dropped (or renamed) at the origin since: the value goes with the column.
+                log.warning(
+                    "%s -> %s: %s: value of column %s dropped (the column no longer exists)",
+                    self.origin.name,
+                    self.target.name,
+                    qualified,
+                    column,
+                )
+            wanted = carried[name] | set(destination.key_columns)
             plans[name] = TablePlan(
                 table=destination,
                 table_id=registered[name],
-                columns=tuple(c.name for c in source.stored_columns),
+                columns=tuple(c for c in stored if c in wanted),
                 delta_columns=counters.get(name, ()),
                 resolver=resolvers.get(name),
                 foreign_keys=catalog.foreign_keys(target, destination),
@@ -856,6 +839,8 @@ def apply_table(
     target.execute(statements.upsert_rows, parameters)
     if statements.merge_rows is not None:
         target.execute(statements.merge_rows, parameters)
+    if statements.add_deltas is not None:
+        target.execute(statements.add_deltas, parameters)
     for foreign_key in plan.foreign_keys:
         recorded += max(
             target.execute(

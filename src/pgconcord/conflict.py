@@ -266,9 +266,23 @@ SELECT {record_columns}
   FROM pgconcord_decision d
   JOIN pgconcord_winner w ON w.row_key = d.row_key
  CROSS JOIN LATERAL jsonb_populate_record(NULL::{table}, d.new_row) r
- WHERE d.mode = 'full'
+ WHERE d.mode = 'full' AND NOT {counted}
     ON CONFLICT ({key_columns}) DO {on_conflict}
 """
+
+# Counters changed by updates only (d.delta) on a row that is here: the origin's differences
+# are added whoever wins the row (across generations too, as under node-priority, where every
+# write is one); the other columns follow the winner.
+_ADD_DELTAS = """
+UPDATE {table} AS t SET {assignments}
+  FROM pgconcord_decision d
+  LEFT JOIN pgconcord_winner w ON w.row_key = d.row_key
+ CROSS JOIN LATERAL jsonb_populate_record(NULL::{table}, d.new_row) r
+ WHERE d.mode IN ('full', 'lose') AND {counted} AND {key_match}
+"""
+
+# Rows whose counters are added rather than written (see _ADD_DELTAS).
+_COUNTED = "(d.delta IS NOT NULL AND d.local_clock IS NOT NULL AND NOT d.local_deleted)"
 
 # An update of the generation here: the columns it brings newer versions of, and the
 # difference of each counter.
@@ -289,6 +303,7 @@ class TableStatements:
     delete_rows: sql.Composed
     upsert_rows: sql.Composed
     merge_rows: sql.Composed | None
+    add_deltas: sql.Composed | None
     delta: sql.Composable
 
     def decide(self, selection: sql.Composable, parked_waiting: bool) -> sql.Composed:
@@ -414,7 +429,9 @@ def table_statements(
             record_columns=sql.SQL(", ").join(record_column(c) for c in columns),
             key_columns=sql.SQL(", ").join(sql.Identifier(c) for c in table.key_columns),
             on_conflict=on_conflict,
+            counted=sql.SQL(_COUNTED),
         ),
+        add_deltas=_add_deltas(table, columns, delta_columns, record_column),
         merge_rows=_merge_rows(table, columns, delta_columns, record_column),
         delta=_delta_expression(delta_columns),
     )
@@ -438,13 +455,59 @@ def _delta_expression(delta_columns: tuple[str, ...]) -> sql.Composable:
     ).format(sums)
 
 
+def _add_deltas(
+    table: Table,
+    columns: tuple[str, ...],
+    delta_columns: tuple[str, ...],
+    record_column: Callable[[str], sql.Composable],
+) -> sql.Composed | None:
+    counters = [c for c in delta_columns if c in columns]
+    if not counters:
+        return None
+    assignments = [
+        sql.SQL("{column} = t.{column} + coalesce((d.delta ->> {name})::numeric, 0)").format(
+            column=sql.Identifier(c), name=sql.Literal(c)
+        )
+        for c in counters
+    ] + [
+        sql.SQL(
+            "{column} = CASE WHEN w.row_key IS NOT NULL AND d.mode = 'full' THEN {value}"
+            " ELSE t.{column} END"
+        ).format(column=sql.Identifier(c), value=record_column(c))
+        for c in _updatable(table, columns, delta_columns)
+    ]
+    return sql.SQL(_ADD_DELTAS).format(
+        table=table.identifier,
+        assignments=sql.SQL(", ").join(assignments),
+        counted=sql.SQL(_COUNTED),
+        key_match=_row_key_match(table),
+    )
+
+
+def _updatable(table: Table, columns: tuple[str, ...], delta_columns: tuple[str, ...]) -> list[str]:
+    by_name = {column.name: column for column in table.columns}
+    return [
+        c
+        for c in columns
+        if c not in delta_columns
+        and c not in table.key_columns
+        and not (c in by_name and by_name[c].identity_always)
+    ]
+
+
+def _row_key_match(table: Table) -> sql.Composable:
+    return sql.SQL(" AND ").join(
+        sql.SQL("t.{column} = r.{column}").format(column=sql.Identifier(c))
+        for c in table.key_columns
+    )
+
+
 def _merge_rows(
     table: Table,
     columns: tuple[str, ...],
     delta_columns: tuple[str, ...],
     record_column: Callable[[str], sql.Composable],
 ) -> sql.Composed | None:
-    by_name = {column.name: column for column in table.columns}
     assignments = [
         sql.SQL("{column} = t.{column} + coalesce((d.delta ->> {name})::numeric, 0)").format(
             column=sql.Identifier(c), name=sql.Literal(c)
@@ -455,20 +518,14 @@ def _merge_rows(
         sql.SQL(
             "{column} = CASE WHEN {name} = ANY (d.taken) THEN {value} ELSE t.{column} END"
         ).format(column=sql.Identifier(c), name=sql.Literal(c), value=record_column(c))
-        for c in columns
-        if c not in delta_columns
-        and c not in table.key_columns
-        and not (c in by_name and by_name[c].identity_always)
+        for c in _updatable(table, columns, delta_columns)
     ]
     if not assignments:
         return None
     return sql.SQL(_MERGE_ROWS).format(
         table=table.identifier,
         assignments=sql.SQL(", ").join(assignments),
-        key_match=sql.SQL(" AND ").join(
-            sql.SQL("t.{column} = r.{column}").format(column=sql.Identifier(c))
-            for c in table.key_columns
-        ),
+        key_match=_row_key_match(table),
     )
 
 
