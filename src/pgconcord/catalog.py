@@ -329,10 +329,12 @@ def install_capture(
     key (primary or declared) is captured insert-only."""
     row = connection.execute(
         "INSERT INTO pgconcord.replicated_table (schema_name, table_name, key_columns,"
-        " delta_columns, policy, priority, resolver) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+        " delta_columns, policy, priority, resolver, relation)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s::regclass)"
         " ON CONFLICT (schema_name, table_name) DO UPDATE SET key_columns = excluded.key_columns,"
         " delta_columns = excluded.delta_columns, policy = excluded.policy,"
-        " priority = excluded.priority, resolver = excluded.resolver RETURNING id",
+        " priority = excluded.priority, resolver = excluded.resolver,"
+        " relation = excluded.relation RETURNING id",
         (
             table.schema,
             table.name,
@@ -341,6 +343,7 @@ def install_capture(
             policy,
             list(priority),
             resolver,
+            table.identifier.as_string(connection),
         ),
     ).fetchone()
     assert row is not None
@@ -409,10 +412,6 @@ def install_capture(
                 target,
             )
         )
-    connection.execute(
-        "UPDATE pgconcord.replicated_table SET relation = %s::regclass WHERE id = %s",
-        (table.identifier.as_string(connection), table_id),
-    )
     return table_id
 
 

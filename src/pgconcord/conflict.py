@@ -464,12 +464,7 @@ def _add_deltas(
     counters = [c for c in delta_columns if c in columns]
     if not counters:
         return None
-    assignments = [
-        sql.SQL("{column} = t.{column} + coalesce((d.delta ->> {name})::numeric, 0)").format(
-            column=sql.Identifier(c), name=sql.Literal(c)
-        )
-        for c in counters
-    ] + [
+    assignments = _counter_additions(counters) + [
         sql.SQL(
             "{column} = CASE WHEN w.row_key IS NOT NULL AND d.mode = 'full' THEN {value}"
             " ELSE t.{column} END"
@@ -482,6 +477,16 @@ def _add_deltas(
         counted=sql.SQL(_COUNTED),
         key_match=_row_key_match(table),
     )
+
+
+def _counter_additions(counters: list[str]) -> list[sql.Composable]:
+    """Each counter plus the origin's difference (d.delta)."""
+    return [
+        sql.SQL("{column} = t.{column} + coalesce((d.delta ->> {name})::numeric, 0)").format(
+            column=sql.Identifier(c), name=sql.Literal(c)
+        )
+        for c in counters
+    ]
 
 
 def _updatable(table: Table, columns: tuple[str, ...], delta_columns: tuple[str, ...]) -> list[str]:
@@ -508,13 +513,7 @@ def _merge_rows(
     delta_columns: tuple[str, ...],
     record_column: Callable[[str], sql.Composable],
 ) -> sql.Composed | None:
-    assignments = [
-        sql.SQL("{column} = t.{column} + coalesce((d.delta ->> {name})::numeric, 0)").format(
-            column=sql.Identifier(c), name=sql.Literal(c)
-        )
-        for c in delta_columns
-        if c in columns
-    ] + [
+    assignments = _counter_additions([c for c in delta_columns if c in columns]) + [
         sql.SQL(
             "{column} = CASE WHEN {name} = ANY (d.taken) THEN {value} ELSE t.{column} END"
         ).format(column=sql.Identifier(c), name=sql.Literal(c), value=record_column(c))

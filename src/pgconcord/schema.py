@@ -1,9 +1,9 @@
 """Schema changes among the data changes: a window holding one (operation 'S', logged by the
 event triggers of 011_schema_changes.sql) is applied around it, in the origin's order.
 
-Rows logged before an ALTER carry the old columns and rows after it the new ones, so in such a
-window each table is applied with the columns its rows carry, checked against the target's
-table as it is at that point, not against the origin's catalog of today.
+Rows logged before an ALTER carry the old columns and rows after it the new ones, so each
+table is applied with the columns its rows carry (apply.Puller._build_plans), checked against
+the target's table as it is at that point.
 """
 
 from __future__ import annotations
@@ -12,10 +12,8 @@ import logging
 from dataclasses import dataclass
 
 import psycopg
-from psycopg import sql
 
 from pgconcord import catalog
-from pgconcord.errors import SchemaError
 
 log = logging.getLogger(__name__)
 Connection = psycopg.Connection[tuple[object, ...]]
@@ -83,31 +81,3 @@ def run_statement(target: Connection, change_id: int) -> None:
     target.execute(statement.encode())
     target.execute("SELECT set_config('search_path', %s, true)", (saved[0] if saved else "",))
     catalog.refresh_capture(target, node_name)
-
-
-def carried_columns(
-    target: Connection, schema: str, table: str, selection: sql.Composable
-) -> set[str]:
-    """The columns the staged rows of one table carry, in the selected changes."""
-    return {
-        str(name)
-        for (name,) in target.execute(
-            sql.SQL(
-                "SELECT DISTINCT jsonb_object_keys(s.new_row) FROM pgconcord_stage s"
-                " WHERE s.schema_name = %s AND s.table_name = %s AND s.new_row IS NOT NULL"
-                " AND ({})"
-            ).format(selection),
-            (schema, table),
-        )
-    }
-
-
-def check_carried(
-    origin_name: str, target_name: str, qualified: str, carried: set[str], target_columns: set[str]
-) -> None:
-    missing = sorted(carried - target_columns)
-    if missing:
-        raise SchemaError(
-            f"table {qualified}: column {missing[0]} exists on {origin_name} but not on"
-            f" {target_name}; its changes wait until the column exists there"
-        )
