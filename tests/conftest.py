@@ -92,6 +92,16 @@ def system_cluster(server_pool: dict[str, list[Server]], tmp_path: Path) -> Iter
 
 
 @pytest.fixture
+def superuser_cluster(server_pool: dict[str, list[Server]], tmp_path: Path) -> Iterator[Cluster]:
+    """Three nodes whose agent runs as the superuser, for what a superuser agent does itself."""
+    created = Cluster(
+        _shared(server_pool, available_postgres_binaries()[0]), tmp_path, superuser=True
+    )
+    yield created
+    created.drop()
+
+
+@pytest.fixture
 def private_cluster(tmp_path: Path) -> Iterator[Cluster]:
     """Three nodes on servers of their own, for tests that stop or crash a server."""
     servers = _start_servers(available_postgres_binaries()[0], NODES_PER_CLUSTER, "private")

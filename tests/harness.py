@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from pgconcord.verify import verify
 from psycopg import sql
 
-from pgconcord import agent, install
+from pgconcord import agent, catalog, install
 from pgconcord.apply import Puller
 from pgconcord.config import ClusterConfig, load_config
 from pgconcord.sandbox import Server
+from pgconcord.verify import verify
 
 NODE_NAMES = ("north", "south", "east", "west", "central")
 _database_numbers = itertools.count(1)
@@ -39,18 +39,85 @@ def wait_for(condition: Callable[[], Any], *, timeout: float = 30.0, message: st
         delay = min(0.5, delay * 1.5)
 
 
-class Cluster:
-    """Nodes = one fresh database on each server; a config file describing them."""
+APPLICATION_ROLE = "app"
+AGENT_ROLE = "pgconcord_agent"
+_roles_made: set[str] = set()
 
-    def __init__(self, servers: Sequence[Server], directory: Path, schema_sql: str = "") -> None:
+
+def ensure_roles(server: Server) -> None:
+    """The roles of a deployment, made once per server: `app`, an ordinary role that owns the
+    application's tables and writes them, and `pgconcord_agent`, the agent's role with the
+    rights the README's "production roles" recipe gives it (no superuser)."""
+    if server.dsn() in _roles_made:
+        return
+    with psycopg.connect(server.dsn(), autocommit=True) as connection:
+        for role in (APPLICATION_ROLE, AGENT_ROLE):
+            exists = connection.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,))
+            if exists.fetchone() is None:
+                connection.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+        connection.execute(
+            sql.SQL("GRANT {} TO {}").format(
+                sql.Identifier(APPLICATION_ROLE), sql.Identifier(AGENT_ROLE)
+            )
+        )
+        connection.execute(
+            sql.SQL(
+                "GRANT SET ON PARAMETER session_replication_role, deadlock_timeout TO {}"
+            ).format(sql.Identifier(AGENT_ROLE))
+        )
+    _roles_made.add(server.dsn())
+
+
+class Cluster:
+    """Nodes = one fresh database on each server; a config file describing them.
+
+    As deployed: the application (execute, query, value, connect) is the ordinary role `app`,
+    which owns the database and its tables; the config's DSNs name the agent's role
+    `pgconcord_agent` (not a superuser; superuser=True makes it the superuser, for scenarios
+    about what needs one); admin_* methods are the superuser, for what an administrator does.
+    """
+
+    def __init__(
+        self,
+        servers: Sequence[Server],
+        directory: Path,
+        schema_sql: str = "",
+        *,
+        superuser: bool = False,
+    ) -> None:
         self.servers = list(servers)
         self.names = list(NODE_NAMES[: len(servers)])
         database = f"test_{os.getpid()}_{next(_database_numbers)}"
         self.database = database
-        self.dsns = {
-            name: server.create_database(database)
+        self.admin_dsns = {}
+        for name, server in zip(self.names, self.servers, strict=True):
+            ensure_roles(server)
+            self.admin_dsns[name] = server.create_database(database)
+            with psycopg.connect(self.admin_dsns[name], autocommit=True) as connection:
+                connection.execute(
+                    sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
+                        sql.Identifier(database), sql.Identifier(APPLICATION_ROLE)
+                    )
+                )
+                connection.execute(
+                    sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
+                        sql.Identifier(database), sql.Identifier(AGENT_ROLE)
+                    )
+                )
+        self.app_dsns = {
+            name: server.dsn(database, user=APPLICATION_ROLE)
             for name, server in zip(self.names, self.servers, strict=True)
         }
+        # What the config names: the agent's role.
+        self.dsns = (
+            dict(self.admin_dsns)
+            if superuser
+            else {
+                name: server.dsn(database, user=AGENT_ROLE)
+                for name, server in zip(self.names, self.servers, strict=True)
+            }
+        )
+        self.superuser = superuser
         self.server_of = dict(zip(self.names, self.servers, strict=True))
         self.config_path = directory / f"{database}.toml"
         self.write_config()
@@ -69,7 +136,7 @@ class Cluster:
         return load_config(self.config_path)
 
     def connect(self, name: str, autocommit: bool = True) -> psycopg.Connection[Any]:
-        return psycopg.connect(self.dsns[name], autocommit=autocommit)
+        return psycopg.connect(self.app_dsns[name], autocommit=autocommit)
 
     def execute(self, name: str, statement: str | sql.Composable, parameters: Any = None) -> None:
         with self.connect(name) as connection:
@@ -85,8 +152,47 @@ class Cluster:
         rows = self.query(name, statement, parameters)
         return rows[0][0] if rows else None
 
+    # Superuser access, for what only an administrator does: reading or changing pgconcord's
+    # own tables, session_replication_role, ALTER DATABASE/SYSTEM. The methods above act as the
+    # application would.
+    def admin_connect(self, name: str, autocommit: bool = True) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.admin_dsns[name], autocommit=autocommit)
+
+    def admin_execute(
+        self, name: str, statement: str | sql.Composable, parameters: Any = None
+    ) -> None:
+        with self.admin_connect(name) as connection:
+            connection.execute(
+                statement if not isinstance(statement, str) else statement.encode(), parameters
+            )
+
+    def admin_query(
+        self, name: str, statement: str, parameters: Any = None
+    ) -> list[tuple[Any, ...]]:
+        with self.admin_connect(name) as connection:
+            return connection.execute(statement.encode(), parameters).fetchall()
+
+    def admin_value(self, name: str, statement: str, parameters: Any = None) -> Any:
+        rows = self.admin_query(name, statement, parameters)
+        return rows[0][0] if rows else None
+
     def setup(self) -> None:
         install.setup(self.config)
+        self.add_event_triggers()
+
+    def add_event_triggers(self) -> None:
+        """What the README has a superuser do after setup by a non-superuser agent, so that
+        schema changes replicate: create pgconcord's event triggers."""
+        for name in self.names:
+            with self.admin_connect(name, autocommit=False) as connection:
+                row = connection.execute(
+                    "SELECT to_regprocedure('pgconcord.capture_schema_change()')"
+                ).fetchone()
+                if row is None or row[0] is None:
+                    continue  # not set up (yet): a node that joins later, a refused setup
+                for statement in catalog.event_trigger_statements():
+                    connection.execute(statement)
+                connection.commit()
 
     def sync(self) -> agent.SyncReport:
         report = agent.sync(self.config)
@@ -110,7 +216,7 @@ class Cluster:
 
     def applied_changes(self, target: str, origin: str) -> int:
         return int(
-            self.value(
+            self.admin_value(
                 target,
                 "SELECT applied_changes FROM pgconcord.position WHERE origin = %s",
                 (origin,),
@@ -118,14 +224,19 @@ class Cluster:
         )
 
     def cli(self, *arguments: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        """Run the real command line against this cluster's config."""
-        return subprocess.run(
+        """Run the real command line against this cluster's config (after a `setup` or `join`
+        that succeeds, the administrator's step of add_event_triggers follows, as in the
+        README)."""
+        result = subprocess.run(
             [sys.executable, "-m", "pgconcord", *arguments, "--config", str(self.config_path)],
             capture_output=True,
             text=True,
             timeout=timeout,
             check=False,
         )
+        if arguments[:1] in (("setup",), ("join",)) and result.returncode == 0:
+            self.add_event_triggers()
+        return result
 
     def conflicts(self) -> list[dict[str, Any]]:
         result = self.cli("conflicts", "--json")

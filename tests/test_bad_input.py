@@ -79,8 +79,10 @@ def test_unreachable_host(system_cluster: Cluster, tmp_path: Path) -> None:
 
 def test_wrong_password(system_cluster: Cluster, tmp_path: Path) -> None:
     cluster = system_cluster
-    cluster.execute("north", "DROP ROLE IF EXISTS shopkeeper")
-    cluster.execute("north", "CREATE ROLE shopkeeper LOGIN PASSWORD 'right' IN ROLE password_login")
+    cluster.admin_execute("north", "DROP ROLE IF EXISTS shopkeeper")
+    cluster.admin_execute(
+        "north", "CREATE ROLE shopkeeper LOGIN PASSWORD 'right' IN ROLE password_login"
+    )
     server = cluster.server_of["north"]
     path = tmp_path / "password.toml"
     path.write_text(
@@ -106,7 +108,7 @@ def test_a_declared_key_without_a_unique_index_is_refused_by_name(
     assert "public.logbook" in line and "unique index" in line
     # Nothing was installed anywhere.
     for name in cluster.names:
-        assert cluster.value(name, "SELECT to_regclass('pgconcord.change_log')") is None
+        assert cluster.admin_value(name, "SELECT to_regclass('pgconcord.change_log')") is None
 
 
 def test_a_table_missing_on_one_node_is_named(system_cluster: Cluster) -> None:
@@ -143,7 +145,7 @@ def test_a_column_added_on_one_node_later_keeps_changes_queued(system_cluster: C
     cluster.setup()
     # Made by hand on one node only (replicated schema changes are in test_schema_changes).
     by_hand = "SET session_replication_role = replica; ALTER TABLE items ADD COLUMN colour text"
-    cluster.execute("north", by_hand)
+    cluster.admin_execute("north", by_hand)
     cluster.execute("north", "INSERT INTO items VALUES (1, 'pen', 'blue')")
     cluster.execute("south", "INSERT INTO items VALUES (2, 'cup')")
     line = one_line_error(cluster.cli("sync"))
@@ -151,7 +153,7 @@ def test_a_column_added_on_one_node_later_keeps_changes_queued(system_cluster: C
     # south's change still travelled; north's stays queued.
     assert cluster.query("east", "SELECT id FROM items") == [(2,)]
     for name in ("south", "east"):
-        cluster.execute(name, by_hand)
+        cluster.admin_execute(name, by_hand)
     result = cluster.cli("sync")
     assert result.returncode == 0, result.stderr
     for name in cluster.names:

@@ -724,3 +724,42 @@ def test_evict_after_not_a_string() -> None:
     message = config_error(with_evict_after("7"))
 
     assert message == "shops.toml: replication.evict_after: expected a string, got an integer"
+
+
+def with_conflict_keep(value: str) -> str:
+    return with_replaced(
+        'default = "last-writer-wins"', f'default = "last-writer-wins"\nkeep = {value}'
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("30d", 2592000.0), ("12h", 43200.0), ("1w", 604800.0)]
+)
+def test_conflict_keep_durations(text: str, seconds: float) -> None:
+    config = parse_config(with_conflict_keep(f'"{text}"'))
+
+    assert config.conflict.keep == text
+    assert config.conflict.keep_seconds == seconds
+
+
+def test_conflict_records_are_kept_30_days_by_default() -> None:
+    assert parse_config(MINIMAL).conflict.keep_seconds == 30 * 86400
+
+
+@pytest.mark.parametrize("text", ["30 days", "30", "forever", ""])
+def test_conflict_keep_malformed(text: str) -> None:
+    message = config_error(with_conflict_keep(f'"{text}"'))
+
+    assert message == (
+        f"shops.toml: conflict.keep: {text!r} is not a duration such as"
+        ' "7d", "12h", "90m" or "1d12h" (units s, m, h, d, w)'
+    )
+
+
+def test_conflict_keep_zero_and_wrong_type() -> None:
+    assert config_error(with_conflict_keep('"0d"')) == (
+        "shops.toml: conflict.keep: '0d' must be longer than zero"
+    )
+    assert config_error(with_conflict_keep("30")) == (
+        "shops.toml: conflict.keep: expected a string, got an integer"
+    )

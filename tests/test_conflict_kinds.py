@@ -79,7 +79,7 @@ def test_same_clock_reading_breaks_the_tie_by_node_name(cluster: Cluster) -> Non
             connection.execute("SET pgconcord.clock_offset_us = '-1000000000000'")
             connection.execute("UPDATE t SET v = %s WHERE id = 1", (f"by {name}",))
     clocks = {
-        name: cluster.value(name, "SELECT clock FROM pgconcord.row_version")
+        name: cluster.admin_value(name, "SELECT clock FROM pgconcord.row_version")
         for name in cluster.names
     }
     cluster.sync()
@@ -129,7 +129,7 @@ def test_a_node_whose_clock_lags_30_seconds_still_wins_with_a_later_edit(cluster
         cluster.execute(name, "CREATE TABLE t (id int PRIMARY KEY, v text)")
     cluster.setup()
     # south's clock runs 30 s behind (for every session of its database).
-    cluster.execute(
+    cluster.admin_execute(
         "south",
         f"ALTER DATABASE \"{cluster.database}\" SET pgconcord.clock_offset_us = '-30000000'",
     )

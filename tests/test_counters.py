@@ -6,7 +6,7 @@ import shutil
 import subprocess
 import threading
 
-from harness import Cluster
+from harness import APPLICATION_ROLE, Cluster
 
 COUNTERS = '[conflict.table."public.accounts"]\ndelta_columns = ["balance", "operations"]\n'
 
@@ -67,7 +67,7 @@ def test_pgbench_on_three_masters_keeps_the_balances(system_cluster: Cluster) ->
                 "-p",
                 str(node_server.port),
                 "-U",
-                node_server.superuser,
+                APPLICATION_ROLE,
                 cluster.database,
             ],
             check=True,
@@ -105,7 +105,7 @@ def test_pgbench_on_three_masters_keeps_the_balances(system_cluster: Cluster) ->
                 "-p",
                 str(node_server.port),
                 "-U",
-                node_server.superuser,
+                APPLICATION_ROLE,
                 cluster.database,
             ],
             check=True,

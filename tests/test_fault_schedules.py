@@ -489,7 +489,7 @@ class FaultSchedule(RuleBasedStateMachine):
             for _, account, amount in self.model[name].current.ledger:
                 expected_balances[account] += amount
         for name in NODES:
-            parked = cluster.value(
+            parked = cluster.admin_value(
                 name, "SELECT count(*) FROM pgconcord.parked_change WHERE state = 'parked'"
             )
             assert parked == 0, self.explain(f"{name} has {parked} parked changes")

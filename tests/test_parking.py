@@ -21,7 +21,7 @@ def test_a_change_that_cannot_be_applied_is_parked_and_retried(system_cluster: C
         cluster.execute(name, "CREATE TABLE stock (id int PRIMARY KEY, item text, quantity int)")
     cluster.setup()
     # Only south refuses negative quantities: north's change cannot be applied there.
-    cluster.execute(
+    cluster.admin_execute(
         "south", BY_HAND + "ALTER TABLE stock ADD CONSTRAINT no_negative CHECK (quantity >= 0)"
     )
     cluster.execute("north", "INSERT INTO stock VALUES (1, 'pen', -5)")
@@ -46,7 +46,7 @@ def test_a_change_that_cannot_be_applied_is_parked_and_retried(system_cluster: C
     # Retrying before the cause is fixed keeps them parked, and says why.
     result = cluster.cli("conflicts", "retry")
     assert result.returncode != 0 and "still parked" in result.stderr + result.stdout
-    cluster.execute("south", BY_HAND + "ALTER TABLE stock DROP CONSTRAINT no_negative")
+    cluster.admin_execute("south", BY_HAND + "ALTER TABLE stock DROP CONSTRAINT no_negative")
     result = cluster.cli("conflicts", "retry")
     assert result.returncode == 0, result.stderr + result.stdout
     assert cluster.query("south", "SELECT id, item, quantity FROM stock WHERE id = 1") == [
@@ -61,7 +61,7 @@ def test_a_parked_change_can_be_discarded_and_stays_recorded(system_cluster: Clu
     for name in cluster.names:
         cluster.execute(name, "CREATE TABLE notes (id int PRIMARY KEY, body text)")
     cluster.setup()
-    cluster.execute(
+    cluster.admin_execute(
         "east", BY_HAND + "ALTER TABLE notes ADD CONSTRAINT short CHECK (length(body) < 10)"
     )
     cluster.execute("north", "INSERT INTO notes VALUES (1, 'far too long for east')")
@@ -83,7 +83,7 @@ def test_a_burst_of_failures_is_parked_in_order_and_retried(system_cluster: Clus
     for name in cluster.names:
         cluster.execute(name, "CREATE TABLE readings (id int PRIMARY KEY, value int)")
     cluster.setup()
-    cluster.execute(
+    cluster.admin_execute(
         "south", BY_HAND + "ALTER TABLE readings ADD CONSTRAINT positive CHECK (value > 0)"
     )
     # 300 changes that south refuses, in one transaction, then an update of the first row.
@@ -94,7 +94,7 @@ def test_a_burst_of_failures_is_parked_in_order_and_retried(system_cluster: Clus
     waiting = [r for r in parked(cluster) if r["state"] == "parked"]
     assert len(waiting) == 301
     assert cluster.value("south", "SELECT count(*) FROM readings") == 0
-    cluster.execute("south", BY_HAND + "ALTER TABLE readings DROP CONSTRAINT positive")
+    cluster.admin_execute("south", BY_HAND + "ALTER TABLE readings DROP CONSTRAINT positive")
     result = cluster.cli("conflicts", "retry")
     assert result.returncode == 0, result.stderr + result.stdout
     assert cluster.value("south", "SELECT value FROM readings WHERE id = 1") == -1000
@@ -106,7 +106,7 @@ def test_a_source_transaction_is_parked_and_retried_whole(system_cluster: Cluste
     for name in cluster.names:
         cluster.execute(name, "CREATE TABLE ledger (id int PRIMARY KEY, amount int)")
     cluster.setup()
-    cluster.execute(
+    cluster.admin_execute(
         "east", BY_HAND + "ALTER TABLE ledger ADD CONSTRAINT small CHECK (amount < 100)"
     )
     with cluster.connect("north", autocommit=False) as connection:
@@ -120,7 +120,7 @@ def test_a_source_transaction_is_parked_and_retried_whole(system_cluster: Cluste
     waiting = [r for r in parked(cluster) if r["state"] == "parked"]
     assert sorted(r["key"]["id"] for r in waiting) == [1, 2]
     # Retrying one of them retries its whole transaction.
-    cluster.execute("east", BY_HAND + "ALTER TABLE ledger DROP CONSTRAINT small")
+    cluster.admin_execute("east", BY_HAND + "ALTER TABLE ledger DROP CONSTRAINT small")
     result = cluster.cli("conflicts", "retry", str(waiting[0]["ref"]))
     assert result.returncode == 0, result.stderr + result.stdout
     assert cluster.query("east", "SELECT id FROM ledger ORDER BY id") == [(1,), (2,), (3,)]

@@ -155,7 +155,7 @@ def test_a_difference_made_by_hand_holds_the_changes_until_it_is_healed(
 ) -> None:
     cluster = prepared(system_cluster)
     by_hand = "SET session_replication_role = replica; ALTER TABLE items ADD COLUMN extra int"
-    cluster.execute("south", by_hand)
+    cluster.admin_execute("south", by_hand)
     cluster.execute("south", "INSERT INTO items VALUES (9, 'clip', 1, 42)")
     cluster.execute("north", "INSERT INTO items VALUES (10, 'pad', 3)")
     report = sync(cluster.config)
@@ -165,7 +165,7 @@ def test_a_difference_made_by_hand_holds_the_changes_until_it_is_healed(
     assert cluster.value("south", "SELECT name FROM items WHERE id = 10") == "pad"
     assert cluster.value("north", "SELECT count(*) FROM items WHERE id = 9") == 0
     for name in ("north", "east"):
-        cluster.execute(name, by_hand)
+        cluster.admin_execute(name, by_hand)
     cluster.sync()
     for name in cluster.names:
         assert cluster.value(name, "SELECT extra FROM items WHERE id = 9") == 42
@@ -247,6 +247,23 @@ def test_schema_changes_arrive_under_a_running_agent_while_writes_go_on(
             timeout=60,
             message="every write on every node",
         )
+        # Each node's own agent gave the changed and the new table their own capture again.
+        wait_for(
+            lambda: all(
+                cluster.admin_query(
+                    name,
+                    "SELECT t.table_name, t.own_capture, p.proname = 'capture_' || t.id"
+                    " FROM pgconcord.replicated_table t"
+                    " JOIN pg_trigger g ON g.tgrelid = t.relation"
+                    " AND g.tgname = 'pgconcord_capture'"
+                    " JOIN pg_proc p ON p.oid = g.tgfoid ORDER BY 1",
+                )
+                == [("items", True, True), ("tags", True, True)]
+                for name in cluster.names
+            ),
+            timeout=30,
+            message="every table on its own capture function again",
+        )
     finally:
         running.stop()
     cluster.assert_identical()
@@ -280,8 +297,7 @@ def test_writes_go_on_right_after_a_schema_change_with_no_agent_running(
         assert (
             cluster.query(
                 name,
-                "SELECT id::text, score::text, tags::text, note, extra::text FROM docs"
-                " ORDER BY id",
+                "SELECT id::text, score::text, tags::text, note, extra::text FROM docs ORDER BY id",
             )
             == expected
         ), name

@@ -6,7 +6,13 @@ that origin, so a crash at any instant repeats nothing and loses nothing. Inside
 changes are applied set-wise per table: the last change of each row wins over earlier ones of
 the same origin, and each row's version (hybrid clock, origin) decides against the local version
 (conflict.py). The target session runs with session_replication_role = replica, so the
-application's triggers and foreign keys stay quiet and nothing applied is captured again.
+application's triggers and foreign keys stay quiet and nothing applied is captured again; a row
+whose parent is still absent once the window is applied is recorded (parent_missing).
+
+A change that cannot be applied here is parked with the rest of its source transaction
+(parked.py), and so is every later transaction that touches one of its rows. A table the
+agent's role may not write here, or one that is gone, is not the change's fault: its changes
+stay queued, and the pair's error names the node, the table and the right.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from pgconcord import catalog, conflict, parked, reader, resolver, schema
 from pgconcord.catalog import Table
 from pgconcord.config import NodeConfig
 from pgconcord.errors import NodeUnavailable, PgconcordError, SchemaError
-from pgconcord.transport import connect, describe_connection_error
+from pgconcord.transport import connect, describe_lost_session, erring_node, lost_session
 
 log = logging.getLogger(__name__)
 
@@ -51,28 +57,38 @@ CREATE TEMPORARY TABLE IF NOT EXISTS pgconcord_decision (
     mode text, taken text[], merged_versions jsonb, last_clock bigint, last_origin text,
     overlap text[]);
 CREATE TEMPORARY TABLE IF NOT EXISTS pgconcord_winner (row_key jsonb);
+CREATE TEMPORARY TABLE IF NOT EXISTS pgconcord_held (transaction_order bigint);
+CREATE TEMPORARY TABLE IF NOT EXISTS pgconcord_child (
+    schema_name text, table_name text, row_key jsonb, clock bigint, operation "char",
+    new_row jsonb, taken text[]);
 """
 
 
 def open_target(node: NodeConfig) -> Connection:
     """A session that applies changes: replica role, so that nothing applied is captured
-    again and the application's triggers and foreign keys stay quiet."""
+    again and the application's triggers and foreign keys stay quiet. A session that is not
+    in replica mode never applies anything (an echo would bounce changes between the nodes
+    for ever): a refused setting is an error that names the right."""
     connection = connect(node)
     try:
         connection.execute("SET session_replication_role = replica")
+        connection.commit()
     except pg_errors.InsufficientPrivilege:
         connection.close()
         raise ApplyError(
             f"node {node.name}: the agent's role may not set session_replication_role"
             " (needs superuser, or on PostgreSQL 15+ GRANT SET ON PARAMETER"
-            " session_replication_role)"
+            " session_replication_role; see pgconcord grant)"
         ) from None
     # With a short deadlock timeout this session notices a deadlock first and is the one
-    # rolled back (and retried), not the application's transaction.
+    # rolled back (and retried), not the application's transaction. Optional: a role that may
+    # not set it keeps the server's (its own transaction, so a refusal undoes nothing else).
     try:
         connection.execute("SET deadlock_timeout = '50ms'")
+        connection.commit()
     except pg_errors.InsufficientPrivilege:
         connection.rollback()
+    _require_replica_mode(connection, node.name)
     # Values arrive rendered in these settings (see capture_trigger.sql); read them alike.
     connection.execute(
         "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'"
@@ -80,6 +96,15 @@ def open_target(node: NodeConfig) -> Connection:
     connection.execute(_TEMPORARY_TABLES)
     connection.commit()
     return connection
+
+
+def _require_replica_mode(connection: Connection, node_name: str) -> None:
+    row = connection.execute("SELECT current_setting('session_replication_role')").fetchone()
+    if row is None or row[0] != "replica":
+        raise ApplyError(
+            f"node {node_name}: the applying session is not in replica mode"
+            f" (session_replication_role = {row[0] if row else '?'}); nothing is applied"
+        )
 
 
 class ApplyError(PgconcordError):
@@ -102,6 +127,17 @@ class _ChangeFailed(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class _TargetProblem(Exception):
+    """This node refuses the agent a table (a right missing) or the table is gone: not a
+    change that cannot be applied (it is not parked), not an unreachable node. Turned into an
+    ApplyError naming node, table and right once the piece's transaction is rolled back."""
+
+    def __init__(self, error: psycopg.DatabaseError, plan: TablePlan) -> None:
+        super().__init__(first_line(error))
+        self.error = error
+        self.plan = plan
 
 
 class Superseded(Exception):
@@ -153,6 +189,10 @@ class Puller:
         self._plans_key: object = None
         # Plans of single changes around a schema change, by table and carried columns.
         self._carried_cache: dict[tuple[str, str, tuple[str, ...]], TablePlan] = {}
+        # Tables with foreign keys that had rows applied in this window: their foreign keys, for
+        # _check_parents (pgconcord_child says which rows wait for the check).
+        self._child_plans: dict[tuple[str, str], TablePlan] = {}
+        self._schema_window = False  # the window holds a schema change
         self._origin_connection: Connection | None = None
         self._target_connection: Connection | None = None
 
@@ -210,11 +250,23 @@ class Puller:
                     self._end_turn()
                 if applied is None or (until_current and applied == "fresh"):
                     break
-        except psycopg.OperationalError as error:
-            broken = self._origin_connection
-            failed = self.origin.name if broken is None or broken.broken else self.target.name
+        except psycopg.Error as error:
+            # Only a lost session makes a node unavailable (transport.lost_session); any other
+            # OperationalError (a cancelled statement, a lock not granted, a full disk) stalls
+            # the pair naming the node; other errors go to the caller as before.
+            sessions = {
+                self.origin.name: self._origin_connection,
+                self.target.name: self._target_connection,
+            }
+            lost = lost_session(error, sessions)
+            if lost is None and not isinstance(error, psycopg.OperationalError):
+                self._rollback()
+                raise
+            erring = erring_node(sessions) or self.target.name
             self.close()
-            raise NodeUnavailable(failed, describe_connection_error(error)) from None
+            if lost is not None:
+                raise NodeUnavailable(lost, describe_lost_session(error)) from None
+            raise ApplyError(f"node {erring}: {first_line(error)}") from None
         except BaseException:
             self._rollback()
             raise
@@ -263,9 +315,7 @@ class Puller:
         position = self._read_position(target, lock=False)
         target.commit()
         if position.window_snapshot is None:
-            snapshot, refresh_due = reader.begin_window(origin)
-            if refresh_due:
-                self._refresh_origin_capture()
+            snapshot = reader.begin_window(origin)
             window = reader.Window(position.applied_snapshot, snapshot, 0)
             if not reader.window_has_changes(origin, window):
                 reader.make_durable(origin)
@@ -279,6 +329,11 @@ class Puller:
         staged, schema_changes = self._stage(origin, target, window)
         # A window with schema changes is applied with the columns its rows carry (schema.py).
         plans = None if schema_changes else self._plans(origin, target)
+        self._schema_window = bool(schema_changes)
+        if position.window_snapshot is None:
+            # Rows of an earlier window not checked yet (it was left unfinished) are not ours.
+            target.execute("DELETE FROM pgconcord_child")
+            self._child_plans.clear()
         self._parked_waiting = parked.any_waiting(target, self.origin.name)
         reader.make_durable(origin)
         origin.commit()
@@ -318,31 +373,33 @@ class Puller:
     ) -> int:
         """Apply one piece: set-wise, or change by change when it holds a schema change."""
         selection = piece_selection(piece.after, piece.last)
-        if piece.schema:
-            self._carried_cache.clear()
-            conflicts = self._apply_one_by_one(
-                target, self._carried_plan, expected, window, selection, piece.last, final
+        try:
+            if piece.schema:
+                self._carried_cache.clear()
+                conflicts = self._apply_one_by_one(
+                    target, self._carried_plan, expected, window, selection, piece.last, final
+                )
+                self._plans_cache, self._plans_key = {}, None
+                return conflicts
+            if plans is None:
+                plans = self._carried_plans(target, selection)
+                target.commit()
+            return self._apply_piece(
+                target, plans, expected, window, piece.after, piece.last, final
             )
+        except _TargetProblem as problem:
+            # The plans are made again next time: the table may have changed meanwhile.
             self._plans_cache, self._plans_key = {}, None
-            return conflicts
-        if plans is None:
-            plans = self._carried_plans(target, selection)
-            target.commit()
-        return self._apply_piece(target, plans, expected, window, piece.after, piece.last, final)
-
-    def _refresh_origin_capture(self) -> None:
-        """The origin's schema changed: capture its new tables and regenerate the capture of
-        changed ones there (their rows so far are logged, see catalog.refresh_capture)."""
-        with connect(self.origin) as connection, connection.transaction():
-            adopted = catalog.refresh_capture(connection, self.origin.name)
-        for name in adopted:
-            log.info("%s: new table %s is replicated from now on", self.origin.name, name)
+            raise self._describe_target_problem(problem) from None
 
     # -- position ------------------------------------------------------------------------
 
     def _read_position(self, target: Connection, *, lock: bool) -> Position:
+        # Every applying transaction reads its position here, and with it the mode it runs in:
+        # nothing may have undone replica mode unseen.
         query = (
-            "SELECT applied_snapshot::text, window_snapshot::text, window_done"
+            "SELECT applied_snapshot::text, window_snapshot::text, window_done,"
+            " current_setting('session_replication_role')"
             " FROM pgconcord.position WHERE origin = %s"
         )
         row = target.execute(
@@ -352,6 +409,11 @@ class Puller:
             raise ApplyError(
                 f"node {self.target.name} has no position for origin {self.origin.name};"
                 " run pgconcord setup"
+            )
+        if row[3] != "replica":
+            raise ApplyError(
+                f"node {self.target.name}: the applying session is not in replica mode"
+                f" (session_replication_role = {row[3]}); nothing is applied"
             )
         done = row[2]
         return Position(
@@ -575,10 +637,21 @@ class Puller:
         try:
             with target.transaction():
                 self._check_position(target, expected)
+                if self._parked_waiting:
+                    held = parked.hold_followers(target, self.origin.name, piece)
+                    if held:
+                        log.warning(
+                            "%s -> %s: parked %d changes whose source transactions wait"
+                            " behind earlier parked changes",
+                            self.origin.name,
+                            self.target.name,
+                            held,
+                        )
                 conflicts = sum(
-                    apply_table(target, plan, self.origin.name, piece, self._parked_waiting)
+                    self._apply_table(target, plan, piece, self._parked_waiting)
                     for plan in plans.values()
                 )
+                conflicts += self._check_parents(target, last_order, final)
                 self._advance(target, window, piece, last_order, final)
             return conflicts
         except psycopg.DatabaseError as error:
@@ -634,6 +707,19 @@ class Puller:
             failures = 0
             orders = list(transactions)
             for index, order in enumerate(orders):
+                if self._parked_waiting:
+                    # A transaction that touches a row with a parked change waits whole.
+                    this_one = sql.SQL("s.transaction_order = {}").format(sql.Literal(order))
+                    held = parked.hold_followers(target, self.origin.name, this_one)
+                    if held:
+                        log.warning(
+                            "%s -> %s: parked a transaction of %d changes: it waits behind an"
+                            " earlier parked change",
+                            self.origin.name,
+                            self.target.name,
+                            held,
+                        )
+                        continue
                 try:
                     conflicts += self._apply_transaction(target, plan_for, transactions[order])
                     continue
@@ -674,6 +760,7 @@ class Puller:
                         failures,
                     )
                     break
+            conflicts += self._check_parents(target, last_order, final)
             self._advance(target, window, piece, last_order, final)
         return conflicts
 
@@ -689,6 +776,7 @@ class Puller:
         with target.transaction():
             for change_id, schema_name, table_name in changes:
                 what = "schema change" if schema_name is None else f"{schema_name}.{table_name}"
+                plan: TablePlan | None = None
                 try:
                     if schema_name is None or table_name is None:
                         schema.run_statement(target, change_id)
@@ -697,10 +785,16 @@ class Puller:
                     plan = plan_for(schema_name, table_name, change_id)
                     conflicts += self._apply_change(target, plan, change_id)
                 except psycopg.DatabaseError as error:
-                    if not is_data_problem(error):
+                    if plan is not None and is_target_problem(error):
+                        # This node refuses the agent, or the table went: waits, not parked.
+                        raise _TargetProblem(error, plan) from error
+                    # A schema change runs as the role that made it (schema.run_statement): a
+                    # right that role lacks here, or an object missing here, parks it, and the
+                    # stream goes on (as a missing role does).
+                    if not (is_data_problem(error) or (plan is None and is_target_problem(error))):
                         raise
                     raise _ChangeFailed(f"{what}: {first_line(error)}") from error
-                except (resolver.Parked, TableDropped) as not_applied:
+                except (resolver.Parked, TableDropped, schema.RoleMissing) as not_applied:
                     raise _ChangeFailed(f"{what}: {not_applied}") from None
         return conflicts
 
@@ -708,9 +802,11 @@ class Puller:
         """Apply one staged change under a savepoint; the number of conflicts. A collision on
         a unique constraint other than the key is resolved; other failures are raised."""
         selection = sql.SQL("s.id = {}").format(sql.Literal(change_id))
+        # Transactions that wait behind a parked change were left out whole before (see
+        # _apply_one_by_one): nothing to hold here.
         try:
             with target.transaction():
-                return apply_table(target, plan, self.origin.name, selection, self._parked_waiting)
+                return self._apply_table(target, plan, selection, False)
         except pg_errors.UniqueViolation:
             with target.transaction():
                 apply_now = conflict.resolve_unique_collision(
@@ -720,9 +816,111 @@ class Puller:
                     raise
                 if not apply_now:
                     return 1
-                return 1 + apply_table(
-                    target, plan, self.origin.name, selection, self._parked_waiting
+                return 1 + self._apply_table(target, plan, selection, False)
+
+    def _apply_table(
+        self, target: Connection, plan: TablePlan, selection: sql.Composable, held: bool
+    ) -> int:
+        """apply_table, noting the tables whose rows wait for _check_parents, and telling a
+        refusal of this node (a right, a table) from a change that cannot be applied."""
+        if plan.foreign_keys:
+            self._child_plans[(plan.table.schema, plan.table.name)] = plan
+        try:
+            return apply_table(target, plan, self.origin.name, selection, held)
+        except psycopg.DatabaseError as error:
+            if is_target_problem(error):
+                raise _TargetProblem(error, plan) from error
+            raise
+
+    def _check_parents(self, target: Connection, last_order: int, final: bool) -> int:
+        """Record the rows applied in this window whose parent (by a foreign key) is not here:
+        at the end of the window, when every parent it brings has arrived whatever the order of
+        tables and transactions, or at the end of an earlier piece for a table whose parents
+        the rest of the window does not touch (a window cut in pieces is checked as it goes,
+        so that an agent restarted halfway forgets as few rows as possible). The number of
+        conflicts recorded. Runs inside the piece's transaction."""
+        if not self._child_plans:
+            return 0
+        waiting = target.execute(
+            "SELECT DISTINCT schema_name, table_name FROM pgconcord_child"
+        ).fetchall()
+        recorded = 0
+        for schema_name, table_name in waiting:
+            name = (str(schema_name), str(table_name))
+            plan = self._child_plans.get(name)
+            foreign_keys = plan.foreign_keys if plan is not None else ()
+            if plan is not None and self._schema_window:
+                # A schema change of this window may have added, dropped or changed keys.
+                exists = target.execute(
+                    "SELECT to_regclass(%s) IS NOT NULL",
+                    (plan.table.identifier.as_string(target),),
+                ).fetchone()
+                foreign_keys = (
+                    catalog.foreign_keys(target, plan.table) if exists and exists[0] else ()
                 )
+            if (
+                not final
+                and foreign_keys
+                and self._parents_coming(target, foreign_keys, last_order)
+            ):
+                continue
+            if plan is not None:
+                for foreign_key in foreign_keys:
+                    try:
+                        checked = target.execute(
+                            conflict.parent_missing_statement(plan.table, foreign_key),
+                            {
+                                "schema": name[0],
+                                "table": name[1],
+                                "origin": self.origin.name,
+                                "columns": list(foreign_key.columns),
+                            },
+                        )
+                    except psycopg.DatabaseError as error:
+                        if is_target_problem(error):
+                            raise _TargetProblem(error, plan) from error
+                        raise
+                    recorded += max(checked.rowcount, 0)
+            target.execute(
+                "DELETE FROM pgconcord_child WHERE schema_name = %s AND table_name = %s", name
+            )
+        return recorded
+
+    @staticmethod
+    def _parents_coming(
+        target: Connection, foreign_keys: tuple[catalog.ForeignKey, ...], last_order: int
+    ) -> bool:
+        """Whether the window's transactions after last_order write a parent table."""
+        row = target.execute(
+            "SELECT EXISTS (SELECT 1 FROM (SELECT DISTINCT s.schema_name, s.table_name"
+            "   FROM pgconcord_stage s WHERE s.transaction_order > %s AND s.operation <> 'D'"
+            "    AND s.schema_name IS NOT NULL) AS later"
+            " WHERE to_regclass(format('%%I.%%I', later.schema_name, later.table_name))"
+            "       = ANY (SELECT to_regclass(parent) FROM unnest(%s::text[]) AS parent))",
+            (last_order, [fk.parent.as_string(target) for fk in foreign_keys]),
+        ).fetchone()
+        return bool(row and row[0])
+
+    def _describe_target_problem(self, problem: _TargetProblem) -> ApplyError:
+        """The error of a pair this node refuses: its node, table and missing right. Called
+        after the piece's transaction is rolled back."""
+        target = self._target()
+        target.rollback()
+        table = problem.plan.table.qualified_name
+        where = f"node {self.target.name}: table {table}"
+        queued = f"changes from {self.origin.name} stay queued"
+        text = first_line(problem.error)
+        if isinstance(problem.error, pg_errors.UndefinedTable):
+            return ApplyError(f"{where}: {text}; {queued} until it is there")
+        role, missing = _missing_rights(target, problem.plan)
+        target.rollback()
+        if missing:
+            lacks = "; ".join(f"{', '.join(rights)} on {on}" for on, rights in missing)
+            return ApplyError(
+                f"{where}: permission denied: the agent's role {role} lacks {lacks};"
+                f" {queued} until it is granted ({text})"
+            )
+        return ApplyError(f"{where}: {text} (the agent's role is {role}); {queued}")
 
     def _check_position(self, target: Connection, expected: Position) -> None:
         if self._read_position(target, lock=True) != expected:
@@ -764,13 +962,66 @@ def piece_selection(after: int, last: int) -> sql.Composable:
 
 def is_data_problem(error: psycopg.DatabaseError) -> bool:
     """A change that cannot be applied as it is (as opposed to a lost connection or a
-    deadlock, which a retry of the same work overcomes)."""
+    deadlock, which a retry of the same work overcomes, or a target problem, which its
+    operator fixes: the changes wait for it, none is parked)."""
     if isinstance(error, psycopg.OperationalError | pg_errors.DeadlockDetected):
+        return False
+    if is_target_problem(error):
         return False
     if isinstance(error, psycopg.DataError | psycopg.IntegrityError | psycopg.ProgrammingError):
         return True
     # Errors raised by the user's ENABLE ALWAYS triggers (PL/pgSQL RAISE).
     return (error.sqlstate or "").startswith("P0")
+
+
+def is_target_problem(error: psycopg.DatabaseError) -> bool:
+    """The target refuses the agent's role a right on a table (a GRANT missing, a row-level
+    security policy), or the table is not there: nothing is wrong with the change itself."""
+    return isinstance(error, pg_errors.InsufficientPrivilege | pg_errors.UndefinedTable)
+
+
+# The rights applying a table's changes takes (apply_table's statements; conflict.py), per
+# object, and those the agent's role lacks.
+_TABLE_RIGHTS = ("SELECT", "INSERT", "UPDATE", "DELETE")
+_MISSING_RIGHTS = """
+SELECT current_user::text, n.nspname::text, n.nspname || '.' || c.relname,
+       NOT has_schema_privilege(n.oid, 'USAGE'),
+       ARRAY(SELECT r FROM unnest(%s::text[]) AS r WHERE NOT has_table_privilege(c.oid, r))
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.oid = to_regclass(%s)
+"""
+
+
+def _missing_rights(
+    target: Connection, plan: TablePlan
+) -> tuple[str, list[tuple[str, tuple[str, ...]]]]:
+    """The agent's role, and per object the rights applying the plan's table needs that the
+    role lacks: the table, the parents its foreign keys are checked against, and pgconcord's
+    own tables the apply writes."""
+    needs: list[tuple[sql.Composable, tuple[str, ...]]] = [(plan.table.identifier, _TABLE_RIGHTS)]
+    needs += [(foreign_key.parent, ("SELECT",)) for foreign_key in plan.foreign_keys]
+    needs += [
+        (sql.Identifier("pgconcord", "row_version"), ("SELECT", "INSERT", "UPDATE")),
+        (sql.Identifier("pgconcord", "conflict"), ("INSERT",)),
+    ]
+    role = ""
+    missing: list[tuple[str, tuple[str, ...]]] = []
+    for identifier, rights in needs:
+        row = target.execute(
+            _MISSING_RIGHTS, (list(rights), identifier.as_string(target))
+        ).fetchone()
+        if row is None:
+            continue
+        role = str(row[0])
+        if row[3]:
+            missing.append((f"schema {row[1]}", ("USAGE",)))
+        lacking = tuple(str(right) for right in row[4]) if isinstance(row[4], list) else ()
+        if lacking:
+            missing.append((str(row[2]), lacking))
+    if not role:
+        found = target.execute("SELECT current_user::text").fetchone()
+        role = str(found[0]) if found else "?"
+    return role, list(dict.fromkeys(missing))
 
 
 def first_line(error: BaseException) -> str:
@@ -786,7 +1037,9 @@ def apply_table(
     parked_waiting: bool,
 ) -> int:
     """Apply the staged changes the selection picks for one table; the number of conflicts.
-    Runs inside the caller's transaction."""
+    Runs inside the caller's transaction. With parked_waiting, the changes of transactions
+    parked.hold_followers held are left out. Rows applied to a table with foreign keys are
+    noted for Puller._check_parents."""
     if plan.dropped:
         staged = target.execute(
             sql.SQL(
@@ -811,9 +1064,6 @@ def apply_table(
         "table_id": plan.table_id,
         "origin": origin,
     }
-    if parked_waiting:
-        # Later changes of a parked row from the same origin wait behind it, in order.
-        target.execute(parked.park_followers(selection), parameters)
     # DELETE, not TRUNCATE: truncating gives the temporary tables new files and costs
     # catalog work each time, too much for the small pieces of a busy steady state.
     target.execute("DELETE FROM pgconcord_decision")
@@ -841,13 +1091,10 @@ def apply_table(
         target.execute(statements.merge_rows, parameters)
     if statements.add_deltas is not None:
         target.execute(statements.add_deltas, parameters)
-    for foreign_key in plan.foreign_keys:
-        recorded += max(
-            target.execute(
-                conflict.parent_missing_statement(plan.table, foreign_key), parameters
-            ).rowcount,
-            0,
-        )
+    if plan.foreign_keys:
+        # Checked once the whole window is applied (Puller._check_parents): a parent may come
+        # in a table applied after this one, or in a later transaction.
+        target.execute(conflict.CHILD_CANDIDATES, parameters)
     if verdicts is not None and verdicts.keep:
         resolver.write_kept_rows(target, plan.table, plan.columns, verdicts)
         resolver.mark_resolved(target, plan.table, verdicts)

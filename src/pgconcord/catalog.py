@@ -278,7 +278,6 @@ _FINGERPRINT = """
 SELECT coalesce(sum(hashtext(concat_ws(':', a.attrelid, a.attnum, a.attname, a.atttypid,
                                        a.atttypmod, a.attisdropped, a.attgenerated,
                                        a.attidentity))), 0)
-       + coalesce((SELECT generation FROM pgconcord.schema_state), 0)
        + (SELECT coalesce(sum(hashtext(concat_ws(':', t.id, t.schema_name, t.table_name,
                                                  t.key_columns, t.delta_columns, t.policy))), 0)
             FROM pgconcord.replicated_table t)
@@ -329,12 +328,12 @@ def install_capture(
     key (primary or declared) is captured insert-only."""
     row = connection.execute(
         "INSERT INTO pgconcord.replicated_table (schema_name, table_name, key_columns,"
-        " delta_columns, policy, priority, resolver, relation)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s::regclass)"
+        " delta_columns, policy, priority, resolver, relation, own_capture)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s::regclass, true)"
         " ON CONFLICT (schema_name, table_name) DO UPDATE SET key_columns = excluded.key_columns,"
         " delta_columns = excluded.delta_columns, policy = excluded.policy,"
         " priority = excluded.priority, resolver = excluded.resolver,"
-        " relation = excluded.relation RETURNING id",
+        " relation = excluded.relation, own_capture = true RETURNING id",
         (
             table.schema,
             table.name,
@@ -675,23 +674,31 @@ def store_scope(
     )
 
 
+EVENT_TRIGGERS = (
+    ("pgconcord_schema_change", "ddl_command_end", "capture_schema_change"),
+    ("pgconcord_schema_drop", "sql_drop", "capture_schema_drop"),
+)
+
+
+def event_trigger_statements() -> list[sql.Composed]:
+    """What installs the event triggers that capture schema changes (superuser only)."""
+    statements: list[sql.Composed] = []
+    for name, event, function in EVENT_TRIGGERS:
+        statements.append(sql.SQL("DROP EVENT TRIGGER IF EXISTS {}").format(sql.Identifier(name)))
+        statements.append(
+            sql.SQL("CREATE EVENT TRIGGER {} ON {} EXECUTE FUNCTION pgconcord.{}()").format(
+                sql.Identifier(name), sql.SQL(event), sql.Identifier(function)
+            )
+        )
+    return statements
+
+
 def install_event_triggers(connection: psycopg.Connection[tuple[object, ...]]) -> bool:
     """Capture schema changes; False if this role may not (event triggers need superuser)."""
-    triggers = (
-        ("pgconcord_schema_change", "ddl_command_end", "capture_schema_change"),
-        ("pgconcord_schema_drop", "sql_drop", "capture_schema_drop"),
-    )
     try:
         with connection.transaction():
-            for name, event, function in triggers:
-                connection.execute(
-                    sql.SQL("DROP EVENT TRIGGER IF EXISTS {}").format(sql.Identifier(name))
-                )
-                connection.execute(
-                    sql.SQL("CREATE EVENT TRIGGER {} ON {} EXECUTE FUNCTION pgconcord.{}()").format(
-                        sql.Identifier(name), sql.SQL(event), sql.Identifier(function)
-                    )
-                )
+            for statement in event_trigger_statements():
+                connection.execute(statement)
     except psycopg.errors.InsufficientPrivilege:
         return False
     return True
@@ -776,103 +783,90 @@ def install_generic_capture(connection: psycopg.Connection[tuple[object, ...]]) 
     )
 
 
-def schema_generation(connection: psycopg.Connection[tuple[object, ...]]) -> int:
-    row = connection.execute("SELECT generation FROM pgconcord.schema_state").fetchone()
-    return int(str(row[0])) if row else 0
+# A table's own capture is regenerated after a schema change by its node's agent, one table
+# per short transaction that takes the table's lock before anything else and waits for it
+# only this long: an application's migration never queues behind it for more, and the two
+# can never deadlock (the agent holds nothing the migration could be waiting for).
+REGENERATE_LOCK_TIMEOUT = "100ms"
+
+# The definition of every table in the replicated scope: what capture depends on.
+_TABLE_DEFINITIONS = """
+SELECT c.oid::bigint,
+       (SELECT string_agg(concat_ws(':', a.attnum, a.attname, a.atttypid, a.atttypmod,
+                                    a.attgenerated, a.attidentity), ',' ORDER BY a.attnum)
+          FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped)
+       || '|' || coalesce((SELECT i.indkey::text FROM pg_index i
+                            WHERE i.indrelid = c.oid AND i.indisprimary), '')
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+   AND pgconcord.in_scope(n.nspname::text, c.relname::text)
+"""
 
 
-def refresh_capture(
+def table_definitions(connection: psycopg.Connection[tuple[object, ...]]) -> dict[int, str]:
+    """oid -> definition of every table in the replicated scope here."""
+    return {int(str(oid)): str(text) for oid, text in connection.execute(_TABLE_DEFINITIONS)}
+
+
+def capture_changed_tables(
+    connection: psycopg.Connection[tuple[object, ...]], before: dict[int, str]
+) -> None:
+    """After a replayed schema change (no event trigger fires for it): put the generic capture
+    on the tables it created or altered, as the event trigger does where a change is made.
+    Runs in the caller's transaction, which already holds those tables' locks."""
+    installing(connection)
+    for relation, definition in table_definitions(connection).items():
+        if before.get(relation) != definition:
+            connection.execute("SELECT pgconcord.capture_generically(%s::oid)", (relation,))
+
+
+def regenerate_capture(
     connection: psycopg.Connection[tuple[object, ...]], node_name: str
 ) -> list[str]:
-    """After schema changes: capture every table of the replicated schemas, adopting new ones
-    (their rows so far are logged as inserts, so nothing written before is missed) and
-    regenerating the capture of the others from their current columns. Runs in the caller's
-    transaction; the names of the adopted tables."""
-    installing(connection)
-    # Serializes refreshers; a refresh that finds nothing new since the last one stops here.
-    state = connection.execute(
-        "SELECT generation, refreshed_generation FROM pgconcord.schema_state FOR UPDATE"
-    ).fetchone()
-    if state is None:
-        return []
-    connection.execute("UPDATE pgconcord.schema_state SET refreshed_generation = %s", (state[0],))
-    scope = connection.execute(
-        "SELECT schemas, excluded FROM pgconcord.replication_scope"
-    ).fetchone()
-    if scope is None:
-        return []
-    schemas = [str(s) for s in scope[0]] if isinstance(scope[0], list) else []
-    excluded = {str(s) for s in scope[1]} if isinstance(scope[1], list) else set()
-    registry = {
-        (str(row[0]), str(row[1])): row[2:]
-        for row in connection.execute(
-            "SELECT schema_name, table_name, delta_columns, policy, priority, resolver"
-            " FROM pgconcord.replicated_table"
-        ).fetchall()
-    }
-    adopted = []
-    slot = key_slot(connection)
-    for table in discover_tables(connection, schemas, excluded):
-        settings = registry.get((table.schema, table.name))
-        if settings is None:
-            table_id = install_capture(connection, table, node_name)
-            _log_existing_rows(connection, table, table_id, node_name)
-            if slot is not None:
-                set_key_slot(connection, slot, [table])
-            adopted.append(table.qualified_name)
-            connection.execute("SELECT pg_notify('pgconcord_change', '')")
+    """Give every table that a schema change left on the generic capture its own capture
+    function again (and its keys' slot, for a new table); a table whose lock is not free at
+    once is left for the next call. The names of the tables regenerated; commits."""
+    rows = connection.execute(
+        "SELECT t.schema_name, t.table_name, t.delta_columns, t.policy, t.priority, t.resolver"
+        " FROM pgconcord.replicated_table t JOIN pg_class c ON c.oid = t.relation"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE NOT t.own_capture AND n.nspname = t.schema_name AND c.relname = t.table_name"
+        " ORDER BY 1, 2"
+    ).fetchall()
+    connection.commit()
+    regenerated = []
+    for schema_name, table_name, delta, policy, priority, resolver in rows:
+        identifier = sql.Identifier(str(schema_name), str(table_name))
+        try:
+            with connection.transaction():
+                installing(connection)
+                connection.execute(
+                    "SELECT set_config('lock_timeout', %s, true)", (REGENERATE_LOCK_TIMEOUT,)
+                )
+                connection.execute(
+                    sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(identifier)
+                )
+                found = [
+                    table
+                    for table in discover_tables(connection, [str(schema_name)], set())
+                    if table.name == table_name
+                ]
+                if not found:
+                    continue
+                install_capture(
+                    connection,
+                    found[0],
+                    node_name,
+                    tuple(delta) if isinstance(delta, list) else (),
+                    str(policy),
+                    tuple(priority) if isinstance(priority, list) else (),
+                    None if resolver is None else str(resolver),
+                )
+                slot = key_slot(connection)
+                if slot is not None:
+                    # A table the event trigger registered has not had its keys' slot yet.
+                    set_key_slot(connection, slot, found, only_new=True)
+            regenerated.append(f"{schema_name}.{table_name}")
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected):
             continue
-        delta, policy, priority, resolver = settings
-        if slot is not None:
-            # A table the event trigger registered has not had its keys' slot yet.
-            set_key_slot(connection, slot, [table], only_new=True)
-        install_capture(
-            connection,
-            table,
-            node_name,
-            tuple(delta) if isinstance(delta, list) else (),
-            str(policy),
-            tuple(priority) if isinstance(priority, list) else (),
-            None if resolver is None else str(resolver),
-        )
-    return adopted
-
-
-def _log_existing_rows(
-    connection: psycopg.Connection[tuple[object, ...]], table: Table, table_id: int, node: str
-) -> None:
-    """Log a newly adopted table's rows as inserts (its capture trigger, created in this
-    transaction, locks writers out until it commits)."""
-    row = _new_row(table, "t")
-    if not table.key_columns:
-        connection.execute(
-            sql.SQL(
-                "INSERT INTO pgconcord.change_log (table_id, operation, row_key, clock, new_row)"
-                " SELECT {id}, 'I', r, pgconcord.clock_now(), r"
-                " FROM (SELECT {row} AS r FROM {table} t) AS existing"
-            ).format(id=sql.Literal(table_id), row=row, table=table.identifier)
-        )
-        return
-    key = sql.SQL("jsonb_build_object({})").format(
-        sql.SQL(", ").join(
-            sql.SQL("{}, t.{}").format(sql.Literal(c), sql.Identifier(c)) for c in table.key_columns
-        )
-    )
-    connection.execute(
-        sql.SQL(
-            "WITH existing AS (SELECT {key} AS k, {row} AS r FROM {table} t),"
-            " versions AS (INSERT INTO pgconcord.row_version"
-            "   (table_id, row_key, clock, origin, deleted)"
-            "   SELECT {id}, k, pgconcord.clock_now(), {node}, false FROM existing"
-            "   ON CONFLICT (table_id, row_key) DO NOTHING RETURNING row_key, clock)"
-            " INSERT INTO pgconcord.change_log (table_id, operation, row_key, clock, new_row)"
-            " SELECT {id}, 'I', e.k, v.clock, e.r FROM existing e"
-            " JOIN versions v ON v.row_key = e.k"
-        ).format(
-            key=key,
-            row=row,
-            table=table.identifier,
-            id=sql.Literal(table_id),
-            node=sql.Literal(node),
-        )
-    )
+    return regenerated

@@ -7,8 +7,9 @@ import json
 import logging
 import signal
 import sys
+import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import psycopg
@@ -17,7 +18,10 @@ from rich.table import Table as RichTable
 
 from pgconcord import __version__
 from pgconcord.config import ClusterConfig, NodeConfig, load_config
-from pgconcord.errors import NodeUnavailable, PgconcordError
+from pgconcord.errors import NodeUnavailable, NotSetUp, PgconcordError
+
+if TYPE_CHECKING:
+    from pgconcord.agent import Agent
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -76,25 +80,57 @@ def setup(config_path: str | None) -> None:
 @config_option
 @click.option("--node", "node_name", metavar="NAME", help="Replicate into this node only.")
 def run(config_path: str | None, node_name: str | None) -> None:
-    """Replicate continuously until SIGTERM or SIGINT."""
-    from pgconcord.agent import Agent
+    """Replicate continuously until SIGTERM or SIGINT; SIGHUP reloads the config file."""
+    from pgconcord.agent import Agent, nodes_not_set_up
 
     config = _load(config_path)
     nodes = [config.node_by_name(node_name).name] if node_name else None
+    # A node that is down now is waited for; one that is up without pgconcord's catalog would
+    # only fail the same way for ever.
+    missing = nodes_not_set_up(config, nodes)
+    if missing:
+        raise (
+            NotSetUp(missing[0])
+            if len(missing) == 1
+            else PgconcordError(f"nodes {', '.join(missing)} are not set up: run pgconcord setup")
+        )
     if logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
+    log = logging.getLogger(__name__)
     agent = Agent(config, nodes)
+    reload_requested = threading.Event()
 
     def request_stop(signal_number: int, _frame: object) -> None:
-        logging.getLogger(__name__).info("received signal %d, stopping", signal_number)
+        log.info("received signal %d, stopping", signal_number)
         agent.stopping.set()
+
+    def request_reload(_signal_number: int, _frame: object) -> None:
+        reload_requested.set()  # read in the main loop below, not in the signal handler
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    if hasattr(signal, "SIGHUP"):  # not on Windows: there a restart takes a new config
+        signal.signal(signal.SIGHUP, request_reload)
     agent.start()
-    logging.getLogger(__name__).info("replicating into %s", ", ".join(agent.nodes))
-    agent.wait()
+    log.info("replicating into %s", ", ".join(agent.nodes))
+    while not agent.stopping.wait(0.5):
+        if reload_requested.is_set():
+            reload_requested.clear()
+            _reload(agent, config_path)
     agent.stop()
+
+
+def _reload(agent: Agent, config_path: str | None) -> None:
+    """Give the running agent the config file as it is now; a config that cannot be used is
+    logged and the agent goes on with the one it has."""
+    log = logging.getLogger(__name__)
+    try:
+        config = _load(config_path)
+        changes = agent.reconfigure(config)
+    except PgconcordError as error:
+        log.error("config not reloaded, replicating on with the previous one: %s", error)
+        return
+    log.info("config reloaded: %s", "; ".join(changes) if changes else "the same pairs replicate")
 
 
 @main_group.command()
@@ -123,6 +159,7 @@ def sync(config_path: str | None) -> None:
     problems = [
         f"node {name} unreachable ({reason})" for name, reason in report.unreachable.items()
     ]
+    problems += [str(NotSetUp(name)) for name in report.not_set_up]
     problems += report.failures
     raise PgconcordError("sync incomplete: " + "; ".join(problems))
 
@@ -130,11 +167,21 @@ def sync(config_path: str | None) -> None:
 @main_group.command()
 @config_option
 @json_option
-def status(config_path: str | None, as_json: bool) -> None:
-    """Nodes, reachability, pending changes and lag per pair, conflicts."""
+@click.option(
+    "--lag",
+    "lag_seconds",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="A pair whose oldest pending change is older than this is a problem.",
+)
+def status(config_path: str | None, as_json: bool, lag_seconds: float) -> None:
+    """Nodes, reachability, pending changes and lag per pair, conflicts; exits 1, with one
+    line per reason, when something needs a person."""
     from pgconcord.status import cluster_status
 
-    report = cluster_status(_load(config_path))
+    report = cluster_status(_load(config_path), lag_threshold_seconds=lag_seconds)
     if as_json:
         _print_json(report.to_json())
     else:
@@ -165,9 +212,10 @@ def status(config_path: str | None, as_json: bool) -> None:
                 "?" if pair.applied_changes is None else str(pair.applied_changes),
             )
         console.print(pairs)
-        for warning in report.warnings:
-            console.print(f"warning: {warning}", style="bold red", highlight=False)
-    if not report.healthy:
+    problems = report.problems
+    for problem in problems:
+        error_console.print(problem, style="bold red", highlight=False)
+    if problems:
         sys.exit(1)
 
 
@@ -425,6 +473,31 @@ def part(config_path: str | None, name: str, force: bool) -> None:
             f"part of {name} not recorded on unreachable nodes: {missing};"
             " they learn it from the others once their agent runs, or run part again"
         )
+
+
+@main_group.command()
+@config_option
+@click.argument("role")
+@click.option("--node", "node_name", metavar="NAME", help="Only this node's statements.")
+def grant(config_path: str | None, role: str, node_name: str | None) -> None:
+    """Print the SQL a superuser runs on each node so that ROLE can set up and run pgconcord
+    (the rights setup checks for; the event triggers once setup has run)."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    from pgconcord.rights import grant_scripts
+
+    config = _load(config_path)
+    for name, lines in grant_scripts(config, role, node_name).items():
+        # Only where to run it: never the password a DSN may hold.
+        where = conninfo_to_dict(config.node_by_name(name).dsn)
+        click.echo(
+            f"-- node {name}: run as a superuser in database {where.get('dbname', '?')}"
+            f" on {where.get('host', 'localhost')}"
+        )
+        if not lines:
+            click.echo(f"-- {role} has every right it needs on {name}")
+        for line in lines:
+            click.echo(line)
 
 
 @main_group.command()

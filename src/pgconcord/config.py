@@ -327,10 +327,27 @@ class TableConflictConfig(_Section):
 
 
 class ConflictConfig(_Section):
-    """`[conflict]`: the default policy and per-table overrides."""
+    """`[conflict]`: the default policy, how long conflict records are kept, and per-table
+    overrides."""
 
     default: ConflictPolicy = "last-writer-wins"
+    # Conflict records older than this are deleted by the agent's purge (parked changes are
+    # not: they wait for an operator).
+    keep: str = "30d"
     table: dict[TableName, TableConflictConfig] = Field(default_factory=dict)
+
+    @field_validator("keep")
+    @classmethod
+    def _check_keep(cls, value: str) -> str:
+        try:
+            parse_duration(value)
+        except ValueError as error:
+            raise _invalid(str(error)) from None
+        return value
+
+    @property
+    def keep_seconds(self) -> float:
+        return parse_duration(self.keep)
 
 
 class ClusterConfig(_Section):

@@ -168,12 +168,11 @@ SELECT i.row_key, i.operation, i.clock, i.new_row, i.previous_clock, i.previous_
     coalesce(pgconcord.version_text(i.previous_clock, i.previous_origin), '') AS seen) AS m
 """
 
-# Changes of a row with a parked change from the same origin wait (they were parked too).
-_NOT_PARKED = """
-   AND NOT EXISTS (SELECT 1 FROM pgconcord.parked_change p
-                    WHERE p.state = 'parked' AND p.origin = %(origin)s
-                      AND p.schema_name = s.schema_name AND p.table_name = s.table_name
-                      AND p.row_key = s.row_key)"""
+# Source transactions that wait behind a parked change were parked whole just before
+# (parked.hold_followers): none of their changes is applied now.
+_NOT_HELD = """
+   AND NOT EXISTS (SELECT 1 FROM pgconcord_held h
+                    WHERE h.transaction_order = s.transaction_order)"""
 
 # The rows locked above are decided; a row inserted here after that statement began is
 # checked again by the upsert's condition (and a merge decided without it is retried).
@@ -309,7 +308,7 @@ class TableStatements:
     def decide(self, selection: sql.Composable, parked_waiting: bool) -> sql.Composed:
         return self.decide_template.format(
             selection=selection,
-            parked_filter=sql.SQL(_NOT_PARKED if parked_waiting else ""),
+            parked_filter=sql.SQL(_NOT_HELD if parked_waiting else ""),
             delta=self.delta,
         )
 
@@ -325,31 +324,57 @@ def row_value(table: Table, name: str, change: str) -> sql.Composable:
     return sql.SQL("r.{}").format(sql.Identifier(name))
 
 
-# A row applied here whose parent (foreign key) is not here (yet): the apply does not check
-# foreign keys, so the row is kept on every node and the parent may still arrive; recorded.
+# Foreign keys are not checked while applying (the session runs in replica mode), and the
+# tables of a piece are applied one after the other, in name order: a child row often lands
+# before its parent of the same piece. So each table's applied rows are noted as candidates
+# (pgconcord_child) and checked once the parents may have arrived: after the window
+# (apply.Puller._check_parents). A merge that changed none of the key's columns cannot have
+# made an orphan: it is checked only if it took one of them.
+CHILD_CANDIDATES = sql.SQL("""
+INSERT INTO pgconcord_child (schema_name, table_name, row_key, clock, operation, new_row, taken)
+SELECT %(schema)s, %(table)s, d.row_key, d.clock, d.operation, d.new_row,
+       CASE WHEN d.mode = 'merge' THEN d.taken END
+  FROM pgconcord_decision d
+  JOIN pgconcord_winner w ON w.row_key = d.row_key
+ WHERE d.mode IN ('full', 'merge')
+""")
+
+# A candidate row that is here (as it is now: a later change may have deleted it or pointed it
+# elsewhere) and whose parent is not: recorded with the last change applied to it. The row is
+# kept (on every node alike), and the parent may still come from another origin.
 _PARENT_MISSING = """
 INSERT INTO pgconcord.conflict
     (schema_name, table_name, row_key, conflict_type, resolution, incoming_clock,
      incoming_origin, incoming_operation, incoming_row)
-SELECT %(schema)s, %(table)s, d.row_key, 'parent_missing', 'incoming', d.clock, %(origin)s,
-       d.operation, d.new_row
-  FROM pgconcord_decision d
-  JOIN pgconcord_winner w ON w.row_key = d.row_key
- CROSS JOIN LATERAL jsonb_populate_record(NULL::{table}, d.new_row) r
- WHERE d.mode IN ('full', 'merge') AND {all_set}
+SELECT %(schema)s, %(table)s, c.row_key, 'parent_missing', 'incoming', c.clock, %(origin)s,
+       c.operation, c.new_row
+  FROM (SELECT DISTINCT ON (row_key) row_key, clock, operation, new_row
+          FROM pgconcord_child
+         WHERE schema_name = %(schema)s AND table_name = %(table)s
+           AND (taken IS NULL OR taken && %(columns)s::text[])
+         ORDER BY row_key, clock DESC) AS c
+ CROSS JOIN LATERAL jsonb_populate_record(NULL::{table}, c.row_key) k
+  JOIN {table} t ON {key_match}
+ WHERE {all_set}
    AND NOT EXISTS (SELECT 1 FROM {parent} p WHERE {matches})
 """
 
 
 def parent_missing_statement(table: Table, foreign_key: ForeignKey) -> sql.Composed:
+    """Record the candidates of one table (CHILD_CANDIDATES) whose parent is missing by one
+    foreign key; parameters schema, table, origin and columns (the foreign key's)."""
     return sql.SQL(_PARENT_MISSING).format(
         table=table.identifier,
+        key_match=sql.SQL(" AND ").join(
+            sql.SQL("t.{column} = k.{column}").format(column=sql.Identifier(column))
+            for column in table.key_columns
+        ),
         parent=foreign_key.parent,
         all_set=sql.SQL(" AND ").join(
-            sql.SQL("r.{} IS NOT NULL").format(sql.Identifier(c)) for c in foreign_key.columns
+            sql.SQL("t.{} IS NOT NULL").format(sql.Identifier(c)) for c in foreign_key.columns
         ),
         matches=sql.SQL(" AND ").join(
-            sql.SQL("p.{} = r.{}").format(sql.Identifier(parent), sql.Identifier(child))
+            sql.SQL("p.{} = t.{}").format(sql.Identifier(parent), sql.Identifier(child))
             for child, parent in zip(foreign_key.columns, foreign_key.parent_columns, strict=True)
         ),
     )

@@ -14,7 +14,8 @@ class ConfigError(PgconcordError):
 
 
 class NodeUnavailable(PgconcordError):
-    """A node cannot be reached right now (network, server down, authentication); retry later."""
+    """A node cannot be reached right now (network, server down, its session lost, a refused
+    login); retry later. Any other database error of a reachable node is not this."""
 
     def __init__(self, node: str, reason: str) -> None:
         super().__init__(f"node {node}: {reason}")
@@ -28,3 +29,11 @@ class SchemaError(PgconcordError):
 
 class FatalError(PgconcordError):
     """Something is wrong that retrying will not fix; the agent stops."""
+
+
+class NotSetUp(PgconcordError):
+    """A node's database has no pgconcord catalog: setup never ran there (or it was removed)."""
+
+    def __init__(self, node: str) -> None:
+        super().__init__(f"node {node} is not set up: run pgconcord setup")
+        self.node = node

@@ -9,11 +9,12 @@ from dataclasses import dataclass, field, replace
 
 import psycopg
 
-from pgconcord import catalog, resolver
+from pgconcord import catalog, resolver, rights
+from pgconcord.apply import first_line
 from pgconcord.catalog import Table
 from pgconcord.config import ClusterConfig
-from pgconcord.errors import SchemaError
-from pgconcord.transport import connect
+from pgconcord.errors import PgconcordError, SchemaError
+from pgconcord.transport import check_server_version, connect
 
 
 @dataclass
@@ -136,6 +137,7 @@ def setup(config: ClusterConfig, progress: Callable[[str], None] = lambda _: Non
         # Opened one by one inside the try: an unreachable node closes the others again.
         for node in config.nodes:
             connections[node.name] = connect(node)
+            check_server_version(connections[node.name], node.name)
         node_tables = {}
         for node in config.nodes:
             connection = connections[node.name]
@@ -157,6 +159,7 @@ def setup(config: ClusterConfig, progress: Callable[[str], None] = lambda _: Non
             if spec:
                 resolver.load(spec)  # refuses, by name, a function that cannot be imported
         slots = assign_key_slots({name: catalog.key_slot(c) for name, c in connections.items()})
+        check_rights(connections, tables)
         for connection in connections.values():
             connection.rollback()
         report = SetupReport(tables=[t.qualified_name for t in tables])
@@ -169,34 +172,19 @@ def setup(config: ClusterConfig, progress: Callable[[str], None] = lambda _: Non
                 )
         for node in config.nodes:
             connection = connections[node.name]
-            with connection.transaction():
-                catalog.installing(connection)
-                report.catalog_versions[node.name] = catalog.migrate(connection)
-                catalog.claim_identity(connection, node.name, config.cluster.name)
-                catalog.store_scope(
-                    connection, config.replication.schemas, config.replication.exclude
+            try:
+                schema_changes = _install_node(
+                    config, node.name, connection, tables, counters, slots, report
                 )
-                catalog.install_generic_capture(connection)
-                for table in tables:
-                    policy, priority = config.table_policy(table.schema, table.name)
-                    catalog.install_capture(
-                        connection,
-                        table,
-                        node.name,
-                        counters.get(table.qualified_name, ()),
-                        policy,
-                        priority,
-                        config.table_resolver(table.schema, table.name),
-                    )
-                catalog.ensure_positions(
-                    connection, [peer for peer in config.node_names if peer != node.name]
-                )
-                catalog.set_key_slot(connection, slots[node.name], tables)
-                schema_changes = catalog.install_event_triggers(connection)
+            except psycopg.Error as error:
+                raise PgconcordError(
+                    f"node {node.name}: setup failed: {first_line(error)}"
+                ) from None
             if not schema_changes:
                 progress(
-                    f"{node.name}: schema changes made there are not replicated (creating event"
-                    " triggers needs superuser); make them on every node yourself"
+                    f"{node.name}: schema changes made there are not replicated: creating event"
+                    " triggers needs a superuser (`pgconcord grant ROLE --node"
+                    f" {node.name}` prints the statements for one to run)"
                 )
             progress(
                 f"{node.name}: catalog v{report.catalog_versions[node.name]},"
@@ -206,3 +194,59 @@ def setup(config: ClusterConfig, progress: Callable[[str], None] = lambda _: Non
     finally:
         for connection in connections.values():
             connection.close()
+
+
+def _install_node(
+    config: ClusterConfig,
+    node_name: str,
+    connection: psycopg.Connection[tuple[object, ...]],
+    tables: list[Table],
+    counters: dict[str, tuple[str, ...]],
+    slots: dict[str, int],
+    report: SetupReport,
+) -> bool:
+    """Install on one node in one transaction; whether schema changes are captured there."""
+    with connection.transaction():
+        catalog.installing(connection)
+        report.catalog_versions[node_name] = catalog.migrate(connection)
+        catalog.claim_identity(connection, node_name, config.cluster.name)
+        catalog.store_scope(connection, config.replication.schemas, config.replication.exclude)
+        catalog.install_generic_capture(connection)
+        for table in tables:
+            policy, priority = config.table_policy(table.schema, table.name)
+            catalog.install_capture(
+                connection,
+                table,
+                node_name,
+                counters.get(table.qualified_name, ()),
+                policy,
+                priority,
+                config.table_resolver(table.schema, table.name),
+            )
+        catalog.ensure_positions(
+            connection, [peer for peer in config.node_names if peer != node_name]
+        )
+        catalog.set_key_slot(connection, slots[node_name], tables)
+        # A superuser may have created them for this role (pgconcord grant): keep those.
+        if not rights.event_triggers_missing(connection):
+            return True
+        return catalog.install_event_triggers(connection)
+
+
+def check_rights(
+    connections: dict[str, psycopg.Connection[tuple[object, ...]]], tables: list[Table]
+) -> None:
+    """Refuse, before anything is installed, a role that lacks a right it needs on some node,
+    naming each node and right."""
+    problems = []
+    for name, connection in connections.items():
+        row = connection.execute("SELECT current_user").fetchone()
+        role = str(row[0]) if row else "?"
+        for missing in rights.missing_rights(connection, role, tables):
+            problems.append(f"node {name}: role {role} lacks {missing.right}")
+        connection.rollback()
+    if problems:
+        raise PgconcordError(
+            "; ".join(problems)
+            + " (`pgconcord grant ROLE` prints the statements for a superuser to run)"
+        )

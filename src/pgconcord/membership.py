@@ -30,7 +30,7 @@ from pgconcord import catalog
 from pgconcord.apply import Puller
 from pgconcord.config import ClusterConfig, NodeConfig
 from pgconcord.errors import ConfigError, NodeUnavailable, PgconcordError
-from pgconcord.transport import connect
+from pgconcord.transport import CHANNEL, connect
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,9 @@ Connection = psycopg.Connection[tuple[object, ...]]
 MEMBERSHIP_VERSION = 9  # the catalog version that records members
 JOINING, ACTIVE, EVICTED, PARTED = "joining", "active", "evicted", "parted"
 OUT_OF_CLUSTER = (EVICTED, PARTED)
+# The NOTIFY payload (on transport.CHANNEL) of a membership change: the agents listening to the
+# node try its pairs at once instead of at the end of their backoff (a join is acted on now).
+MEMBERSHIP_NEWS = "membership"
 # The triggers catalog.install_capture puts on a replicated table.
 CAPTURE_TRIGGERS = ("pgconcord_capture", "pgconcord_notify", "pgconcord_truncate")
 # A row created for a member nobody recorded yet: older than any recorded event.
@@ -112,6 +115,8 @@ def record(
         " WHERE m.changed_at < excluded.changed_at",
         (name, state, changed_at, reason),
     ).rowcount
+    if written > 0:
+        connection.execute("SELECT pg_notify(%s, %s)", (CHANNEL, MEMBERSHIP_NEWS))
     return written > 0
 
 

@@ -1,5 +1,10 @@
 """Changes that cannot be applied are parked with their reason instead of stalling the stream;
-an operator retries them (after fixing the cause) or discards them, and the record stays."""
+an operator retries them (after fixing the cause) or discards them, and the record stays.
+
+A source transaction is parked whole, never in part: one that touches a row with a parked
+change from the same origin waits behind it with all its changes (hold_followers), and the
+rows it holds make later transactions wait in turn. Retried in order, a transaction at a time,
+they are applied as the origin committed them."""
 
 from __future__ import annotations
 
@@ -37,8 +42,30 @@ INSERT INTO pgconcord.parked_change (origin, schema_name, table_name, row_key, o
     + " WHERE {selection} ORDER BY s.transaction_order, s.id"
 )
 
-_PARK_FOLLOWERS = (
+# Source transactions of the selection that follow a parked change: one that touches a row
+# with a change parked before this step, or held by this step for an earlier transaction. They
+# are parked whole (all of their changes, whatever rows they touch) and recorded in
+# pgconcord_held, so that the set-wise apply leaves them out (conflict._NOT_HELD). One
+# statement takes one link of a chain; hold_followers repeats it until nothing more follows.
+_HOLD_FOLLOWERS = (
     """
+WITH followers AS MATERIALIZED (
+    SELECT DISTINCT ON (s.transaction_order) s.transaction_order,
+           s.schema_name || '.' || s.table_name || ' ' || s.row_key::text AS blocked_row
+      FROM pgconcord_stage s
+     WHERE ({selection}) AND s.schema_name IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM pgconcord_held h
+                        WHERE h.transaction_order = s.transaction_order)
+       AND EXISTS (SELECT 1 FROM pgconcord.parked_change p
+                    WHERE p.state = 'parked' AND p.origin = %(origin)s
+                      AND p.schema_name = s.schema_name AND p.table_name = s.table_name
+                      AND p.row_key = s.row_key
+                      AND (p.transaction_order < s.transaction_order
+                           OR p.transaction_order IS NULL
+                           OR NOT EXISTS (SELECT 1 FROM pgconcord_held h
+                                           WHERE h.transaction_order = p.transaction_order)))
+     ORDER BY s.transaction_order, s.id),
+held AS (INSERT INTO pgconcord_held SELECT transaction_order FROM followers)
 INSERT INTO pgconcord.parked_change (origin, schema_name, table_name, row_key, operation, clock,
                                      previous_clock, previous_origin, new_row, old_values,
                                      order_key, transaction_order, generation_clock,
@@ -46,11 +73,7 @@ INSERT INTO pgconcord.parked_change (origin, schema_name, table_name, row_key, o
 """
     + _STAGED_CHANGE
     + """
- WHERE s.schema_name = %(schema)s AND s.table_name = %(table)s AND ({selection})
-   AND EXISTS (SELECT 1 FROM pgconcord.parked_change p
-                WHERE p.state = 'parked' AND p.origin = %(origin)s
-                  AND p.schema_name = s.schema_name AND p.table_name = s.table_name
-                  AND p.row_key = s.row_key)
+  JOIN followers f ON f.transaction_order = s.transaction_order
  ORDER BY s.transaction_order, s.id
 """
 )
@@ -65,12 +88,25 @@ def park(target: Connection, origin: str, selection: sql.Composable, reason: str
     )
 
 
-def park_followers(selection: sql.Composable) -> sql.Composed:
-    return sql.SQL(_PARK_FOLLOWERS).format(
+def hold_followers(target: Connection, origin: str, selection: sql.Composable) -> int:
+    """Park whole every source transaction of the selection that must wait behind a parked
+    change of the same origin, transitively: a transaction that touches a row with a parked
+    change waits, with every row it touches, and so do later transactions that touch one of
+    those rows. (A transaction ordered before a held one goes on: it came first at the origin.)
+    The held transactions are listed in pgconcord_held for the rest of the caller's transaction;
+    the number of changes parked. Runs inside the caller's transaction."""
+    target.execute("DELETE FROM pgconcord_held")
+    statement = sql.SQL(_HOLD_FOLLOWERS).format(
         origin=sql.SQL("%(origin)s"),
-        reason=sql.Literal("waits for an earlier parked change of the same row"),
+        reason=sql.SQL("'waits for an earlier parked change of ' || f.blocked_row"),
         selection=selection,
     )
+    total = 0
+    while True:
+        parked = target.execute(statement, {"origin": origin}).rowcount
+        if parked <= 0:
+            return total
+        total += parked
 
 
 def any_waiting(target: Connection, origin: str) -> bool:
@@ -229,7 +265,10 @@ def _retry_group(target: Connection, identifiers: list[int]) -> str | None:
                         parked_waiting=False,
                     )
         except (psycopg.DatabaseError, SchemaError, resolver.Parked) as error:
-            if isinstance(error, psycopg.DatabaseError) and not apply.is_data_problem(error):
+            # A right the agent lacks here keeps them parked too, with that reason.
+            if isinstance(error, psycopg.DatabaseError) and not (
+                apply.is_data_problem(error) or apply.is_target_problem(error)
+            ):
                 raise
             reason = f"{failing}: {apply.first_line(error)}"
             target.execute(

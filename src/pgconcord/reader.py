@@ -131,15 +131,9 @@ def begin_snapshot(origin: psycopg.Connection[tuple[object, ...]]) -> str:
     return str(row[0])
 
 
-def begin_window(origin: psycopg.Connection[tuple[object, ...]]) -> tuple[str, bool]:
-    """begin_snapshot(), and whether the origin's schema changed since its capture was last
-    regenerated (catalog.refresh_capture is then due there)."""
-    row = origin.execute(
-        "SELECT pg_current_snapshot()::text, generation > refreshed_generation"
-        " FROM pgconcord.schema_state"
-    ).fetchone()
-    assert row is not None
-    return str(row[0]), bool(row[1])
+def begin_window(origin: psycopg.Connection[tuple[object, ...]]) -> str:
+    """The snapshot a new window of the origin ends at (see begin_snapshot)."""
+    return begin_snapshot(origin)
 
 
 def make_durable(origin: psycopg.Connection[tuple[object, ...]]) -> None:

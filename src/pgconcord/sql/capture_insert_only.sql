@@ -3,7 +3,7 @@
 -- or delete is refused at once rather than left to make the nodes differ. The row itself
 -- stands in as the change's key.
 CREATE OR REPLACE FUNCTION pgconcord.{function_name}() RETURNS trigger
-LANGUAGE plpgsql {settings}
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp {settings}
 AS $body$
 DECLARE
     logged_row jsonb;

@@ -1,6 +1,9 @@
 -- Row trigger function generated for one replicated table (catalog.install_capture formats the
 -- placeholders with quoted identifiers and literals). Generated per table so that key columns
 -- are read directly from NEW/OLD and the node name is a constant: this runs on every user write.
+-- It runs with pgconcord's rights (SECURITY DEFINER; see 014_definer_rights.sql), so that any
+-- role allowed to write the table can, without rights on pgconcord's schema, and with a pinned
+-- search_path, so that the writer's path cannot choose what it calls.
 -- {settings} pins the session settings the logged text depends on, for tables that need it
 -- (catalog._fixed_settings): to_jsonb() prints floats per extra_float_digits, ranges per
 -- DateStyle and TimeZone, and a time-zoned key differently in every time zone.
@@ -15,7 +18,7 @@
 -- reads everything about the table when it runs: a schema change switches the table to it at
 -- once (013_generic_capture.sql), until an agent generates the table's own function again.
 CREATE OR REPLACE FUNCTION pgconcord.{function_name}() RETURNS trigger
-LANGUAGE plpgsql {settings}
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp {settings}
 AS $body$
 DECLARE
     new_key jsonb;
