@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgconcord import agent, catalog, install
+from pgconcord import agent, install, rights
 from pgconcord.apply import Puller
 from pgconcord.config import ClusterConfig, load_config
 from pgconcord.sandbox import Server
@@ -190,7 +190,7 @@ class Cluster:
                 ).fetchone()
                 if row is None or row[0] is None:
                     continue  # not set up (yet): a node that joins later, a refused setup
-                for statement in catalog.event_trigger_statements():
+                for statement in rights.event_trigger_script(connection):
                     connection.execute(statement)
                 connection.commit()
 

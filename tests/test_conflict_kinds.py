@@ -75,9 +75,8 @@ def test_same_clock_reading_breaks_the_tie_by_node_name(cluster: Cluster) -> Non
     # With every wall clock far behind, each node's write gets the version it replaced
     # plus one, the same number everywhere: the clocks tie exactly.
     for name in cluster.names:
-        with cluster.connect(name) as connection:
-            connection.execute("SET pgconcord.clock_offset_us = '-1000000000000'")
-            connection.execute("UPDATE t SET v = %s WHERE id = 1", (f"by {name}",))
+        cluster.admin_execute(name, "UPDATE pgconcord.local_node SET clock_offset_us = -1e12")
+        cluster.execute(name, "UPDATE t SET v = %s WHERE id = 1", (f"by {name}",))
     clocks = {
         name: cluster.admin_value(name, "SELECT clock FROM pgconcord.row_version")
         for name in cluster.names
@@ -129,10 +128,7 @@ def test_a_node_whose_clock_lags_30_seconds_still_wins_with_a_later_edit(cluster
         cluster.execute(name, "CREATE TABLE t (id int PRIMARY KEY, v text)")
     cluster.setup()
     # south's clock runs 30 s behind (for every session of its database).
-    cluster.admin_execute(
-        "south",
-        f"ALTER DATABASE \"{cluster.database}\" SET pgconcord.clock_offset_us = '-30000000'",
-    )
+    cluster.admin_execute("south", "UPDATE pgconcord.local_node SET clock_offset_us = -30000000")
     cluster.execute("north", "INSERT INTO t VALUES (1, 'north')")
     cluster.sync()
     # south edits after it has seen north's edit: causally later, so it wins everywhere,

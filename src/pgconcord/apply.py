@@ -170,6 +170,9 @@ class TablePlan:
     delta_columns: tuple[str, ...] = ()  # counters: concurrent changes add up
     resolver: str | None = None  # the user's function for conflicts ('module:function')
     dropped: bool = False  # the table was replicated here and has been dropped
+    # Why its changes are parked rather than applied: they need a schema change of the same
+    # origin that is parked here (its table or column is missing until that one is applied).
+    held: str | None = None
     foreign_keys: tuple[catalog.ForeignKey, ...] = ()  # checked after applying, and recorded
 
 
@@ -541,12 +544,24 @@ class Puller:
             for t in catalog.discover_tables(target, sorted({s for s, _ in names}), set())
         }
         plans = {}
+        waiting = parked.schema_change_waiting(target, self.origin.name)
+        held = None if waiting is None else f"waits for parked schema change {waiting}"
         for name in sorted(names):
             qualified = ".".join(name)
             source, destination = at_origin.get(name), at_target.get(name)
             if destination is None and name in registered:
                 table = source or Table(name[0], name[1], (), ())
                 plans[name] = TablePlan(table, registered[name], (), dropped=True)
+                continue
+            if held is not None and (
+                destination is None
+                or name not in registered
+                or carried[name] - {c.name for c in destination.columns}
+            ):
+                # A parked schema change of this origin made what these changes need: they
+                # follow it, parked whole, and the stream goes on.
+                table = destination or source or Table(name[0], name[1], (), ())
+                plans[name] = TablePlan(table, registered.get(name, 0), (), held=held)
                 continue
             if destination is None or name not in registered:
                 raise SchemaError(
@@ -1040,7 +1055,7 @@ def apply_table(
     Runs inside the caller's transaction. With parked_waiting, the changes of transactions
     parked.hold_followers held are left out. Rows applied to a table with foreign keys are
     noted for Puller._check_parents."""
-    if plan.dropped:
+    if plan.dropped or plan.held is not None:
         staged = target.execute(
             sql.SQL(
                 "SELECT EXISTS (SELECT 1 FROM pgconcord_stage s WHERE s.schema_name = %s"
@@ -1049,7 +1064,10 @@ def apply_table(
             (plan.table.schema, plan.table.name),
         ).fetchone()
         if staged and staged[0]:
-            raise TableDropped(f"table {plan.table.qualified_name} was dropped on this node")
+            raise TableDropped(
+                f"table {plan.table.qualified_name}: "
+                + (plan.held or "the table was dropped on this node")
+            )
         return 0
     if not plan.table.key_columns:
         target.execute(

@@ -680,14 +680,22 @@ EVENT_TRIGGERS = (
 )
 
 
-def event_trigger_statements() -> list[sql.Composed]:
-    """What installs the event triggers that capture schema changes (superuser only)."""
+def event_trigger_statements(*, superuser_schema: bool = False) -> list[sql.Composed]:
+    """What installs the event triggers that capture schema changes (superuser only): calling
+    pgconcord's own functions, when pgconcord's role is a superuser (setup does it), or with
+    superuser_schema the superuser-owned ones of sql/event_triggers.sql (pgconcord grant)."""
+    schema = "pgconcord_event" if superuser_schema else SCHEMA
     statements: list[sql.Composed] = []
+    if superuser_schema:
+        statements.append(sql.Composed([sql.SQL(read_sql("event_triggers.sql"))]))
     for name, event, function in EVENT_TRIGGERS:
         statements.append(sql.SQL("DROP EVENT TRIGGER IF EXISTS {}").format(sql.Identifier(name)))
         statements.append(
-            sql.SQL("CREATE EVENT TRIGGER {} ON {} EXECUTE FUNCTION pgconcord.{}()").format(
-                sql.Identifier(name), sql.SQL(event), sql.Identifier(function)
+            sql.SQL("CREATE EVENT TRIGGER {} ON {} EXECUTE FUNCTION {}.{}()").format(
+                sql.Identifier(name),
+                sql.SQL(event),
+                sql.Identifier(schema),
+                sql.Identifier(function),
             )
         )
     return statements

@@ -244,6 +244,12 @@ def check_rights(
         role = str(row[0]) if row else "?"
         for missing in rights.missing_rights(connection, role, tables):
             problems.append(f"node {name}: role {role} lacks {missing.right}")
+        for cast in rights.untrusted_casts(connection):
+            problems.append(
+                f"node {name}: the cast {cast} runs a function of a role that is not a"
+                " superuser, which capture would run with pgconcord's rights (drop it, or"
+                " make it WITH INOUT or as a superuser)"
+            )
         connection.rollback()
     if problems:
         raise PgconcordError(

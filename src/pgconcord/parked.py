@@ -109,6 +109,16 @@ def hold_followers(target: Connection, origin: str, selection: sql.Composable) -
         total += parked
 
 
+def schema_change_waiting(target: Connection, origin: str) -> int | None:
+    """The id of the first parked schema change from the origin, if one waits here."""
+    row = target.execute(
+        "SELECT min(id) FROM pgconcord.parked_change"
+        " WHERE state = 'parked' AND origin = %s AND operation = 'S'",
+        (origin,),
+    ).fetchone()
+    return None if row is None or row[0] is None else int(str(row[0]))
+
+
 def any_waiting(target: Connection, origin: str) -> bool:
     row = target.execute(
         "SELECT EXISTS (SELECT 1 FROM pgconcord.parked_change"

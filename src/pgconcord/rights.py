@@ -157,6 +157,18 @@ def missing_rights(connection: Connection, role: str, tables: list[Table]) -> li
     return missing
 
 
+def untrusted_casts(connection: Connection) -> list[str]:
+    """Casts with a function a non-superuser owns: to_jsonb() and ::text call them by
+    themselves, so capture, which runs with pgconcord's rights, would run that function."""
+    rows = connection.execute(
+        "SELECT format('(%s AS %s) WITH FUNCTION %s', c.castsource::regtype,"
+        " c.casttarget::regtype, c.castfunc::regprocedure)"
+        " FROM pg_cast c JOIN pg_proc p ON p.oid = c.castfunc"
+        " JOIN pg_roles r ON r.oid = p.proowner WHERE NOT r.rolsuper ORDER BY 1"
+    ).fetchall()
+    return [str(row[0]) for row in rows]
+
+
 def _schema_owner(connection: Connection) -> str:
     row = connection.execute(
         "SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'pgconcord'"
@@ -178,6 +190,17 @@ def event_triggers_missing(connection: Connection) -> bool:
     return bool(row and row[0] and int(str(row[1])) < len(EVENT_TRIGGERS))
 
 
+def event_trigger_script(connection: Connection) -> list[sql.Composed]:
+    """The statements a superuser runs to create the event triggers here, after setup: calling
+    functions of a superuser's own schema unless pgconcord's role is a superuser itself (a
+    role that owns what every schema change of the database runs could make itself one)."""
+    row = connection.execute(
+        "SELECT r.rolsuper FROM pg_namespace n JOIN pg_roles r ON r.oid = n.nspowner"
+        " WHERE n.nspname = 'pgconcord'"
+    ).fetchone()
+    return event_trigger_statements(superuser_schema=not (row and row[0]))
+
+
 def grant_script(connection: Connection, role: str, tables: list[Table]) -> list[str]:
     """The statements that give `role` what it lacks on this node, and the event triggers
     if pgconcord is installed here without them; each ends with a semicolon."""
@@ -186,7 +209,9 @@ def grant_script(connection: Connection, role: str, tables: list[Table]) -> list
         for missing in missing_rights(connection, role, tables)
     ]
     if event_triggers_missing(connection):
-        lines += [_text(connection, statement) + ";" for statement in event_trigger_statements()]
+        lines += [
+            _text(connection, statement) + ";" for statement in event_trigger_script(connection)
+        ]
     return lines
 
 

@@ -64,6 +64,12 @@ def pieces(target: Connection, after: int, piece_rows: int) -> list[Piece]:
     return result
 
 
+_REPLAY_FUNCTION = (
+    "CREATE FUNCTION pg_temp.pgconcord_replay(statement text) RETURNS void"
+    " LANGUAGE plpgsql SECURITY DEFINER AS $replay$BEGIN EXECUTE statement; END$replay$"
+)
+
+
 class RoleMissing(PgconcordError):
     """A schema change was made by a role this node lacks: parked, naming the role (running it
     as anyone else would give its objects another owner here)."""
@@ -105,7 +111,12 @@ def run_statement(target: Connection, change_id: int) -> None:
     if role is not None:
         target.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(role)))
     target.execute("SELECT set_config('search_path', %s, true)", (search_path,))
-    target.execute(statement.encode())
+    # Inside a SECURITY DEFINER function of the author's, made for it: PostgreSQL refuses a
+    # RESET ROLE there, so nothing the statement calls (a CHECK, a default) can go back to
+    # being the agent's role.
+    target.execute(_REPLAY_FUNCTION)
+    target.execute("SELECT pg_temp.pgconcord_replay(%s)", (statement,))
+    target.execute("DROP FUNCTION pg_temp.pgconcord_replay(text)")
     target.execute("SELECT set_config('search_path', %s, true)", (saved[0] if saved else "",))
     if role is not None:
         target.execute("RESET ROLE")

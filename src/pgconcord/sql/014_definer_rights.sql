@@ -18,6 +18,16 @@ REVOKE ALL ON ALL SEQUENCES IN SCHEMA pgconcord FROM PUBLIC;
 -- the table (the generic capture then runs) until the node's agent regenerates it.
 ALTER TABLE pgconcord.replicated_table ADD COLUMN own_capture boolean NOT NULL DEFAULT false;
 
+-- The clock's offset from the wall clock (tests skew a node with it): a column only
+-- pgconcord's role writes, not a setting, which any session could set and so win every
+-- conflict, or push the clock to the end of bigint.
+ALTER TABLE pgconcord.local_node ADD COLUMN clock_offset_us bigint NOT NULL DEFAULT 0;
+CREATE OR REPLACE FUNCTION pgconcord.clock_now() RETURNS bigint
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $body$
+    SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint
+        + coalesce((SELECT n.clock_offset_us FROM pgconcord.local_node n), 0)
+$body$;
+
 -- Trigger functions all tables use.
 ALTER FUNCTION pgconcord.notify_change() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION pgconcord.refuse_truncate() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
@@ -160,16 +170,40 @@ $body$;
 
 ALTER FUNCTION pgconcord.in_scope(text, text) SET search_path = pg_catalog, pg_temp;
 
--- The event triggers' work, given what only the caller's context tells: its search_path and
--- role (the event trigger functions below pin their own search_path before calling this).
-CREATE FUNCTION pgconcord.capture_schema_change_of(caller_search_path text, caller_role text)
+-- pgconcord's own statements (setup, join, regeneration) mark their transaction; only the role
+-- that owns this schema may, or any session could switch schema-change capture off.
+CREATE FUNCTION pgconcord.installing() RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $body$
+    SELECT coalesce(current_setting('pgconcord.installing', true), '') = 'on'
+       AND (SELECT pg_has_role(pgconcord.calling_role(), n.nspowner, 'USAGE')
+              FROM pg_namespace n WHERE n.nspname = 'pgconcord')
+$body$;
+
+-- The event triggers' work, given the caller's search_path (which only the caller's context
+-- tells). SECURITY DEFINER and callable by anyone: it logs only the statement running now,
+-- as the role running it, and only inside an event trigger (pg_event_trigger_ddl_commands
+-- refuses to run anywhere else), so a direct call can forge nothing.
+CREATE FUNCTION pgconcord.capture_schema_change_of(caller_search_path text)
 RETURNS void
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $body$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
 DECLARE
     command record;
     registered record;
 BEGIN
     FOR command IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
+        CONTINUE WHEN pgconcord.installing();
+        -- to_jsonb() and ::text call a type's cast to json or text by itself, with the rights
+        -- of whoever runs them: capture (pgconcord's role) would run the cast's function.
+        IF command.command_tag = 'CREATE CAST' AND EXISTS (
+               SELECT 1 FROM pg_cast c JOIN pg_proc p ON p.oid = c.castfunc
+                 JOIN pg_roles r ON r.oid = p.proowner
+                WHERE c.oid = command.objid AND NOT r.rolsuper) THEN
+            RAISE EXCEPTION 'pgconcord: CREATE CAST WITH FUNCTION is refused here: pgconcord''s'
+                            ' capture would run the function with its own rights (%)',
+                            command.object_identity
+                USING ERRCODE = 'insufficient_privilege',
+                      HINT = 'Use WITH INOUT, or have a superuser create the cast.';
+        END IF;
         CONTINUE WHEN command.schema_name IS NULL OR command.in_extension;
         CONTINUE WHEN NOT pgconcord.in_scope(command.schema_name,
                                               split_part(command.object_identity, '.', 2));
@@ -197,67 +231,66 @@ BEGIN
             END IF;
         END IF;
         PERFORM pgconcord.log_schema_change(command.command_tag, current_query(),
-                                            caller_search_path, caller_role);
+                                            caller_search_path, pgconcord.calling_role());
         -- (A renamed column is reported as a 'table column', with the table's oid.)
         IF command.object_type IN ('table', 'table column')
            AND command.command_tag IN ('CREATE TABLE', 'ALTER TABLE')
            AND EXISTS (SELECT 1 FROM pg_class c
                         WHERE c.oid = command.objid AND c.relkind IN ('r', 'p')
                           AND NOT c.relispartition) THEN
-            PERFORM pgconcord.capture_generically(command.objid);
+            IF EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = command.objid
+                          AND pg_has_role(current_user, c.relowner, 'USAGE')) THEN
+                PERFORM pgconcord.capture_generically(command.objid);
+            ELSE
+                -- Never make the schema change fail: say what is missing instead.
+                RAISE WARNING 'pgconcord: table % is not captured: it belongs to %, whose rights'
+                              ' pgconcord''s role % does not have', command.object_identity,
+                              (SELECT c.relowner::regrole FROM pg_class c
+                                WHERE c.oid = command.objid), current_user
+                    USING HINT = 'GRANT that role to pgconcord''s role and run pgconcord setup,'
+                                 ' or make tables as the application''s role.';
+            END IF;
         END IF;
     END LOOP;
 END
 $body$;
 
-CREATE FUNCTION pgconcord.capture_schema_drop_of(
-    command_tag text, caller_search_path text, caller_role text
-) RETURNS void
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $body$
+CREATE FUNCTION pgconcord.capture_schema_drop_of(command_tag text, caller_search_path text)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
 DECLARE
     dropped record;
 BEGIN
+    -- (pg_event_trigger_dropped_objects refuses to run outside an sql_drop event trigger.)
     FOR dropped IN SELECT * FROM pg_event_trigger_dropped_objects() LOOP
+        CONTINUE WHEN pgconcord.installing();
         CONTINUE WHEN dropped.schema_name IS NULL OR NOT dropped.original;
         CONTINUE WHEN dropped.object_type NOT IN ('table', 'table column', 'index', 'sequence',
                                                   'view', 'type');
         CONTINUE WHEN NOT pgconcord.in_scope(dropped.schema_name,
                                               coalesce(dropped.address_names[2], ''));
         PERFORM pgconcord.log_schema_change(command_tag, current_query(), caller_search_path,
-                                            caller_role);
+                                            pgconcord.calling_role());
     END LOOP;
 END
 $body$;
 
--- The event trigger functions: SECURITY DEFINER, but without a SET clause, which would hide
--- the caller's search_path that peers need. Every call before the path is pinned is
--- schema-qualified (no operator either: the caller's path would choose it); the
--- transaction-local pin is undone before returning.
+-- The event trigger functions, when a superuser installs pgconcord. No SET clause (it would
+-- hide the caller's search_path) and nothing named without its schema: the caller's
+-- search_path, pg_temp included, must not choose a type or function here. Where pgconcord's
+-- role is not a superuser, the event triggers call superuser-owned copies of these instead
+-- (sql/event_triggers.sql, printed by pgconcord grant), which the agent's role cannot change.
 CREATE OR REPLACE FUNCTION pgconcord.capture_schema_change() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER AS $body$
-DECLARE
-    caller_search_path text := pg_catalog.current_setting('search_path');
-    caller_role text := pgconcord.calling_role();
 BEGIN
-    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
-    IF coalesce(current_setting('pgconcord.installing', true), '') <> 'on' THEN
-        PERFORM pgconcord.capture_schema_change_of(caller_search_path, caller_role);
-    END IF;
-    PERFORM pg_catalog.set_config('search_path', caller_search_path, true);
+    PERFORM pgconcord.capture_schema_change_of(pg_catalog.current_setting('search_path'));
 END
 $body$;
 
 CREATE OR REPLACE FUNCTION pgconcord.capture_schema_drop() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER AS $body$
-DECLARE
-    caller_search_path text := pg_catalog.current_setting('search_path');
-    caller_role text := pgconcord.calling_role();
 BEGIN
-    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
-    IF coalesce(current_setting('pgconcord.installing', true), '') <> 'on' THEN
-        PERFORM pgconcord.capture_schema_drop_of(tg_tag, caller_search_path, caller_role);
-    END IF;
-    PERFORM pg_catalog.set_config('search_path', caller_search_path, true);
+    PERFORM pgconcord.capture_schema_drop_of(tg_tag, pg_catalog.current_setting('search_path'));
 END
 $body$;
 
@@ -267,6 +300,9 @@ DROP TABLE pgconcord.schema_state;
 -- Trigger and event trigger functions need no EXECUTE right of the writer.
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA pgconcord FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION pgconcord.unique_id() TO PUBLIC;
+-- What the superuser-owned event trigger functions call as the caller (see above).
+GRANT EXECUTE ON FUNCTION pgconcord.capture_schema_change_of(text) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION pgconcord.capture_schema_drop_of(text, text) TO PUBLIC;
 -- Lookup only (to name pgconcord.unique_id() in a column default); the tables and the other
 -- functions stay closed.
 GRANT USAGE ON SCHEMA pgconcord TO PUBLIC;
