@@ -117,7 +117,16 @@ def _check_table_name(qualified_name: str) -> str:
     return qualified_name
 
 
+def _check_duration(value: str) -> str:
+    try:
+        parse_duration(value)
+    except ValueError as error:
+        raise _invalid(str(error)) from None
+    return value
+
+
 Name = Annotated[str, AfterValidator(_check_name)]
+Duration = Annotated[str, AfterValidator(_check_duration)]  # "7d", "12h", "30m", ...
 Text = Annotated[str, AfterValidator(_check_text)]
 TableName = Annotated[str, AfterValidator(_check_table_name)]
 
@@ -251,17 +260,7 @@ class ReplicationConfig(_Section):
     keys: dict[TableName, list[Text]] = Field(default_factory=dict)
     # A node that has not applied a node's changes for this long is evicted from its backlog
     # (it no longer holds back the purge) and must join again; None: never.
-    evict_after: str | None = None
-
-    @field_validator("evict_after")
-    @classmethod
-    def _check_evict_after(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                parse_duration(value)
-            except ValueError as error:
-                raise _invalid(str(error)) from None
-        return value
+    evict_after: Duration | None = None
 
     @property
     def evict_after_seconds(self) -> float | None:
@@ -333,17 +332,8 @@ class ConflictConfig(_Section):
     default: ConflictPolicy = "last-writer-wins"
     # Conflict records older than this are deleted by the agent's purge (parked changes are
     # not: they wait for an operator).
-    keep: str = "30d"
+    keep: Duration = "30d"
     table: dict[TableName, TableConflictConfig] = Field(default_factory=dict)
-
-    @field_validator("keep")
-    @classmethod
-    def _check_keep(cls, value: str) -> str:
-        try:
-            parse_duration(value)
-        except ValueError as error:
-            raise _invalid(str(error)) from None
-        return value
 
     @property
     def keep_seconds(self) -> float:
