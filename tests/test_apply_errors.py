@@ -22,8 +22,6 @@ def restricted_role(system_cluster: Cluster) -> Iterator[str]:
     """A non-superuser role for the agent on south, with what applying there takes, less
     nothing yet (the test takes a right away); dropped afterwards (roles outlive databases)."""
     cluster = system_cluster
-    if int(cluster.admin_value("south", "SHOW server_version_num")) < 150000:
-        pytest.skip("a non-superuser may set session_replication_role from PostgreSQL 15 on")
     role = f"agent_{cluster.database}"
     cluster.admin_execute("south", sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
     try:

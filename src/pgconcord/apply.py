@@ -88,7 +88,8 @@ def open_target(node: NodeConfig) -> Connection:
         connection.commit()
     except pg_errors.InsufficientPrivilege:
         connection.rollback()
-    _require_replica_mode(connection, node.name)
+    mode = connection.execute("SELECT current_setting('session_replication_role')").fetchone()
+    _require_replica_mode(mode[0] if mode else None, node.name)
     # Values arrive rendered in these settings (see capture_trigger.sql); read them alike.
     connection.execute(
         "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'"
@@ -98,12 +99,12 @@ def open_target(node: NodeConfig) -> Connection:
     return connection
 
 
-def _require_replica_mode(connection: Connection, node_name: str) -> None:
-    row = connection.execute("SELECT current_setting('session_replication_role')").fetchone()
-    if row is None or row[0] != "replica":
+def _require_replica_mode(mode: object, node_name: str) -> None:
+    """Refuse to apply in a session whose session_replication_role (mode) is not replica."""
+    if mode != "replica":
         raise ApplyError(
             f"node {node_name}: the applying session is not in replica mode"
-            f" (session_replication_role = {row[0] if row else '?'}); nothing is applied"
+            f" (session_replication_role = {mode}); nothing is applied"
         )
 
 
@@ -413,11 +414,7 @@ class Puller:
                 f"node {self.target.name} has no position for origin {self.origin.name};"
                 " run pgconcord setup"
             )
-        if row[3] != "replica":
-            raise ApplyError(
-                f"node {self.target.name}: the applying session is not in replica mode"
-                f" (session_replication_role = {row[3]}); nothing is applied"
-            )
+        _require_replica_mode(row[3], self.target.name)
         done = row[2]
         return Position(
             str(row[0]),
@@ -652,16 +649,7 @@ class Puller:
         try:
             with target.transaction():
                 self._check_position(target, expected)
-                if self._parked_waiting:
-                    held = parked.hold_followers(target, self.origin.name, piece)
-                    if held:
-                        log.warning(
-                            "%s -> %s: parked %d changes whose source transactions wait"
-                            " behind earlier parked changes",
-                            self.origin.name,
-                            self.target.name,
-                            held,
-                        )
+                self._hold_followers(target, piece)
                 conflicts = sum(
                     self._apply_table(target, plan, piece, self._parked_waiting)
                     for plan in plans.values()
@@ -722,19 +710,10 @@ class Puller:
             failures = 0
             orders = list(transactions)
             for index, order in enumerate(orders):
-                if self._parked_waiting:
-                    # A transaction that touches a row with a parked change waits whole.
-                    this_one = sql.SQL("s.transaction_order = {}").format(sql.Literal(order))
-                    held = parked.hold_followers(target, self.origin.name, this_one)
-                    if held:
-                        log.warning(
-                            "%s -> %s: parked a transaction of %d changes: it waits behind an"
-                            " earlier parked change",
-                            self.origin.name,
-                            self.target.name,
-                            held,
-                        )
-                        continue
+                # A transaction that touches a row with a parked change waits whole.
+                this_one = sql.SQL("s.transaction_order = {}").format(sql.Literal(order))
+                if self._hold_followers(target, this_one):
+                    continue
                 try:
                     conflicts += self._apply_transaction(target, plan_for, transactions[order])
                     continue
@@ -778,6 +757,22 @@ class Puller:
             conflicts += self._check_parents(target, last_order, final)
             self._advance(target, window, piece, last_order, final)
         return conflicts
+
+    def _hold_followers(self, target: Connection, selection: sql.Composable) -> int:
+        """Park, whole, the selected source transactions that touch a row with a parked
+        change (parked.hold_followers); how many changes that parked."""
+        if not self._parked_waiting:
+            return 0
+        held = parked.hold_followers(target, self.origin.name, selection)
+        if held:
+            log.warning(
+                "%s -> %s: parked %d changes whose source transactions wait behind earlier"
+                " parked changes",
+                self.origin.name,
+                self.target.name,
+                held,
+            )
+        return held
 
     def _apply_transaction(
         self,
