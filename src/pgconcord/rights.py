@@ -210,7 +210,8 @@ def grant_script(connection: Connection, role: str, tables: list[Table]) -> list
     ]
     if event_triggers_missing(connection):
         lines += [
-            _text(connection, statement) + ";" for statement in event_trigger_script(connection)
+            _text(connection, statement).rstrip().rstrip(";") + ";"
+            for statement in event_trigger_script(connection)
         ]
     return lines
 
