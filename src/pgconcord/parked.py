@@ -15,118 +15,19 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-# Module imports (not names) on both sides: apply parks changes, retry applies them again.
-from pgconcord import apply, catalog, resolver, schema
+from pgconcord import catalog, resolver, schema
+
+# The apply parks changes (apply/parking.py); retry applies them again with the apply's one
+# set-wise step (apply/setwise.py), never the Puller, and the apply never imports this module.
+from pgconcord.apply.errors import first_line, is_data_problem, is_target_problem
+from pgconcord.apply.plan import TablePlan
+from pgconcord.apply.setwise import apply_table
+from pgconcord.apply.stage import open_target
 from pgconcord.config import NodeConfig
 from pgconcord.conflict import change_object
 from pgconcord.errors import SchemaError
 
 Connection = psycopg.Connection[tuple[object, ...]]
-
-_STAGED_CHANGE = """
-SELECT {origin}, coalesce(s.schema_name, ''), coalesce(s.table_name, ''), s.row_key,
-       s.operation, s.clock, s.previous_clock, s.previous_origin, s.new_row, s.old_values,
-       s.order_key, s.transaction_order, s.generation_clock, s.generation_origin,
-       s.column_versions, {reason}
-  FROM pgconcord_stage s
-"""
-
-_PARK = (
-    """
-INSERT INTO pgconcord.parked_change (origin, schema_name, table_name, row_key, operation, clock,
-                                     previous_clock, previous_origin, new_row, old_values,
-                                     order_key, transaction_order, generation_clock,
-                                     generation_origin, column_versions, reason)
-"""
-    + _STAGED_CHANGE
-    + " WHERE {selection} ORDER BY s.transaction_order, s.id"
-)
-
-# Source transactions of the selection that follow a parked change: one that touches a row
-# with a change parked before this step, or held by this step for an earlier transaction. They
-# are parked whole (all of their changes, whatever rows they touch) and recorded in
-# pgconcord_held, so that the set-wise apply leaves them out (conflict._NOT_HELD). One
-# statement takes one link of a chain; hold_followers repeats it until nothing more follows.
-_HOLD_FOLLOWERS = (
-    """
-WITH followers AS MATERIALIZED (
-    SELECT DISTINCT ON (s.transaction_order) s.transaction_order,
-           s.schema_name || '.' || s.table_name || ' ' || s.row_key::text AS blocked_row
-      FROM pgconcord_stage s
-     WHERE ({selection}) AND s.schema_name IS NOT NULL
-       AND NOT EXISTS (SELECT 1 FROM pgconcord_held h
-                        WHERE h.transaction_order = s.transaction_order)
-       AND EXISTS (SELECT 1 FROM pgconcord.parked_change p
-                    WHERE p.state = 'parked' AND p.origin = %(origin)s
-                      AND p.schema_name = s.schema_name AND p.table_name = s.table_name
-                      AND p.row_key = s.row_key
-                      AND (p.transaction_order < s.transaction_order
-                           OR p.transaction_order IS NULL
-                           OR NOT EXISTS (SELECT 1 FROM pgconcord_held h
-                                           WHERE h.transaction_order = p.transaction_order)))
-     ORDER BY s.transaction_order, s.id),
-held AS (INSERT INTO pgconcord_held SELECT transaction_order FROM followers)
-INSERT INTO pgconcord.parked_change (origin, schema_name, table_name, row_key, operation, clock,
-                                     previous_clock, previous_origin, new_row, old_values,
-                                     order_key, transaction_order, generation_clock,
-                                     generation_origin, column_versions, reason)
-"""
-    + _STAGED_CHANGE
-    + """
-  JOIN followers f ON f.transaction_order = s.transaction_order
- ORDER BY s.transaction_order, s.id
-"""
-)
-
-
-def park(target: Connection, origin: str, selection: sql.Composable, reason: str) -> None:
-    """Park the staged changes the selection picks, in the caller's transaction."""
-    target.execute(
-        sql.SQL(_PARK).format(
-            origin=sql.Literal(origin), reason=sql.Literal(reason), selection=selection
-        )
-    )
-
-
-def hold_followers(target: Connection, origin: str, selection: sql.Composable) -> int:
-    """Park whole every source transaction of the selection that must wait behind a parked
-    change of the same origin, transitively: a transaction that touches a row with a parked
-    change waits, with every row it touches, and so do later transactions that touch one of
-    those rows. (A transaction ordered before a held one goes on: it came first at the origin.)
-    The held transactions are listed in pgconcord_held for the rest of the caller's transaction;
-    the number of changes parked. Runs inside the caller's transaction."""
-    target.execute("DELETE FROM pgconcord_held")
-    statement = sql.SQL(_HOLD_FOLLOWERS).format(
-        origin=sql.SQL("%(origin)s"),
-        reason=sql.SQL("'waits for an earlier parked change of ' || f.blocked_row"),
-        selection=selection,
-    )
-    total = 0
-    while True:
-        parked = target.execute(statement, {"origin": origin}).rowcount
-        if parked <= 0:
-            return total
-        total += parked
-
-
-def schema_change_waiting(target: Connection, origin: str) -> int | None:
-    """The id of the first parked schema change from the origin, if one waits here."""
-    row = target.execute(
-        "SELECT min(id) FROM pgconcord.parked_change"
-        " WHERE state = 'parked' AND origin = %s AND operation = 'S'",
-        (origin,),
-    ).fetchone()
-    return None if row is None or row[0] is None else int(str(row[0]))
-
-
-def any_waiting(target: Connection, origin: str) -> bool:
-    row = target.execute(
-        "SELECT EXISTS (SELECT 1 FROM pgconcord.parked_change"
-        " WHERE state = 'parked' AND origin = %s)",
-        (origin,),
-    ).fetchone()
-    target.commit()
-    return bool(row and row[0])
 
 
 def list_parked(connection: Connection, node_name: str) -> list[dict[str, Any]]:
@@ -193,7 +94,7 @@ def retry_parked(node: NodeConfig, parked_id: int | None = None) -> RetryReport:
     belongs to), a source transaction at a time; those that fail again stay parked with the
     new reason."""
     report = RetryReport()
-    target = apply.open_target(node)
+    target = open_target(node)
     try:
         rows = target.execute(
             "SELECT id, origin, transaction_order FROM pgconcord.parked_change p"
@@ -267,7 +168,7 @@ def _retry_group(target: Connection, identifiers: list[int]) -> str | None:
                         schema.run_statement(target, int(str(identifier)))
                         continue
                     plan = _plan_for_row(target, str(schema_name), str(name), new_row)
-                    apply.apply_table(
+                    apply_table(
                         target,
                         plan,
                         str(origin),
@@ -277,10 +178,10 @@ def _retry_group(target: Connection, identifiers: list[int]) -> str | None:
         except (psycopg.DatabaseError, SchemaError, resolver.Parked) as error:
             # A right the agent lacks here keeps them parked too, with that reason.
             if isinstance(error, psycopg.DatabaseError) and not (
-                apply.is_data_problem(error) or apply.is_target_problem(error)
+                is_data_problem(error) or is_target_problem(error)
             ):
                 raise
-            reason = f"{failing}: {apply.first_line(error)}"
+            reason = f"{failing}: {first_line(error)}"
             target.execute(
                 "UPDATE pgconcord.parked_change SET state = 'parked', resolved_at = NULL,"
                 " reason = %s WHERE id = ANY (%s)",
@@ -290,7 +191,7 @@ def _retry_group(target: Connection, identifiers: list[int]) -> str | None:
     return None
 
 
-def _plan_for_row(target: Connection, schema: str, name: str, row: object) -> apply.TablePlan:
+def _plan_for_row(target: Connection, schema: str, name: str, row: object) -> TablePlan:
     """How to apply a parked row: the target's table, with the columns the row carries."""
     registered = catalog.registered_tables(target)
     tables = {t.name: t for t in catalog.discover_tables(target, [schema], set()) if t.name == name}
@@ -303,7 +204,7 @@ def _plan_for_row(target: Connection, schema: str, name: str, row: object) -> ap
     unknown = sorted(carried - set(stored) - generated)
     if unknown:
         raise SchemaError(f"column {unknown[0]} does not exist on this node")
-    return apply.TablePlan(
+    return TablePlan(
         table=table,
         table_id=registered[(schema, name)],
         columns=tuple(c for c in stored if c in carried),

@@ -1,0 +1,122 @@
+"""The pair's position in the target database: how far the origin's changes are applied here.
+It moves in the transaction that applies each piece, so a crash at any instant repeats nothing
+and loses nothing; every applying transaction reads it, locked, and checks it is still the one
+its work began from (another process that moved it makes the work start over: Superseded)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from pgconcord import reader
+from pgconcord.apply.errors import ApplyError
+
+Connection = psycopg.Connection[tuple[object, ...]]
+
+# How often an idle pair moves its position forward, so the origin can purge its log.
+IDLE_ADVANCE_SECONDS = 10
+
+
+class Superseded(Exception):
+    """Another process moved this pair's position while we worked; start over from it."""
+
+
+@dataclass(frozen=True)
+class Position:
+    applied_snapshot: str
+    window_snapshot: str | None
+    window_done: int | None
+
+
+def require_replica_mode(mode: object, node_name: str) -> None:
+    """Refuse to apply in a session whose session_replication_role (mode) is not replica."""
+    if mode != "replica":
+        raise ApplyError(
+            f"node {node_name}: the applying session is not in replica mode"
+            f" (session_replication_role = {mode}); nothing is applied"
+        )
+
+
+def read_position(target: Connection, origin: str, target_name: str, *, lock: bool) -> Position:
+    """The target's position for the origin (named origin; the target is named target_name)."""
+    # Every applying transaction reads its position here, and with it the mode it runs in:
+    # nothing may have undone replica mode unseen.
+    query = (
+        "SELECT applied_snapshot::text, window_snapshot::text, window_done,"
+        " current_setting('session_replication_role')"
+        " FROM pgconcord.position WHERE origin = %s"
+    )
+    row = target.execute(query + (" FOR UPDATE" if lock else ""), (origin,)).fetchone()
+    if row is None:
+        raise ApplyError(
+            f"node {target_name} has no position for origin {origin}; run pgconcord setup"
+        )
+    require_replica_mode(row[3], target_name)
+    done = row[2]
+    return Position(
+        str(row[0]),
+        None if row[1] is None else str(row[1]),
+        None if done is None else int(str(done)),
+    )
+
+
+def check_position(target: Connection, origin: str, target_name: str, expected: Position) -> None:
+    """Lock the position; Superseded unless it is still the expected one."""
+    if read_position(target, origin, target_name, lock=True) != expected:
+        raise Superseded
+
+
+def advance_idle(target: Connection, origin: str, position: Position, snapshot: str) -> None:
+    target.execute(
+        "UPDATE pgconcord.position SET applied_snapshot = %s, updated_at = now()"
+        " WHERE origin = %s AND applied_snapshot::text = %s AND window_snapshot IS NULL"
+        " AND updated_at < now() - make_interval(secs => %s)",
+        (snapshot, origin, position.applied_snapshot, IDLE_ADVANCE_SECONDS),
+    )
+    target.commit()
+
+
+def finish_empty_window(
+    target: Connection,
+    origin: str,
+    target_name: str,
+    position: Position,
+    window: reader.Window,
+) -> None:
+    with target.transaction():
+        if read_position(target, origin, target_name, lock=True) != position:
+            raise Superseded
+        target.execute(
+            "UPDATE pgconcord.position SET applied_snapshot = %s, window_snapshot = NULL,"
+            " window_done = NULL, updated_at = now() WHERE origin = %s",
+            (window.window_snapshot, origin),
+        )
+
+
+def advance(
+    target: Connection,
+    origin: str,
+    window: reader.Window,
+    piece: sql.Composable,
+    last_order: int,
+    final: bool,
+) -> None:
+    """Move the position past this piece, in the transaction that applied it."""
+    summary = target.execute(
+        sql.SQL("SELECT count(*), max(s.clock) FROM pgconcord_stage s WHERE {}").format(piece)
+    ).fetchone()
+    assert summary is not None
+    values: tuple[str, str | None, int | None]
+    if final:
+        values = (window.window_snapshot, None, None)
+    else:
+        values = (window.applied_snapshot, window.window_snapshot, last_order)
+    target.execute(
+        "UPDATE pgconcord.position SET applied_snapshot = %s, window_snapshot = %s,"
+        " window_done = %s, applied_changes = applied_changes + %s,"
+        " last_applied_clock = greatest(last_applied_clock, %s), updated_at = now()"
+        " WHERE origin = %s",
+        (*values, summary[0], summary[1], origin),
+    )

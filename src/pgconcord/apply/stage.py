@@ -1,0 +1,132 @@
+"""The applying session and its stage: a target session in replica mode (open_target) with its
+temporary tables, the window copied from the origin into pgconcord_stage, and the staged window
+cut into pieces of whole source transactions."""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg import sql
+
+from pgconcord import reader, schema
+from pgconcord.apply.errors import ApplyError
+from pgconcord.apply.position import require_replica_mode
+from pgconcord.config import NodeConfig
+from pgconcord.transport import connect
+
+Connection = psycopg.Connection[tuple[object, ...]]
+
+_TEMPORARY_TABLES = """
+CREATE TEMPORARY TABLE IF NOT EXISTS pgconcord_stage (
+    transaction_order bigint, id bigint, schema_name text, table_name text, operation "char",
+    row_key jsonb, clock bigint, previous_clock bigint, previous_origin text, new_row jsonb,
+    old_values jsonb, order_key bigint[], generation_clock bigint, generation_origin text,
+    column_versions jsonb);
+CREATE TEMPORARY TABLE IF NOT EXISTS pgconcord_decision (
+    row_key jsonb, operation "char", clock bigint, new_row jsonb,
+    previous_clock bigint, previous_origin text, order_key bigint[], delta jsonb,
+    generation_clock bigint, generation_origin text, column_versions jsonb,
+    local_clock bigint, local_origin text, local_deleted boolean, local_order_key bigint[],
+    local_versions jsonb, local_last_clock bigint, local_last_origin text,
+    mode text, taken text[], merged_versions jsonb, last_clock bigint, last_origin text,
+    overlap text[]);
+CREATE TEMPORARY TABLE IF NOT EXISTS pgconcord_winner (row_key jsonb);
+CREATE TEMPORARY TABLE IF NOT EXISTS pgconcord_held (transaction_order bigint);
+CREATE TEMPORARY TABLE IF NOT EXISTS pgconcord_child (
+    schema_name text, table_name text, row_key jsonb, clock bigint, operation "char",
+    new_row jsonb, taken text[]);
+"""
+
+
+def open_target(node: NodeConfig) -> Connection:
+    """A session that applies changes: replica role, so that nothing applied is captured
+    again and the application's triggers and foreign keys stay quiet. A session that is not
+    in replica mode never applies anything (an echo would bounce changes between the nodes
+    for ever): a refused setting is an error that names the right."""
+    connection = connect(node)
+    try:
+        connection.execute("SET session_replication_role = replica")
+        connection.commit()
+    except pg_errors.InsufficientPrivilege:
+        connection.close()
+        raise ApplyError(
+            f"node {node.name}: the agent's role may not set session_replication_role"
+            " (needs superuser, or on PostgreSQL 15+ GRANT SET ON PARAMETER"
+            " session_replication_role; see pgconcord grant)"
+        ) from None
+    # With a short deadlock timeout this session notices a deadlock first and is the one
+    # rolled back (and retried), not the application's transaction. Optional: a role that may
+    # not set it keeps the server's (its own transaction, so a refusal undoes nothing else).
+    try:
+        connection.execute("SET deadlock_timeout = '50ms'")
+        connection.commit()
+    except pg_errors.InsufficientPrivilege:
+        connection.rollback()
+    mode = connection.execute("SELECT current_setting('session_replication_role')").fetchone()
+    require_replica_mode(mode[0] if mode else None, node.name)
+    # Values arrive rendered in these settings (see capture_trigger.sql); read them alike.
+    connection.execute(
+        "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'"
+    )
+    connection.execute(_TEMPORARY_TABLES)
+    connection.commit()
+    return connection
+
+
+def stage_window(
+    origin: Connection, target: Connection, origin_name: str, window: reader.Window
+) -> tuple[int, int]:
+    """Copy the window's changes from the origin into pgconcord_stage; the number of changes
+    staged, and of schema changes among them."""
+    with target.transaction():
+        horizons = reader.copy_horizons(target, origin_name)
+        target.execute("TRUNCATE pgconcord_stage")
+        target.execute("DROP INDEX IF EXISTS pgconcord_stage_order")
+        target.execute("DROP INDEX IF EXISTS pgconcord_stage_id")
+        with target.cursor() as cursor, cursor.copy("COPY pgconcord_stage FROM STDIN") as copy:
+            for block in reader.stream_window(origin, window, horizons):
+                copy.write(block)
+        row = target.execute(
+            "SELECT count(*), count(*) FILTER (WHERE operation = 'S') FROM pgconcord_stage"
+        ).fetchone()
+        staged = int(str(row[0])) if row else 0
+        schema_changes = int(str(row[1])) if row else 0
+        if staged > 10_000:
+            target.execute("ANALYZE pgconcord_stage")
+    return staged, schema_changes
+
+
+def piece_selection(after: int, last: int) -> sql.Composable:
+    """The staged changes of the source transactions ordered after `after`, up to `last`."""
+    return sql.SQL("s.transaction_order > {} AND s.transaction_order <= {}").format(
+        sql.Literal(after), sql.Literal(last)
+    )
+
+
+def cut_pieces(
+    target: Connection, after: int, piece_rows: int, *, many: bool
+) -> list[schema.Piece]:
+    """The staged window (no schema changes in it) cut into pieces of about piece_rows."""
+    if many:
+        target.execute("CREATE INDEX pgconcord_stage_order ON pgconcord_stage (transaction_order)")
+    rows = target.execute(
+        """
+        SELECT max(transaction_order), sum(changes), count(*)
+          FROM (SELECT transaction_order, changes,
+                       (sum(changes) OVER (ORDER BY transaction_order) - changes)::bigint / %s
+                         AS piece
+                  FROM (SELECT transaction_order, count(*) AS changes
+                          FROM pgconcord_stage GROUP BY transaction_order) AS per_transaction
+               ) AS numbered
+         GROUP BY piece ORDER BY 1
+        """,
+        (piece_rows,),
+    ).fetchall()
+    target.commit()
+    pieces = []
+    for last, changes, transactions in rows:
+        pieces.append(
+            schema.Piece(after, int(str(last)), int(str(changes)), int(str(transactions)), False)
+        )
+        after = int(str(last))
+    return pieces
