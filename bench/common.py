@@ -547,6 +547,335 @@ def change_log_state(dsn: str) -> tuple[int, int, int]:
     return int(row[0]), int(row[1]), int(row[2])
 
 
+# -- CPU accounting --------------------------------------------------------------------------
+
+# Categories of CpuSnapshot keys (label, category).
+PGCONCORD_SESSIONS = "pgconcord"  # client backends whose application_name is 'pgconcord'
+APP_BACKENDS = "app"  # every other client backend (pgbench, the benchmark's own sessions)
+OTHER_PROCESSES = "other"  # postmaster, checkpointer, walwriter, autovacuum, walsender, ...
+AGENT = "agent"  # an AgentProcess (all its threads)
+# CPU of a server's children that exited before a sample saw their last value (short-lived
+# backends: a connection opened and closed within one interval), from the postmaster's cutime.
+EXITED = "exited"
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+MB = 1024 * 1024
+
+
+def _proc_stat(pid: int) -> tuple[int, int, float, float] | None:
+    """(parent pid, start time in ticks, CPU seconds utime + stime, CPU seconds of its waited-for
+    children cutime + cstime) of a process; None if it is gone (or this is not Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            text = stat_file.read()
+    except OSError:
+        return None
+    fields = text.rsplit(b")", 1)[1].split()  # fields[0] is stat's field 3 (state)
+    try:
+        return (
+            int(fields[1]),
+            int(fields[19]),
+            (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS,
+            (int(fields[13]) + int(fields[14])) / _CLOCK_TICKS,
+        )
+    except (IndexError, ValueError):
+        return None
+
+
+def _proc_memory(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a process in bytes, (0, 0) if it is gone."""
+    found = {"VmRSS": 0, "VmHWM": 0}
+    try:
+        with open(f"/proc/{pid}/status") as status_file:
+            for line in status_file:
+                name, _, value = line.partition(":")
+                if name in found:
+                    found[name] = int(value.split()[0]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return found["VmRSS"], found["VmHWM"]
+
+
+@dataclass
+class CpuSnapshot:
+    """Cumulative CPU seconds by (label, category) at one moment; a - b is the CPU in between."""
+
+    seconds: dict[tuple[str, str], float]
+    at: float
+
+    def __sub__(self, earlier: CpuSnapshot) -> CpuSnapshot:
+        keys = set(self.seconds) | set(earlier.seconds)
+        return CpuSnapshot(
+            {k: self.seconds.get(k, 0.0) - earlier.seconds.get(k, 0.0) for k in keys},
+            self.at - earlier.at,
+        )
+
+    def get(self, label: str | None, category: str) -> float:
+        return 0.0 if label is None else self.seconds.get((label, category), 0.0)
+
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+
+class _ServerWatch:
+    """One server's processes: the postmaster's children, classified by pg_stat_activity."""
+
+    def __init__(self, label: str, server: Server) -> None:
+        self.label = label
+        self.connection = psycopg.connect(
+            server.dsn(), autocommit=True, application_name="bench-cpu"
+        )
+        self.own_pid = self.connection.info.backend_pid  # this sampler's session: left out
+        stat = _proc_stat(self.own_pid)
+        if stat is None:
+            self.connection.close()
+            raise RuntimeError(f"cannot read /proc/{self.own_pid}/stat (not Linux?)")
+        self.postmaster_pid = stat[0]
+        self.category: dict[tuple[int, int], str] = {}
+        self.asked: dict[tuple[int, int], int] = {}
+        self.broken = False
+        # The postmaster reaps its children: its cutime + cstime grows by each one's whole CPU.
+        self.reaped_at_start: float | None = None
+        self.reaped = 0.0
+        self.alive: set[tuple[int, int]] = set()  # children seen by the last scan
+        self.gone: set[tuple[int, int]] = set()  # children seen once, missing since
+
+    def classify(self, keys: list[tuple[int, int]]) -> None:
+        """Ask pg_stat_activity about new processes; one it does not list after several
+        samples (the postmaster, a backend gone before it was asked) counts as other."""
+        if self.broken:
+            return
+        try:
+            rows = self.connection.execute(
+                "SELECT pid, backend_type, application_name FROM pg_stat_activity"
+                " WHERE pid = ANY(%s)",
+                ([pid for pid, _ in keys],),
+            ).fetchall()
+        except psycopg.Error:
+            self.broken = True  # the server is going away
+            return
+        listed = {int(pid): (str(kind), str(name or "")) for pid, kind, name in rows}
+        for key in keys:
+            if key[0] in listed:
+                kind, name = listed[key[0]]
+                if kind != "client backend":
+                    self.category[key] = OTHER_PROCESSES
+                elif name == "pgconcord":
+                    self.category[key] = PGCONCORD_SESSIONS
+                elif name:
+                    self.category[key] = APP_BACKENDS
+                else:  # still authenticating: its application_name is not set yet
+                    self.asked[key] = self.asked.get(key, 0) + 1
+            else:
+                self.asked[key] = self.asked.get(key, 0) + 1
+                if self.asked[key] >= 10:
+                    self.category[key] = OTHER_PROCESSES
+
+    def close(self) -> None:
+        with contextlib.suppress(psycopg.Error):
+            self.connection.close()
+
+
+class CpuSampler:
+    """Where the CPU goes, from /proc: every interval a background thread reads utime + stime
+    of each watched server's processes (the children of its postmaster), split into the
+    backends of pgconcord's sessions (application_name 'pgconcord'), other client backends
+    ("app backends": pgbench, ...) and all other processes of that server (postmaster,
+    checkpointer, walwriter, autovacuum, walsender, logical replication workers), and of each
+    watched AgentProcess, with its peak RSS (VmHWM). Processes come and go: the last value
+    read per process (pid and start time) is kept, so a total never shrinks. What a process
+    spent after its last sample, or one that lived less than an interval, is counted as
+    category EXITED: the postmaster's cutime + cstime (the CPU of the children it reaped)
+    minus what the samples attributed to those children. snapshot() samples at once and
+    returns the totals; the difference of two is the CPU spent between them. The sampler's
+    own session on each server is left out."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.interval = interval
+        self._servers: list[_ServerWatch] = []
+        self._agents: list[tuple[str, AgentProcess]] = []
+        self._cpu: dict[tuple[int, int], tuple[_ServerWatch | str, float]] = {}
+        self._peak: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def add_server(self, label: str, server: Server) -> CpuSampler:
+        watch = _ServerWatch(label, server)
+        with self._lock:
+            self._servers.append(watch)
+        return self
+
+    def add_agent(self, agent: AgentProcess, label: str = AGENT) -> CpuSampler:
+        """Watch an agent's process under label (several agents, one after the other, may
+        share a label: their CPU adds up, their peak is the highest)."""
+        with self._lock:
+            self._agents.append((label, agent))
+        self.sample()
+        return self
+
+    def start(self) -> CpuSampler:
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        for watch in self._servers:
+            watch.close()
+
+    def __enter__(self) -> CpuSampler:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.sample()
+            except Exception as error:  # reported by snapshot()'s callers through .error
+                self.error = error
+
+    def sample(self) -> None:
+        with self._lock:
+            by_postmaster = {watch.postmaster_pid: watch for watch in self._servers}
+            new: dict[_ServerWatch, list[tuple[int, int]]] = {}
+            seen: dict[_ServerWatch, set[tuple[int, int]]] = {w: set() for w in self._servers}
+            if by_postmaster:
+                for name in os.listdir("/proc"):
+                    if not name.isdigit():
+                        continue
+                    pid = int(name)
+                    stat = _proc_stat(pid)
+                    if stat is None:
+                        continue
+                    parent, started, cpu, reaped = stat
+                    watch = by_postmaster.get(pid) or by_postmaster.get(parent)
+                    if watch is None or pid == watch.own_pid:
+                        continue
+                    key = (pid, started)
+                    self._cpu[key] = (watch, cpu)
+                    if pid == watch.postmaster_pid:
+                        watch.category[key] = OTHER_PROCESSES
+                        if watch.reaped_at_start is None:
+                            watch.reaped_at_start = reaped
+                        watch.reaped = reaped - watch.reaped_at_start
+                        continue
+                    seen[watch].add(key)
+                    if key not in watch.category:
+                        new.setdefault(watch, []).append(key)
+                for watch in self._servers:
+                    if watch.reaped_at_start is not None:  # the scan found its postmaster
+                        watch.gone |= watch.alive - seen[watch]
+                        watch.alive = seen[watch]
+            for watch, keys in new.items():
+                watch.classify(keys)
+            for label, agent in self._agents:
+                process = agent.process
+                if process is None:
+                    continue
+                stat = _proc_stat(process.pid)
+                if stat is None:
+                    continue
+                self._cpu[(process.pid, stat[1])] = (label, stat[2])
+                _, high_water = _proc_memory(process.pid)
+                self._peak[label] = max(self._peak.get(label, 0), high_water)
+
+    def snapshot(self) -> CpuSnapshot:
+        self.sample()
+        with self._lock:
+            seconds: dict[tuple[str, str], float] = {}
+            for key, (owner, cpu) in self._cpu.items():
+                if isinstance(owner, str):
+                    slot = (owner, AGENT)
+                else:
+                    slot = (owner.label, owner.category.get(key, OTHER_PROCESSES))
+                seconds[slot] = seconds.get(slot, 0.0) + cpu
+            for watch in self._servers:
+                # Reaped minus what the samples attributed to the reaped ones: children that
+                # were there when the sampler started count in both, those gone before in none.
+                attributed = sum(self._cpu[key][1] for key in watch.gone if key in self._cpu)
+                seconds[(watch.label, EXITED)] = max(0.0, watch.reaped - attributed)
+        return CpuSnapshot(seconds, time.perf_counter())
+
+    def agent_peak_rss(self, label: str = AGENT) -> int:
+        """The highest VmHWM (bytes) read of the agents under label since the last reset."""
+        self.sample()
+        return self._peak.get(label, 0)
+
+    def reset_agent_peak(self, label: str = AGENT) -> bool:
+        """Start the label's peak over (VmHWM reset through /proc/PID/clear_refs, Linux 4.0+);
+        False if the kernel refused, when the peak stays the process's lifetime peak."""
+        reset = True
+        with self._lock:
+            for agent_label, agent in self._agents:
+                if agent_label != label or agent.process is None:
+                    continue
+                try:
+                    Path(f"/proc/{agent.process.pid}/clear_refs").write_text("5")
+                except OSError:
+                    reset = False
+            if reset:
+                self._peak[label] = 0
+        self.sample()
+        return reset
+
+
+def cpu_per_rows_line(
+    delta: CpuSnapshot,
+    rows: int,
+    *,
+    origin: str,
+    target: str | None = None,
+    agent: str | None = None,
+) -> str:
+    """'CPU seconds per 1,000 replicated rows: ...' for the CPU between two snapshots."""
+    if rows <= 0:
+        return "CPU seconds per 1,000 replicated rows: - (no rows)"
+    per = 1000 / rows
+    parts = [
+        ("origin app backends", delta.get(origin, APP_BACKENDS)),
+        ("origin pgconcord sessions", delta.get(origin, PGCONCORD_SESSIONS)),
+        ("target pgconcord sessions", delta.get(target, PGCONCORD_SESSIONS)),
+        ("agent", delta.get(agent, AGENT)),
+    ]
+    others = [
+        ("origin other processes", delta.get(origin, OTHER_PROCESSES)),
+        ("origin exited unsampled", delta.get(origin, EXITED)),
+    ]
+    if target is not None:
+        others += [
+            ("target other processes", delta.get(target, OTHER_PROCESSES)),
+            ("target app backends", delta.get(target, APP_BACKENDS)),
+            ("target exited unsampled", delta.get(target, EXITED)),
+        ]
+    total = sum(value for _, value in parts + others)
+    return (
+        "CPU seconds per 1,000 replicated rows: "
+        + ", ".join(f"{name} {value * per:.3f}" for name, value in parts)
+        + "; besides: "
+        + ", ".join(f"{name} {value * per:.3f}" for name, value in others)
+        + f"; all {total * per:.3f} ({total:.1f} CPU s over {delta.at:.1f} s for {rows:,} rows)"
+    )
+
+
+def report_cpu_per_rows(
+    delta: CpuSnapshot,
+    rows: int,
+    *,
+    origin: str,
+    target: str | None = None,
+    agent: str | None = None,
+    prefix: str = "  ",
+) -> None:
+    """Print cpu_per_rows_line (for the report of a benchmark)."""
+    print(prefix + cpu_per_rows_line(delta, rows, origin=origin, target=target, agent=agent))
+    sys.stdout.flush()
+
+
 # -- PostgreSQL logical replication ------------------------------------------------------------
 
 
