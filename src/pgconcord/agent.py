@@ -1,5 +1,5 @@
-"""The replication loop: wake on LISTEN/NOTIFY or a timer, pull from each peer, back off on
-failure, purge what every peer has. Also the one-shot `sync`.
+"""The replication loop: wake when an origin's change log grows (or on a timer), pull from
+each peer, back off on failure, purge what every peer has. Also the one-shot `sync`.
 
 Each (origin -> target) pair has its own worker thread and Puller, so a slow or unreachable node
 holds up only the pairs it is part of. Every worker keeps a one-line account of what it last did
@@ -28,7 +28,13 @@ from pgconcord.transport import connect, describe_lost_session, first_line, lost
 log = logging.getLogger(__name__)
 
 CHANNEL = transport.CHANNEL
-POLL_SECONDS = 1.0
+# A pair looks at its origin at least this often, even when the origin's watch loop (below)
+# saw nothing: a change missed by it (a watch connection being set up again) waits no longer.
+POLL_SECONDS = 5.0
+# How often the watch loop reads an origin's change log sequence: while it moves, and at most
+# when it stands still (the interval doubles from the first to the second).
+WATCH_BUSY_SECONDS = 0.01
+WATCH_IDLE_SECONDS = 0.25
 COALESCE_SECONDS = 0.02  # at most one pull per pair in this time, however busy the origin
 PURGE_SECONDS = 15.0
 CAPTURE_SECONDS = 2.0  # how often each node's own agent looks for capture to regenerate
@@ -436,6 +442,16 @@ def _write_purge_failure(
 # -- the agent -----------------------------------------------------------------------------------
 
 
+def _log_sequence(connection: psycopg.Connection[tuple[object, ...]]) -> object:
+    """Where the node's change log sequence stands (every captured row advances it), or None
+    before setup made it."""
+    try:
+        row = connection.execute("SELECT last_value FROM pgconcord.change_log_id_seq").fetchone()
+    except (psycopg.errors.UndefinedTable, psycopg.errors.InsufficientPrivilege):
+        return None
+    return row[0] if row else None
+
+
 @dataclass
 class _Pair:
     """One (origin -> target) worker: its thread's events and its account for `status`."""
@@ -473,10 +489,10 @@ class Agent:
         self.poll_seconds = poll_seconds
         self.stopping = threading.Event()
         # These two are replaced whole by a reload, never changed in place: other threads (the
-        # demo's view, the listen loops) read them meanwhile without a lock.
+        # demo's view, the watch loops) read them meanwhile without a lock.
         self.states: dict[tuple[str, str], PairState] = {}
         self._pairs: dict[tuple[str, str], _Pair] = {}
-        # The loops one node has, whatever its pairs: ("listen" | "capture", node) -> its stop.
+        # The loops one node has, whatever its pairs: ("watch" | "capture", node) -> its stop.
         self._node_loops: dict[tuple[str, str], tuple[NodeConfig, threading.Event]] = {}
         self._threads: list[threading.Thread] = []
         self._reconfiguring = threading.Lock()
@@ -545,7 +561,7 @@ class Agent:
         for pair in started:
             self._spawn(f"pull {pair.origin.name}->{pair.target.name}", self._pair_loop, pair)
         loops: dict[tuple[str, str], NodeConfig] = {
-            ("listen", origin.name): origin for origin, _ in wanted.values()
+            ("watch", origin.name): origin for origin, _ in wanted.values()
         }
         loops.update({("capture", name): config.node_by_name(name) for name in self.nodes})
         running = dict(self._node_loops)
@@ -557,7 +573,7 @@ class Agent:
             if key not in running:
                 stop = threading.Event()
                 running[key] = (node, stop)
-                loop = self._listen_loop if key[0] == "listen" else self._capture_loop
+                loop = self._watch_loop if key[0] == "watch" else self._capture_loop
                 self._spawn(f"{key[0]} {node.name}", loop, node, stop)
         self._node_loops = running
         return changes
@@ -683,9 +699,9 @@ class Agent:
                 pair.retry.clear()
                 pulled_at = time.monotonic()
                 try:
-                    # One window per wake: a commit after its snapshot has sent a NOTIFY that
-                    # sets the wake again (the timer covers a lost one), so looking once more
-                    # for changes right away would only cost the origin round trips.
+                    # One window per wake: a commit after its snapshot moves the change log's
+                    # sequence, and the watch loop sets the wake again (the timer covers a
+                    # missed one), so looking once more right away would only cost round trips.
                     result = puller.pull(stopped, on_progress, until_current=True)
                 except NodeUnavailable as error:
                     waited = True
@@ -765,9 +781,16 @@ class Agent:
             if pair.origin.name == origin:
                 pair.wake.set()
 
-    def _listen_loop(self, origin: NodeConfig, stop: threading.Event) -> None:
-        """Wakes the origin's pairs on each NOTIFY; also the probe that notices first that a
-        node which was down is back."""
+    def _watch_loop(self, origin: NodeConfig, stop: threading.Event) -> None:
+        """Wakes the origin's pairs when its change log grows, and takes the NOTIFY of
+        membership news (schema changes notify too); also the probe that notices first that a
+        node which was down is back.
+
+        Capture sends no notification (016_watch_not_notify.sql): this loop reads the change
+        log's sequence, which every captured row advances, every WATCH_BUSY_SECONDS while it
+        moves and up to every WATCH_IDLE_SECONDS when it does not. One small query per
+        interval costs the origin the same whatever its write rate; a rolled-back write moves
+        the sequence too, which costs one empty poll."""
         backoff = 0.5
         while not (self.stopping.is_set() or stop.is_set()):
             try:
@@ -776,25 +799,34 @@ class Agent:
                     backoff = 0.5
                     self._reachable(origin.name)
                     self._learn_members(origin.name, connection)
-                    # Anything committed before LISTEN took effect is picked up by this wake.
+                    # Anything committed before watching began is picked up by this wake.
                     self._wake_pairs_from(origin.name)
+                    seen = _log_sequence(connection)
+                    interval = WATCH_BUSY_SECONDS
                     while not (self.stopping.is_set() or stop.is_set()):
-                        news = False
-                        for notify in connection.notifies(timeout=0.5, stop_after=1):
+                        news = woken = False
+                        for notify in connection.notifies(timeout=interval, stop_after=1):
                             if notify.payload == membership.MEMBERSHIP_NEWS:
                                 news = True
                             else:
-                                self._wake_pairs_from(origin.name)
+                                woken = True
                         if news:  # read outside the notifies() generator, which holds the lock
                             self._learn_members(origin.name, connection)
                             self._interrupt_pairs_of(origin.name)
+                        now = _log_sequence(connection)
+                        if now != seen or woken:
+                            seen = now
+                            interval = WATCH_BUSY_SECONDS
+                            self._wake_pairs_from(origin.name)
+                        else:
+                            interval = min(WATCH_IDLE_SECONDS, interval * 2)
             except NodeUnavailable as error:
                 self._unreachable(origin.name, error.reason)
             except psycopg.Error as error:
                 if lost_session(error, {origin.name: None}) is not None:
                     self._unreachable(origin.name, describe_lost_session(error))
                 else:
-                    log.debug("listen on %s: %s", origin.name, error)
+                    log.debug("watching %s: %s", origin.name, error)
             stop.wait(backoff)
             backoff = min(UNAVAILABLE_BACKOFF_SECONDS, backoff * 2)
 

@@ -386,14 +386,12 @@ def install_capture(
     connection.execute(function)
     triggers = [
         ("pgconcord_capture", "AFTER INSERT OR UPDATE OR DELETE", "ROW", function_name),
-        (
-            "pgconcord_notify",
-            "AFTER INSERT OR UPDATE OR DELETE",
-            "STATEMENT",
-            sql.Identifier("notify_change"),
-        ),
         ("pgconcord_truncate", "BEFORE TRUNCATE", "STATEMENT", sql.Identifier("refuse_truncate")),
     ]
+    # Agents watch the change log's sequence instead (016_watch_not_notify.sql).
+    connection.execute(
+        sql.SQL("DROP TRIGGER IF EXISTS pgconcord_notify ON {}").format(table.identifier)
+    )
     for trigger_name, events, level, target in triggers:
         connection.execute(
             sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
