@@ -18,7 +18,7 @@ from typing import LiteralString
 
 import psycopg
 
-from pgconcord import catalog, membership, transport
+from pgconcord import catalog, membership, reader, transport
 from pgconcord.apply import Puller, PullResult
 from pgconcord.config import ClusterConfig, NodeConfig
 from pgconcord.errors import ConfigError, NodeUnavailable, NotSetUp, PgconcordError
@@ -201,6 +201,11 @@ def _read_peer(
     try:
         with connect(peer, autocommit=True) as peer_connection:
             row = peer_connection.execute(_PEER_POSITION, (origin,)).fetchone()
+            # The peer commits what it applies asynchronously (apply.open_target): its
+            # position is durable only once its WAL is flushed past it, and a position lost
+            # in a crash of the peer is applied again from the origin's log, which must
+            # still hold it. Flushed now, read before: what this purge trusts is durable.
+            reader.make_window_durable(peer_connection, reader.unflushed())
             news = (
                 membership.read_members(peer_connection).values()
                 if membership.installed(peer_connection)

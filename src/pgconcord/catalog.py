@@ -274,7 +274,7 @@ def check_declared_key(connection: psycopg.Connection[tuple[object, ...]], table
         )
 
 
-_FINGERPRINT = """
+FINGERPRINT_QUERY = """
 SELECT coalesce(sum(hashtext(concat_ws(':', a.attrelid, a.attnum, a.attname, a.atttypid,
                                        a.atttypmod, a.attisdropped, a.attgenerated,
                                        a.attidentity))), 0)
@@ -301,7 +301,7 @@ SELECT coalesce(sum(hashtext(concat_ws(':', a.attrelid, a.attnum, a.attname, a.a
 def fingerprint(connection: psycopg.Connection[tuple[object, ...]]) -> int:
     """A number that changes whenever a replicated table's columns, key or replication
     settings change: a cheap test of whether checks made against the catalog still hold."""
-    row = connection.execute(_FINGERPRINT).fetchone()
+    row = connection.execute(FINGERPRINT_QUERY).fetchone()
     return int(str(row[0])) if row else 0
 
 

@@ -13,13 +13,14 @@ order matters, and lets a window be applied in pieces of whole transactions.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
 
-from pgconcord.catalog import Table, discover_tables
+from pgconcord.catalog import FINGERPRINT_QUERY, Table, discover_tables
 from pgconcord.config import NodeConfig
 from pgconcord.transport import connect
 
@@ -114,12 +115,116 @@ _WINDOW_HAS_ROWS = (
     "SELECT EXISTS (SELECT 1 FROM pgconcord.change_log c WHERE " + _WINDOW_FILTER + ")"
 )
 
+# An origin poll in one statement (one round trip, no transaction of its own beyond it): the
+# snapshot a new window would end at, whether the window holds changes, the catalog
+# fingerprint then (for the plans), and where the origin's WAL is written and flushed.
+_POLL = (
+    """
+SELECT current.snapshot::text, w.has_changes,
+       CASE WHEN w.has_changes THEN ("""
+    + FINGERPRINT_QUERY.strip()
+    + """) END,
+       pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn() >= pg_current_wal_insert_lsn()
+  FROM (SELECT pg_current_snapshot() AS snapshot) AS current,
+       LATERAL (SELECT EXISTS (SELECT 1 FROM pgconcord.change_log c WHERE """
+    + _WINDOW_FILTER.replace("{window}::pg_snapshot", "current.snapshot")
+    + """)) AS w(has_changes)
+"""
+)
+
 
 @dataclass(frozen=True)
 class Window:
     applied_snapshot: str
     window_snapshot: str
     done: int  # transactions with an ordering id up to this one are applied already
+
+
+@dataclass(frozen=True)
+class Poll:
+    """What one look at an origin found (poll)."""
+
+    snapshot: str  # where a new window would end
+    has_changes: bool  # whether it holds changes the target has not applied
+    fingerprint: int | None  # the origin's catalog then (catalog.fingerprint), with changes
+    wal_written: str  # the origin's WAL insert position then (an LSN)
+    durable: bool  # everything written then was flushed already
+
+
+def poll(origin: psycopg.Connection[tuple[object, ...]], applied_snapshot: str) -> Poll:
+    """Look at the origin in one round trip (origin is an autocommit session, open_origin)."""
+    query = sql.SQL(_POLL).format(applied=sql.Literal(applied_snapshot))
+    row = origin.execute(query).fetchone()
+    assert row is not None
+    return Poll(
+        str(row[0]),
+        bool(row[1]),
+        None if row[2] is None else int(str(row[2])),
+        str(row[3]),
+        bool(row[4]),
+    )
+
+
+# How long make_window_durable waits for the origin's own commits to flush what a window read.
+_DURABLE_WAIT_SECONDS = 0.05
+
+
+def unflushed() -> Poll:
+    """A Poll that asks make_window_durable to flush whatever the node has written so far."""
+    return Poll("", False, None, "", False)
+
+
+def make_window_durable(origin: psycopg.Connection[tuple[object, ...]], polled: Poll) -> None:
+    """Make sure the origin has flushed its WAL up to where it stood when the window's snapshot
+    was taken, before anything read in the window is applied elsewhere. Otherwise a crash of
+    the origin can lose what the snapshot calls committed or rolled back (asynchronous commits,
+    and rollbacks, which PostgreSQL never flushes by itself): a commit a peer already applied
+    disappears at its origin, and the origin hands out the lost transaction ids again, to new
+    transactions that the peer's position already counts as applied, so that their changes are
+    skipped for good. (PostgreSQL's own replication only sends WAL its origin has flushed, for
+    the same reason.)
+
+    Usually nothing is left to do: the origin's synchronous commits flush everything before
+    them, so under load the flush position passes the window within milliseconds. Only when it
+    has not after a short wait does this force a flush, with a transaction that writes WAL
+    and commits synchronously (it costs a transaction id and an fsync). origin is an
+    autocommit session."""
+    if polled.durable:
+        return
+    if not polled.wal_written:
+        row = origin.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+        assert row is not None
+        polled = Poll(polled.snapshot, polled.has_changes, polled.fingerprint, str(row[0]), False)
+    deadline = time.monotonic() + _DURABLE_WAIT_SECONDS
+    delay = 0.002
+    while True:
+        row = origin.execute(
+            "SELECT pg_current_wal_flush_lsn() >= %s::pg_lsn", (polled.wal_written,)
+        ).fetchone()
+        if row and row[0]:
+            return
+        if time.monotonic() + delay > deadline:
+            break
+        time.sleep(delay)
+        delay *= 2
+    # One string, one round trip (make_durable in a transaction of its own).
+    origin.execute(
+        "BEGIN; SET LOCAL synchronous_commit = local;"
+        " SELECT pg_logical_emit_message(true, 'pgconcord', 'durable'); COMMIT"
+    )
+
+
+def make_durable(connection: psycopg.Connection[tuple[object, ...]]) -> None:
+    """Have the node flush its WAL when the current transaction commits (see
+    make_window_durable): call it inside a transaction before its commit."""
+    row = connection.execute(
+        "SELECT pg_current_wal_flush_lsn() < pg_current_wal_insert_lsn()"
+    ).fetchone()
+    if row and row[0]:
+        # A transaction that writes WAL commits synchronously: everything before it is
+        # flushed too. A transactional message is allowed in a read-only transaction.
+        connection.execute("SET LOCAL synchronous_commit = local")
+        connection.execute("SELECT pg_logical_emit_message(true, 'pgconcord', 'durable')")
 
 
 def begin_snapshot(origin: psycopg.Connection[tuple[object, ...]]) -> str:
@@ -131,35 +236,21 @@ def begin_snapshot(origin: psycopg.Connection[tuple[object, ...]]) -> str:
     return str(row[0])
 
 
-def begin_window(origin: psycopg.Connection[tuple[object, ...]]) -> str:
-    """The snapshot a new window of the origin ends at (see begin_snapshot)."""
-    return begin_snapshot(origin)
-
-
-def make_durable(origin: psycopg.Connection[tuple[object, ...]]) -> None:
-    """Have the origin flush its WAL when the current transaction commits, before anything
-    read in it is applied elsewhere. Otherwise a crash of the origin can lose what the window's
-    snapshot calls committed or rolled back (asynchronous commits, and rollbacks, which
-    PostgreSQL never flushes by itself): a commit a peer already applied disappears at its
-    origin, and the origin hands out the lost transaction ids again, to new transactions that
-    the peer's position already counts as applied, so that their changes are skipped for good.
-    (PostgreSQL's own replication only sends WAL its origin has flushed, for the same reason.)
-    Call it inside the origin transaction that took the snapshot, before its commit."""
-    row = origin.execute(
-        "SELECT pg_current_wal_flush_lsn() < pg_current_wal_insert_lsn()"
-    ).fetchone()
-    if row and row[0]:
-        # A transaction that writes WAL commits synchronously: everything before it is
-        # flushed too. A transactional message is allowed in a read-only transaction.
-        origin.execute("SET LOCAL synchronous_commit = local")
-        origin.execute("SELECT pg_logical_emit_message(true, 'pgconcord', 'durable')")
-
-
 def open_origin(node: NodeConfig) -> psycopg.Connection[tuple[object, ...]]:
-    """A read-only, repeatable-read session for reading an origin's change log."""
+    """A read-only, repeatable-read session, for reading a node in one snapshot (join)."""
     connection = connect(node)
     connection.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
     connection.read_only = True
+    return connection
+
+
+def open_origin_session(node: NodeConfig) -> psycopg.Connection[tuple[object, ...]]:
+    """A read-only autocommit session for reading an origin's change log. A window is defined
+    by its snapshots, not by a transaction: any later statement sees every transaction the
+    window's snapshot calls committed (purge keeps what a position has not passed), so each
+    look at the origin is one statement."""
+    connection = connect(node, autocommit=True)
+    connection.execute("SET default_transaction_read_only = on")
     return connection
 
 
