@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 import psycopg
 from psycopg import sql
 
-from pgconcord import catalog
+from pgconcord import catalog, reader
 from pgconcord.apply import Puller
 from pgconcord.config import ClusterConfig, NodeConfig
 from pgconcord.errors import ConfigError, NodeUnavailable, PgconcordError
@@ -375,6 +375,10 @@ def _deliver(origin: NodeConfig, targets: list[NodeConfig], report: PartReport) 
         finally:
             puller.close()
         report.handed_over[target.name] = report.handed_over.get(target.name, 0) + result.changes
+        # The target commits what it applies asynchronously (apply.open_target), and the
+        # parting node's log goes next: what it received must be on its disk first.
+        with connect(target, autocommit=True) as flushing:
+            reader.make_window_durable(flushing, reader.unflushed())
 
 
 # -- eviction --------------------------------------------------------------------------------

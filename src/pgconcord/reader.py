@@ -13,7 +13,7 @@ order matters, and lets a window be applied in pieces of whole transactions.
 
 from __future__ import annotations
 
-import time
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -93,12 +93,14 @@ class Horizon:
     window_done: int | None
 
 
-def copy_horizons(target: psycopg.Connection[tuple[object, ...]], origin: str) -> list[Horizon]:
-    rows = target.execute(
-        "SELECT schema_name, table_name, applied_snapshot::text, window_snapshot::text,"
-        " window_done FROM pgconcord.copy_horizon WHERE origin = %s",
-        (origin,),
-    ).fetchall()
+HORIZONS_QUERY = (
+    "SELECT schema_name, table_name, applied_snapshot::text, window_snapshot::text,"
+    " window_done FROM pgconcord.copy_horizon WHERE origin = %s"
+)
+
+
+def horizons_of(rows: Sequence[tuple[object, ...]]) -> list[Horizon]:
+    """The Horizons HORIZONS_QUERY's rows give."""
     return [
         Horizon(
             str(schema),
@@ -109,6 +111,10 @@ def copy_horizons(target: psycopg.Connection[tuple[object, ...]], origin: str) -
         )
         for schema, table, applied, window, done in rows
     ]
+
+
+def copy_horizons(target: psycopg.Connection[tuple[object, ...]], origin: str) -> list[Horizon]:
+    return horizons_of(target.execute(HORIZONS_QUERY, (origin,)).fetchall())
 
 
 _WINDOW_HAS_ROWS = (
@@ -144,6 +150,7 @@ class Window:
 class Poll:
     """What one look at an origin found (poll)."""
 
+    applied_snapshot: str  # the target's position it was compared with
     snapshot: str  # where a new window would end
     has_changes: bool  # whether it holds changes the target has not applied
     fingerprint: int | None  # the origin's catalog then (catalog.fingerprint), with changes
@@ -157,6 +164,7 @@ def poll(origin: psycopg.Connection[tuple[object, ...]], applied_snapshot: str) 
     row = origin.execute(query).fetchone()
     assert row is not None
     return Poll(
+        applied_snapshot,
         str(row[0]),
         bool(row[1]),
         None if row[2] is None else int(str(row[2])),
@@ -165,13 +173,9 @@ def poll(origin: psycopg.Connection[tuple[object, ...]], applied_snapshot: str) 
     )
 
 
-# How long make_window_durable waits for the origin's own commits to flush what a window read.
-_DURABLE_WAIT_SECONDS = 0.05
-
-
 def unflushed() -> Poll:
     """A Poll that asks make_window_durable to flush whatever the node has written so far."""
-    return Poll("", False, None, "", False)
+    return Poll("", "", False, None, "", False)
 
 
 def make_window_durable(origin: psycopg.Connection[tuple[object, ...]], polled: Poll) -> None:
@@ -185,28 +189,22 @@ def make_window_durable(origin: psycopg.Connection[tuple[object, ...]], polled: 
     the same reason.)
 
     Usually nothing is left to do: the origin's synchronous commits flush everything before
-    them, so under load the flush position passes the window within milliseconds. Only when it
-    has not after a short wait does this force a flush, with a transaction that writes WAL
-    and commits synchronously (it costs a transaction id and an fsync). origin is an
-    autocommit session."""
+    them, so the flush position has passed the window when it is polled (an idle origin), or
+    by the time the window is staged (a busy one). Only when it has not does this force a
+    flush, with a transaction that writes WAL and commits synchronously (a transaction id
+    and an fsync; every window of an origin whose commits are all asynchronous pays it).
+    origin is an autocommit session."""
     if polled.durable:
         return
     if not polled.wal_written:
         row = origin.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
         assert row is not None
-        polled = Poll(polled.snapshot, polled.has_changes, polled.fingerprint, str(row[0]), False)
-    deadline = time.monotonic() + _DURABLE_WAIT_SECONDS
-    delay = 0.002
-    while True:
-        row = origin.execute(
-            "SELECT pg_current_wal_flush_lsn() >= %s::pg_lsn", (polled.wal_written,)
-        ).fetchone()
-        if row and row[0]:
-            return
-        if time.monotonic() + delay > deadline:
-            break
-        time.sleep(delay)
-        delay *= 2
+        polled = dataclasses.replace(polled, wal_written=str(row[0]))
+    row = origin.execute(
+        "SELECT pg_current_wal_flush_lsn() >= %s::pg_lsn", (polled.wal_written,)
+    ).fetchone()
+    if row and row[0]:
+        return
     # One string, one round trip (make_durable in a transaction of its own).
     origin.execute(
         "BEGIN; SET LOCAL synchronous_commit = local;"

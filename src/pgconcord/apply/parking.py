@@ -109,11 +109,13 @@ def schema_change_waiting(target: Connection, origin: str) -> int | None:
     return None if row is None or row[0] is None else int(str(row[0]))
 
 
+# Whether parked changes of the origin (the parameter) wait here.
+ANY_WAITING = (
+    "SELECT EXISTS (SELECT 1 FROM pgconcord.parked_change WHERE state = 'parked' AND origin = %s)"
+)
+
+
 def any_waiting(target: Connection, origin: str) -> bool:
-    row = target.execute(
-        "SELECT EXISTS (SELECT 1 FROM pgconcord.parked_change"
-        " WHERE state = 'parked' AND origin = %s)",
-        (origin,),
-    ).fetchone()
+    row = target.execute(ANY_WAITING, (origin,)).fetchone()
     target.commit()
     return bool(row and row[0])

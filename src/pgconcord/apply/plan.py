@@ -6,7 +6,7 @@ changed."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import psycopg
@@ -51,6 +51,11 @@ def carried_columns(
             " WHERE s.schema_name IS NOT NULL AND ({}) GROUP BY 1, 2"
         ).format(selection)
     ).fetchall()
+    return columns_of(rows)
+
+
+def columns_of(rows: Sequence[tuple[object, ...]]) -> dict[tuple[str, str], frozenset[str]]:
+    """carried_columns from the rows of its query (schema, table, columns)."""
     return {
         (str(schema_name), str(table_name)): frozenset(
             str(column) for column in (columns if isinstance(columns, list) else [])
@@ -170,6 +175,24 @@ class PlanCache:
         if not carried:
             return {}
         fingerprints = (catalog.fingerprint(origin), catalog.fingerprint(target))
+        key = (fingerprints, frozenset(carried.items()))
+        if key == self._key:
+            return dict(self._plans)
+        plans = build_plans(origin, target, carried, self.origin_name, self.target_name)
+        self._plans, self._key = plans, key
+        return plans
+
+    def for_known(
+        self,
+        origin: Connection,
+        target: Connection,
+        carried: dict[tuple[str, str], frozenset[str]],
+        fingerprints: tuple[int, int],
+    ) -> dict[tuple[str, str], TablePlan]:
+        """for_window, with the staged window's carried columns and both nodes' fingerprints
+        already read."""
+        if not carried:
+            return {}
         key = (fingerprints, frozenset(carried.items()))
         if key == self._key:
             return dict(self._plans)

@@ -5,14 +5,16 @@ also moves the position; the steps are the package's other modules."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg import pq
 
-from pgconcord import reader, resolver, schema
+from pgconcord import catalog, reader, resolver, schema
 from pgconcord.apply import parking
 from pgconcord.apply.errors import (
     ApplyError,
@@ -24,18 +26,27 @@ from pgconcord.apply.errors import (
 )
 from pgconcord.apply.fallback import apply_one_by_one, hold_followers
 from pgconcord.apply.pair import PairState
-from pgconcord.apply.plan import TablePlan
+from pgconcord.apply.plan import TablePlan, columns_of
 from pgconcord.apply.position import (
+    IDLE_ADVANCE_SECONDS,
+    POSITION_QUERY,
     Position,
     Superseded,
     advance,
     advance_idle,
     check_position,
     finish_empty_window,
-    read_position,
+    position_of,
 )
 from pgconcord.apply.setwise import apply_window_table, describe_target_problem
-from pgconcord.apply.stage import cut_pieces, open_target, piece_selection, stage_window
+from pgconcord.apply.stage import (
+    STAGE_SUMMARY,
+    STAGED_COLUMNS,
+    cut_pieces,
+    open_target,
+    piece_selection,
+)
+from pgconcord.apply.steady import apply_pipelined, can_pipeline
 from pgconcord.config import NodeConfig
 from pgconcord.errors import NodeUnavailable
 from pgconcord.transport import describe_lost_session, erring_node, lost_session
@@ -46,6 +57,31 @@ Connection = psycopg.Connection[tuple[object, ...]]
 
 DEFAULT_PIECE_ROWS = 50_000
 _TURN_LOCK_CLASS = 0x70676331  # advisory lock class of "applying this origin here"
+
+
+@dataclass(frozen=True)
+class _Turn:
+    """What taking a pair's turn read (Puller._take_turn)."""
+
+    position: Position
+    horizons: list[reader.Horizon]
+
+
+@dataclass(frozen=True)
+class _Staged:
+    """What a staged window holds (Puller._stage_in_turn)."""
+
+    changes: int
+    schema_changes: int
+    last_order: int  # the ordering id of its last source transaction
+    transactions: int
+    carried: dict[tuple[str, str], frozenset[str]]  # per table, the columns its rows carry
+    fingerprint: int  # the target's catalog (catalog.fingerprint)
+
+
+class _StepByStep(Exception):
+    """The pipelined apply of a window met an error: the window is applied again step by
+    step (its stage went with the rolled-back transaction)."""
 
 
 @dataclass
@@ -70,12 +106,19 @@ class Puller:
         self._pair = PairState(origin.name, target.name)
         self._origin_connection: Connection | None = None
         self._target_connection: Connection | None = None
+        # The position as this puller last read or wrote it: an idle poll compares the origin
+        # with it, at no round trip here (_look). Forgotten whenever it may be wrong.
+        self._position: Position | None = None
+        self._idle_advanced_at = 0.0
+        self._turn_held = False  # the turn as a session lock (_hold_turn)
+        # The last window's pipelined apply gave up: apply the next one step by step.
+        self._step_by_step = False
 
     # -- connections ---------------------------------------------------------------------
 
     def _origin(self) -> Connection:
         if self._origin_connection is None or self._origin_connection.closed:
-            self._origin_connection = reader.open_origin(self.origin)
+            self._origin_connection = reader.open_origin_session(self.origin)
         return self._origin_connection
 
     def _target(self) -> Connection:
@@ -88,6 +131,8 @@ class Puller:
             if connection is not None and not connection.closed:
                 connection.close()
         self._origin_connection = self._target_connection = None
+        self._position = None
+        self._turn_held = False
 
     # -- the pull --------------------------------------------------------------------------
 
@@ -107,11 +152,16 @@ class Puller:
         result = PullResult(origin=self.origin.name, target=self.target.name)
         try:
             while not should_stop():
-                if not self._take_turn(wait=wait_for_turn):
+                polled = self._look()
+                if polled is not None and not polled.has_changes:
+                    break
+                turn = self._take_turn(wait=wait_for_turn)
+                if turn is None:
                     break
                 try:
-                    applied = self._pull_window(result, should_stop, on_progress)
+                    applied = self._pull_window(result, turn, polled, should_stop, on_progress)
                 except Superseded:
+                    self._position = None
                     log.debug(
                         "%s -> %s: position moved by another process",
                         self.origin.name,
@@ -120,6 +170,13 @@ class Puller:
                     continue
                 except (pg_errors.DeadlockDetected, RacedWithLocalWrite):
                     self._rollback()
+                    self._position = None
+                    continue
+                except _StepByStep:
+                    # The pipelined apply met something it leaves to the step-by-step way,
+                    # which stages the window again and says what went wrong.
+                    self._rollback()
+                    self._step_by_step = True
                     continue
                 finally:
                     self._end_turn()
@@ -150,28 +207,74 @@ class Puller:
     def _turn_key(self) -> tuple[int, str]:
         return (_TURN_LOCK_CLASS, self.origin.name)
 
-    def _take_turn(self, *, wait: bool) -> bool:
+    def _look(self) -> reader.Poll | None:
+        """Whether the origin has changes newer than the position this puller last knew: one
+        statement at the origin and none here, the idle poll of a quiet pair. None when it
+        knows no position, or one in the middle of a window. On the way, an idle pair's
+        position moves to the origin's snapshot now and then (advance_idle), so that the
+        origin can purge its log."""
+        known = self._position
+        if known is None or known.window_snapshot is not None:
+            return None
+        polled = reader.poll(self._origin(), known.applied_snapshot)
+        if not polled.has_changes:
+            self._advance_idle(known, polled)
+        return polled
+
+    def _advance_idle(self, known: Position, polled: reader.Poll) -> None:
+        if time.monotonic() - self._idle_advanced_at < IDLE_ADVANCE_SECONDS:
+            return
+        reader.make_window_durable(self._origin(), polled)
+        if advance_idle(self._target(), self.origin.name, known, polled.snapshot):
+            self._position = Position(polled.snapshot, None, None)
+        else:  # moved by someone else, or recently: read it again next time
+            self._position = None
+        self._idle_advanced_at = time.monotonic()
+
+    def _take_turn(self, *, wait: bool) -> _Turn | None:
         """One process at a time applies a pair (the position check keeps it correct anyway;
-        the lock saves the others from staging the same window for nothing)."""
+        the lock saves the others from staging the same window for nothing). The turn is a
+        transaction lock, in a transaction that stays open for staging, with the position
+        locked, the copy horizons and an empty stage, all in one round trip: a window applied
+        in that transaction (the steady state) commits and ends the turn at once. A window
+        that takes several transactions holds the turn as a session lock as well
+        (_hold_turn)."""
         target = self._target()
-        if wait:
-            target.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", self._turn_key())
-            taken = True
-        else:
-            row = target.execute(
-                "SELECT pg_try_advisory_lock(%s, hashtext(%s))", self._turn_key()
-            ).fetchone()
-            taken = bool(row and row[0])
-        target.commit()
-        return taken
+        lock = "pg_advisory_xact_lock" if wait else "pg_try_advisory_xact_lock"
+        with target.pipeline():
+            taken = target.execute(f"SELECT {lock}(%s, hashtext(%s))", self._turn_key())
+            position = target.execute(POSITION_QUERY + " FOR UPDATE", (self.origin.name,))
+            horizons = target.execute(reader.HORIZONS_QUERY, (self.origin.name,))
+            target.execute("TRUNCATE pgconcord_stage")
+            target.execute("DROP INDEX IF EXISTS pgconcord_stage_order")
+            target.execute("DROP INDEX IF EXISTS pgconcord_stage_id")
+        row = taken.fetchone()
+        if not wait and not (row and row[0]):
+            target.rollback()
+            return None
+        return _Turn(
+            position_of(position.fetchone(), self.origin.name, self.target.name),
+            reader.horizons_of(horizons.fetchall()),
+        )
+
+    def _hold_turn(self) -> None:
+        """Keep the turn beyond the current transaction (it holds the transaction lock, so
+        the session lock is granted at once), until _end_turn."""
+        if not self._turn_held:
+            self._target().execute("SELECT pg_advisory_lock(%s, hashtext(%s))", self._turn_key())
+            self._turn_held = True
 
     def _end_turn(self) -> None:
         target = self._target_connection
         if target is None or target.broken or target.closed:
             return
-        target.rollback()
-        target.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", self._turn_key())
-        target.commit()
+        if target.info.transaction_status != pq.TransactionStatus.IDLE:
+            target.rollback()
+        if self._turn_held:
+            self._turn_held = False
+            with target.pipeline():
+                target.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", self._turn_key())
+                target.commit()
 
     def _rollback(self) -> None:
         for connection in (self._origin_connection, self._target_connection):
@@ -181,41 +284,66 @@ class Puller:
     def _pull_window(
         self,
         result: PullResult,
+        turn: _Turn,
+        polled: reader.Poll | None,
         should_stop: Callable[[], bool],
         on_progress: Callable[[PullResult], None],
     ) -> Literal["fresh", "resumed"] | None:
         """Apply one window: a fresh one, or one another run had begun; None when there was
-        nothing to apply."""
+        nothing to apply. Runs in the turn's transaction (_take_turn)."""
         origin, target = self._origin(), self._target()
-        position = read_position(target, self.origin.name, self.target.name, lock=False)
-        target.commit()
+        position = self._position = turn.position
         if position.window_snapshot is None:
-            snapshot = reader.begin_window(origin)
-            window = reader.Window(position.applied_snapshot, snapshot, 0)
-            if not reader.window_has_changes(origin, window):
-                reader.make_durable(origin)
-                origin.commit()
-                advance_idle(target, self.origin.name, position, snapshot)
+            if polled is None or polled.applied_snapshot != position.applied_snapshot:
+                polled = reader.poll(origin, position.applied_snapshot)
+            if not polled.has_changes:
+                target.rollback()
+                self._advance_idle(position, polled)
                 return None
+            window = reader.Window(position.applied_snapshot, polled.snapshot, 0)
         else:
+            polled = None  # a window begun earlier was made durable when it was first staged
             window = reader.Window(
                 position.applied_snapshot, position.window_snapshot, position.window_done or 0
             )
-        staged, schema_changes = stage_window(origin, target, self.origin.name, window)
+        staged = self._stage_in_turn(window, turn.horizons, fresh=polled is not None)
         # A window with schema changes is applied with the columns its rows carry (schema.py).
-        plans = None if schema_changes else self._pair.plans.for_window(origin, target)
-        self._pair.parents.schema_window = bool(schema_changes)
-        if position.window_snapshot is None:
-            # Rows of an earlier window not checked yet (it was left unfinished) are not ours.
-            self._pair.parents.forget(target)
-        self._pair.parked_waiting = parking.any_waiting(target, self.origin.name)
-        reader.make_durable(origin)
-        origin.commit()
-        if schema_changes:
+        plans = None
+        if not staged.schema_changes:
+            origin_fingerprint = (
+                polled.fingerprint
+                if polled is not None and polled.fingerprint is not None
+                else catalog.fingerprint(origin)
+            )
+            plans = self._pair.plans.for_known(
+                origin, target, staged.carried, (origin_fingerprint, staged.fingerprint)
+            )
+        if polled is not None:
+            reader.make_window_durable(origin, polled)
+        if (
+            plans is not None
+            and not self._step_by_step
+            and staged.changes <= self.piece_rows
+            and can_pipeline(self._pair, plans, staged.changes)
+        ):
+            return self._apply_steady(result, position, window, plans, staged, on_progress)
+        self._step_by_step = False
+        # Several transactions: the stage is committed, and the turn held until the end.
+        self._hold_turn()
+        target.commit()
+        if staged.schema_changes:
             pieces = schema.pieces(target, window.done, self.piece_rows)
             target.commit()
+        elif staged.changes > self.piece_rows:
+            pieces = cut_pieces(target, window.done, self.piece_rows, many=True)
+        elif staged.changes:
+            pieces = [
+                schema.Piece(
+                    window.done, staged.last_order, staged.changes, staged.transactions, False
+                )
+            ]
         else:
-            pieces = cut_pieces(target, window.done, self.piece_rows, many=staged > self.piece_rows)
+            pieces = []
         done = window.done
         for index, piece in enumerate(pieces):
             if should_stop():
@@ -227,13 +355,84 @@ class Puller:
                 else Position(window.applied_snapshot, window.window_snapshot, done)
             )
             conflicts = self._apply_window_piece(target, piece, plans, expected, window, final)
+            self._idle_advanced_at = time.monotonic()
             done = piece.last
+            self._position = (
+                Position(window.window_snapshot, None, None)
+                if final
+                else Position(window.applied_snapshot, window.window_snapshot, done)
+            )
             result.changes += piece.rows
             result.transactions += piece.transactions
             result.conflicts += conflicts
             on_progress(result)
         if not pieces:
             finish_empty_window(target, self.origin.name, self.target.name, position, window)
+            self._position = Position(window.window_snapshot, None, None)
+        return "fresh" if position.window_snapshot is None else "resumed"
+
+    def _stage_in_turn(
+        self, window: reader.Window, horizons: list[reader.Horizon], *, fresh: bool
+    ) -> _Staged:
+        """Copy the window into the stage emptied by _take_turn, and learn what it holds, in
+        the turn's transaction (left open)."""
+        origin, target = self._origin(), self._target()
+        with target.cursor() as cursor, cursor.copy("COPY pgconcord_stage FROM STDIN") as copy:
+            for block in reader.stream_window(origin, window, horizons):
+                copy.write(block)
+        with target.pipeline():
+            summary = target.execute(STAGE_SUMMARY)
+            columns = target.execute(STAGED_COLUMNS)
+            fingerprint = target.execute(catalog.FINGERPRINT_QUERY)
+            waiting = target.execute(parking.ANY_WAITING, (self.origin.name,))
+            if fresh:
+                # Rows of an earlier window not checked yet (it was left unfinished) are not
+                # ours.
+                target.execute("DELETE FROM pgconcord_child")
+        row = summary.fetchone()
+        assert row is not None
+        changes, schema_changes, last_order, transactions = (int(str(value)) for value in row)
+        if changes > 10_000:
+            target.execute("ANALYZE pgconcord_stage")
+        if fresh:
+            self._pair.parents.child_plans.clear()
+        self._pair.parents.schema_window = bool(schema_changes)
+        waiting_row = waiting.fetchone()
+        self._pair.parked_waiting = bool(waiting_row and waiting_row[0])
+        fingerprint_row = fingerprint.fetchone()
+        return _Staged(
+            changes,
+            schema_changes,
+            last_order,
+            transactions,
+            columns_of(columns.fetchall()),
+            int(str(fingerprint_row[0])) if fingerprint_row else 0,
+        )
+
+    def _apply_steady(
+        self,
+        result: PullResult,
+        position: Position,
+        window: reader.Window,
+        plans: dict[tuple[str, str], TablePlan],
+        staged: _Staged,
+        on_progress: Callable[[PullResult], None],
+    ) -> Literal["fresh", "resumed"]:
+        """Apply the whole staged window in the turn's transaction, pipelined (steady.py)."""
+        target = self._target()
+        try:
+            conflicts, self._position = apply_pipelined(
+                self._pair, target, plans, window, window.done, staged.last_order
+            )
+        except psycopg.DatabaseError as error:
+            if target.broken:
+                raise
+            raise _StepByStep from error
+        self._idle_advanced_at = time.monotonic()  # the position has just moved
+        result.changes += staged.changes
+        result.transactions += staged.transactions
+        result.conflicts += conflicts
+        on_progress(result)
         return "fresh" if position.window_snapshot is None else "resumed"
 
     def _apply_window_piece(

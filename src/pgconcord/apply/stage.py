@@ -65,8 +65,12 @@ def open_target(node: NodeConfig) -> Connection:
     mode = connection.execute("SELECT current_setting('session_replication_role')").fetchone()
     require_replica_mode(mode[0] if mode else None, node.name)
     # Values arrive rendered in these settings (see capture_trigger.sql); read them alike.
+    # Commits need not wait for the disk: the position commits with the rows it covers, so a
+    # crash of this node loses both together and the origin's log, which purge keeps until
+    # this node's WAL is flushed past the position (agent._read_peer), has them again.
     connection.execute(
-        "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'"
+        "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres';"
+        " SET synchronous_commit = off"
     )
     connection.execute(_TEMPORARY_TABLES)
     connection.commit()
@@ -94,6 +98,18 @@ def stage_window(
         if staged > 10_000:
             target.execute("ANALYZE pgconcord_stage")
     return staged, schema_changes
+
+
+# What pipelined staging (Puller._stage_in_turn) needs to know of the staged window.
+STAGE_SUMMARY = (
+    "SELECT count(*), count(*) FILTER (WHERE operation = 'S'), coalesce(max(transaction_order), 0),"
+    " count(DISTINCT transaction_order) FROM pgconcord_stage"
+)
+STAGED_COLUMNS = (
+    "SELECT s.schema_name, s.table_name, array_agg(DISTINCT k) FILTER (WHERE k IS NOT NULL)"
+    " FROM pgconcord_stage s LEFT JOIN LATERAL jsonb_object_keys(s.new_row) k ON true"
+    " WHERE s.schema_name IS NOT NULL GROUP BY 1, 2"
+)
 
 
 def piece_selection(after: int, last: int) -> sql.Composable:
