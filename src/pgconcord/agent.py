@@ -738,7 +738,8 @@ class Agent:
                     if not state.healthy and not waited:
                         log.info("%s -> %s: replicating again", origin.name, target.name)
                     self._reachable(origin.name)
-                    self._reachable(target.name)
+                    if result.reached_target:
+                        self._reachable(target.name)
                     backoff = 0.0
                     state.healthy = True
                     state.last_pull_at = time.time()

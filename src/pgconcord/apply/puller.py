@@ -91,6 +91,9 @@ class PullResult:
     changes: int = 0
     transactions: int = 0
     conflicts: int = 0
+    # Whether the pull asked the target anything (an idle poll asks only the origin): only
+    # then does its success say the target is reachable.
+    reached_target: bool = False
 
 
 class Puller:
@@ -156,6 +159,7 @@ class Puller:
                 if polled is not None and not polled.has_changes:
                     break
                 turn = self._take_turn(wait=wait_for_turn)
+                result.reached_target = True
                 if turn is None:
                     break
                 try:

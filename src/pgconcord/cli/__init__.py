@@ -26,6 +26,9 @@ def main_group(verbose: int) -> None:
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
     )
+    # psycopg warns when a pipeline ends on a lost connection; pgconcord says which node was
+    # lost in its own words, once.
+    logging.getLogger("psycopg").setLevel(max(level, logging.ERROR))
 
 
 main_group.add_command(replication.setup)
