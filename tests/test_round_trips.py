@@ -50,7 +50,10 @@ def counted(
 
 
 def round_trips(puller: Puller, directory: Path, action: Callable[[], object]) -> dict[str, int]:
-    sessions = {"origin": puller._origin(), "target": puller._target()}
+    # The puller's own sessions, open since its first pull.
+    origin_session, target_session = puller._source.session, puller._target_connection
+    assert origin_session is not None and target_session is not None
+    sessions = {"origin": origin_session, "target": target_session}
     with counted(sessions, directory) as counts:
         action()
     return counts

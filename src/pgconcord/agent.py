@@ -18,12 +18,13 @@ from typing import LiteralString
 
 import psycopg
 
-from pgconcord import catalog, membership, reader, transport
+from pgconcord import catalog, membership, transport
 from pgconcord.apply import Puller, PullResult
 from pgconcord.config import ClusterConfig, NodeConfig
 from pgconcord.errors import ConfigError, NodeUnavailable, NotSetUp, PgconcordError
 from pgconcord.membership import ACTIVE
 from pgconcord.transport import connect, describe_lost_session, first_line, lost_session
+from pgconcord.transport.postgres import flush_wal
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ def _read_peer(
             # position is durable only once its WAL is flushed past it, and a position lost
             # in a crash of the peer is applied again from the origin's log, which must
             # still hold it. Flushed now, read before: what this purge trusts is durable.
-            reader.make_window_durable(peer_connection, reader.unflushed())
+            flush_wal(peer_connection)
             news = (
                 membership.read_members(peer_connection).values()
                 if membership.installed(peer_connection)

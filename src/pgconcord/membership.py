@@ -26,11 +26,12 @@ from datetime import UTC, datetime
 import psycopg
 from psycopg import sql
 
-from pgconcord import catalog, reader
+from pgconcord import catalog
 from pgconcord.apply import Puller
 from pgconcord.config import ClusterConfig, NodeConfig
 from pgconcord.errors import ConfigError, NodeUnavailable, PgconcordError
 from pgconcord.transport import CHANNEL, connect
+from pgconcord.transport.postgres import flush_wal
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +379,7 @@ def _deliver(origin: NodeConfig, targets: list[NodeConfig], report: PartReport) 
         # The target commits what it applies asynchronously (apply.open_target), and the
         # parting node's log goes next: what it received must be on its disk first.
         with connect(target, autocommit=True) as flushing:
-            reader.make_window_durable(flushing, reader.unflushed())
+            flush_wal(flushing)
 
 
 # -- eviction --------------------------------------------------------------------------------

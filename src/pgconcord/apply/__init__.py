@@ -1,13 +1,15 @@
 """Applying an origin's changes to a target: transactional, exactly once, in the origin's order.
 
-A window (see reader.py) is copied into a temporary stage table on the target, then applied in
-pieces of whole source transactions. Each piece commits together with the target's position for
-that origin, so a crash at any instant repeats nothing and loses nothing. Inside a piece the
-changes are applied set-wise per table: the last change of each row wins over earlier ones of
-the same origin, and each row's version (hybrid clock, origin) decides against the local version
-(conflict.py). The target session runs with session_replication_role = replica, so the
+A window (see transport/origin.py) is copied into a temporary stage table on the target, then
+applied in pieces of whole source transactions. Each piece commits together with the target's
+position for that origin, so a crash at any instant repeats nothing and loses nothing. Inside a
+piece the changes are applied set-wise per table: the last change of each row wins over earlier
+ones of the same origin, and each row's version (hybrid clock, origin) decides against the local
+version (conflict/). The target session runs with session_replication_role = replica, so the
 application's triggers and foreign keys stay quiet and nothing applied is captured again; a row
-whose parent is still absent once the window is applied is recorded (parent_missing).
+whose parent is still absent once the window is applied is recorded (parent_missing). In the
+steady state a window is staged and applied in one transaction, its statements pipelined
+(steady.py).
 
 A change that cannot be applied here is parked with the rest of its source transaction
 (parking.py; parked.py retries them), and so is every later transaction that touches one of

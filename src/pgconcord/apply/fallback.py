@@ -13,7 +13,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
 
-from pgconcord import conflict, reader, resolver, schema
+from pgconcord import conflict, resolver, schema
 from pgconcord.apply import parking
 from pgconcord.apply.errors import (
     TableDropped,
@@ -26,6 +26,7 @@ from pgconcord.apply.pair import PairState
 from pgconcord.apply.plan import TablePlan
 from pgconcord.apply.position import Position, advance, check_position
 from pgconcord.apply.setwise import apply_window_table
+from pgconcord.transport import Window
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def apply_one_by_one(
     target: Connection,
     plan_for: Callable[[str, str, int], TablePlan],
     expected: Position,
-    window: reader.Window,
+    window: Window,
     piece: sql.Composable,
     last_order: int,
     final: bool,

@@ -6,16 +6,17 @@ changed."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
 
-from pgconcord import catalog, reader
+from pgconcord import catalog
 from pgconcord.apply import parking
 from pgconcord.catalog import Table
 from pgconcord.errors import SchemaError
+from pgconcord.transport import Origin
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def columns_of(rows: Sequence[tuple[object, ...]]) -> dict[tuple[str, str], froz
 
 
 def build_plans(
-    origin: Connection,
+    origin: Origin,
     target: Connection,
     carried: dict[tuple[str, str], frozenset[str]],
     origin_name: str,
@@ -74,7 +75,7 @@ def build_plans(
     """Plans for the tables of carried (with the columns their rows carry), checked against
     both nodes' tables as they are now."""
     names = set(carried)
-    at_origin = reader.origin_tables(origin, names)
+    at_origin = origin.tables(names)
     registered = catalog.registered_tables(target)
     counters = catalog.delta_columns_of(target)
     resolvers = catalog.resolvers_of(target)
@@ -166,15 +167,13 @@ class PlanCache:
         """Make the plans of single changes again (a schema change ran)."""
         self._carried.clear()
 
-    def for_window(
-        self, origin: Connection, target: Connection
-    ) -> dict[tuple[str, str], TablePlan]:
+    def for_window(self, origin: Origin, target: Connection) -> dict[tuple[str, str], TablePlan]:
         """Plans for the staged window, checked against both nodes' tables (kept while neither
         catalog changed and the rows carry the same columns)."""
         carried = carried_columns(target, sql.SQL("true"))
         if not carried:
             return {}
-        fingerprints = (catalog.fingerprint(origin), catalog.fingerprint(target))
+        fingerprints = (origin.fingerprint(), catalog.fingerprint(target))
         key = (fingerprints, frozenset(carried.items()))
         if key == self._key:
             return dict(self._plans)
@@ -184,7 +183,7 @@ class PlanCache:
 
     def for_known(
         self,
-        origin: Connection,
+        origin: Origin,
         target: Connection,
         carried: dict[tuple[str, str], frozenset[str]],
         fingerprints: tuple[int, int],
@@ -202,7 +201,7 @@ class PlanCache:
 
     def for_selection(
         self,
-        connect_origin: Callable[[], Connection],
+        origin: Origin,
         target: Connection,
         selection: sql.Composable,
     ) -> dict[tuple[str, str], TablePlan]:
@@ -211,15 +210,11 @@ class PlanCache:
         carried = carried_columns(target, selection)
         if not carried:
             return {}
-        origin = connect_origin()
-        try:
-            return build_plans(origin, target, carried, self.origin_name, self.target_name)
-        finally:
-            origin.rollback()
+        return build_plans(origin, target, carried, self.origin_name, self.target_name)
 
     def for_change(
         self,
-        connect_origin: Callable[[], Connection],
+        origin: Origin,
         target: Connection,
         schema_name: str,
         table_name: str,
@@ -230,7 +225,7 @@ class PlanCache:
         carried = carried_columns(target, selection)
         key = (schema_name, table_name, tuple(sorted(carried.get((schema_name, table_name), ()))))
         if key not in self._carried:
-            self._carried[key] = self.for_selection(connect_origin, target, selection)[
+            self._carried[key] = self.for_selection(origin, target, selection)[
                 (schema_name, table_name)
             ]
         return self._carried[key]

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from pgconcord import reader
 from pgconcord.apply.errors import ApplyError
+from pgconcord.transport import Window
 
 Connection = psycopg.Connection[tuple[object, ...]]
 
@@ -95,7 +95,7 @@ def finish_empty_window(
     origin: str,
     target_name: str,
     position: Position,
-    window: reader.Window,
+    window: Window,
 ) -> None:
     with target.transaction():
         if read_position(target, origin, target_name, lock=True) != position:
@@ -110,7 +110,7 @@ def finish_empty_window(
 def advance(
     target: Connection,
     origin: str,
-    window: reader.Window,
+    window: Window,
     piece: sql.Composable,
     last_order: int,
     final: bool,
@@ -150,7 +150,7 @@ UPDATE pgconcord.position p
 def queue_advance(
     target: Connection,
     origin: str,
-    window: reader.Window,
+    window: Window,
     after: int,
     last_order: int,
     final: bool,

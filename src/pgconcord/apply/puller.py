@@ -14,8 +14,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg import pq
 
-from pgconcord import catalog, reader, resolver, schema
-from pgconcord.apply import parking
+from pgconcord import resolver, schema
 from pgconcord.apply.errors import (
     ApplyError,
     RacedWithLocalWrite,
@@ -26,7 +25,7 @@ from pgconcord.apply.errors import (
 )
 from pgconcord.apply.fallback import apply_one_by_one, hold_followers
 from pgconcord.apply.pair import PairState
-from pgconcord.apply.plan import TablePlan, columns_of
+from pgconcord.apply.plan import TablePlan
 from pgconcord.apply.position import (
     IDLE_ADVANCE_SECONDS,
     POSITION_QUERY,
@@ -40,16 +39,26 @@ from pgconcord.apply.position import (
 )
 from pgconcord.apply.setwise import apply_window_table, describe_target_problem
 from pgconcord.apply.stage import (
-    STAGE_SUMMARY,
-    STAGED_COLUMNS,
+    HORIZONS_QUERY,
+    Staged,
     cut_pieces,
+    horizons_of,
     open_target,
     piece_selection,
+    stage_in_turn,
 )
 from pgconcord.apply.steady import apply_pipelined, can_pipeline
 from pgconcord.config import NodeConfig
 from pgconcord.errors import NodeUnavailable
-from pgconcord.transport import describe_lost_session, erring_node, lost_session
+from pgconcord.transport import (
+    Horizon,
+    Poll,
+    Window,
+    describe_lost_session,
+    erring_node,
+    lost_session,
+)
+from pgconcord.transport.postgres import PostgresOrigin
 
 log = logging.getLogger(__name__)
 
@@ -64,19 +73,7 @@ class _Turn:
     """What taking a pair's turn read (Puller._take_turn)."""
 
     position: Position
-    horizons: list[reader.Horizon]
-
-
-@dataclass(frozen=True)
-class _Staged:
-    """What a staged window holds (Puller._stage_in_turn)."""
-
-    changes: int
-    schema_changes: int
-    last_order: int  # the ordering id of its last source transaction
-    transactions: int
-    carried: dict[tuple[str, str], frozenset[str]]  # per table, the columns its rows carry
-    fingerprint: int  # the target's catalog (catalog.fingerprint)
+    horizons: list[Horizon]
 
 
 class _StepByStep(Exception):
@@ -107,7 +104,7 @@ class Puller:
         self.piece_rows = piece_rows
         # Parked changes waiting, plans, rows waiting for their parents (see PairState).
         self._pair = PairState(origin.name, target.name)
-        self._origin_connection: Connection | None = None
+        self._source = PostgresOrigin(origin)  # the origin, through its transport
         self._target_connection: Connection | None = None
         # The position as this puller last read or wrote it: an idle poll compares the origin
         # with it, at no round trip here (_look). Forgotten whenever it may be wrong.
@@ -119,21 +116,16 @@ class Puller:
 
     # -- connections ---------------------------------------------------------------------
 
-    def _origin(self) -> Connection:
-        if self._origin_connection is None or self._origin_connection.closed:
-            self._origin_connection = reader.open_origin_session(self.origin)
-        return self._origin_connection
-
     def _target(self) -> Connection:
         if self._target_connection is None or self._target_connection.closed:
             self._target_connection = open_target(self.target)
         return self._target_connection
 
     def close(self) -> None:
-        for connection in (self._origin_connection, self._target_connection):
-            if connection is not None and not connection.closed:
-                connection.close()
-        self._origin_connection = self._target_connection = None
+        self._source.close()
+        if self._target_connection is not None and not self._target_connection.closed:
+            self._target_connection.close()
+        self._target_connection = None
         self._position = None
         self._turn_held = False
 
@@ -191,7 +183,7 @@ class Puller:
             # OperationalError (a cancelled statement, a lock not granted, a full disk) stalls
             # the pair naming the node; other errors go to the caller as before.
             sessions = {
-                self.origin.name: self._origin_connection,
+                self.origin.name: self._source.session,
                 self.target.name: self._target_connection,
             }
             lost = lost_session(error, sessions)
@@ -211,7 +203,7 @@ class Puller:
     def _turn_key(self) -> tuple[int, str]:
         return (_TURN_LOCK_CLASS, self.origin.name)
 
-    def _look(self) -> reader.Poll | None:
+    def _look(self) -> Poll | None:
         """Whether the origin has changes newer than the position this puller last knew: one
         statement at the origin and none here, the idle poll of a quiet pair. None when it
         knows no position, or one in the middle of a window. On the way, an idle pair's
@@ -220,15 +212,15 @@ class Puller:
         known = self._position
         if known is None or known.window_snapshot is not None:
             return None
-        polled = reader.poll(self._origin(), known.applied_snapshot)
+        polled = self._source.poll(known.applied_snapshot)
         if not polled.has_changes:
             self._advance_idle(known, polled)
         return polled
 
-    def _advance_idle(self, known: Position, polled: reader.Poll) -> None:
+    def _advance_idle(self, known: Position, polled: Poll) -> None:
         if time.monotonic() - self._idle_advanced_at < IDLE_ADVANCE_SECONDS:
             return
-        reader.make_window_durable(self._origin(), polled)
+        self._source.make_durable(polled)
         if advance_idle(self._target(), self.origin.name, known, polled.snapshot):
             self._position = Position(polled.snapshot, None, None)
         else:  # moved by someone else, or recently: read it again next time
@@ -248,7 +240,7 @@ class Puller:
         with target.pipeline():
             taken = target.execute(f"SELECT {lock}(%s, hashtext(%s))", self._turn_key())
             position = target.execute(POSITION_QUERY + " FOR UPDATE", (self.origin.name,))
-            horizons = target.execute(reader.HORIZONS_QUERY, (self.origin.name,))
+            horizons = target.execute(HORIZONS_QUERY, (self.origin.name,))
             target.execute("TRUNCATE pgconcord_stage")
             target.execute("DROP INDEX IF EXISTS pgconcord_stage_order")
             target.execute("DROP INDEX IF EXISTS pgconcord_stage_id")
@@ -258,7 +250,7 @@ class Puller:
             return None
         return _Turn(
             position_of(position.fetchone(), self.origin.name, self.target.name),
-            reader.horizons_of(horizons.fetchall()),
+            horizons_of(horizons.fetchall()),
         )
 
     def _hold_turn(self) -> None:
@@ -281,49 +273,57 @@ class Puller:
                 target.commit()
 
     def _rollback(self) -> None:
-        for connection in (self._origin_connection, self._target_connection):
-            if connection is not None and not connection.closed:
-                connection.rollback()
+        # The origin's session runs in autocommit: it never holds a transaction.
+        target = self._target_connection
+        if target is not None and not target.closed:
+            target.rollback()
 
     def _pull_window(
         self,
         result: PullResult,
         turn: _Turn,
-        polled: reader.Poll | None,
+        polled: Poll | None,
         should_stop: Callable[[], bool],
         on_progress: Callable[[PullResult], None],
     ) -> Literal["fresh", "resumed"] | None:
         """Apply one window: a fresh one, or one another run had begun; None when there was
         nothing to apply. Runs in the turn's transaction (_take_turn)."""
-        origin, target = self._origin(), self._target()
+        origin, target = self._source, self._target()
         position = self._position = turn.position
         if position.window_snapshot is None:
             if polled is None or polled.applied_snapshot != position.applied_snapshot:
-                polled = reader.poll(origin, position.applied_snapshot)
+                polled = origin.poll(position.applied_snapshot)
             if not polled.has_changes:
                 target.rollback()
                 self._advance_idle(position, polled)
                 return None
-            window = reader.Window(position.applied_snapshot, polled.snapshot, 0)
+            window = Window(position.applied_snapshot, polled.snapshot, 0)
         else:
             polled = None  # a window begun earlier was made durable when it was first staged
-            window = reader.Window(
+            window = Window(
                 position.applied_snapshot, position.window_snapshot, position.window_done or 0
             )
-        staged = self._stage_in_turn(window, turn.horizons, fresh=polled is not None)
+        staged = stage_in_turn(
+            self._source,
+            self._target(),
+            self._pair,
+            window,
+            turn.horizons,
+            fresh=polled is not None,
+        )
         # A window with schema changes is applied with the columns its rows carry (schema.py).
         plans = None
         if not staged.schema_changes:
             origin_fingerprint = (
                 polled.fingerprint
                 if polled is not None and polled.fingerprint is not None
-                else catalog.fingerprint(origin)
+                else origin.fingerprint()
             )
             plans = self._pair.plans.for_known(
                 origin, target, staged.carried, (origin_fingerprint, staged.fingerprint)
             )
         if polled is not None:
-            reader.make_window_durable(origin, polled)
+            origin.make_durable(polled)
         if (
             plans is not None
             and not self._step_by_step
@@ -375,51 +375,13 @@ class Puller:
             self._position = Position(window.window_snapshot, None, None)
         return "fresh" if position.window_snapshot is None else "resumed"
 
-    def _stage_in_turn(
-        self, window: reader.Window, horizons: list[reader.Horizon], *, fresh: bool
-    ) -> _Staged:
-        """Copy the window into the stage emptied by _take_turn, and learn what it holds, in
-        the turn's transaction (left open)."""
-        origin, target = self._origin(), self._target()
-        with target.cursor() as cursor, cursor.copy("COPY pgconcord_stage FROM STDIN") as copy:
-            for block in reader.stream_window(origin, window, horizons):
-                copy.write(block)
-        with target.pipeline():
-            summary = target.execute(STAGE_SUMMARY)
-            columns = target.execute(STAGED_COLUMNS)
-            fingerprint = target.execute(catalog.FINGERPRINT_QUERY)
-            waiting = target.execute(parking.ANY_WAITING, (self.origin.name,))
-            if fresh:
-                # Rows of an earlier window not checked yet (it was left unfinished) are not
-                # ours.
-                target.execute("DELETE FROM pgconcord_child")
-        row = summary.fetchone()
-        assert row is not None
-        changes, schema_changes, last_order, transactions = (int(str(value)) for value in row)
-        if changes > 10_000:
-            target.execute("ANALYZE pgconcord_stage")
-        if fresh:
-            self._pair.parents.child_plans.clear()
-        self._pair.parents.schema_window = bool(schema_changes)
-        waiting_row = waiting.fetchone()
-        self._pair.parked_waiting = bool(waiting_row and waiting_row[0])
-        fingerprint_row = fingerprint.fetchone()
-        return _Staged(
-            changes,
-            schema_changes,
-            last_order,
-            transactions,
-            columns_of(columns.fetchall()),
-            int(str(fingerprint_row[0])) if fingerprint_row else 0,
-        )
-
     def _apply_steady(
         self,
         result: PullResult,
         position: Position,
-        window: reader.Window,
+        window: Window,
         plans: dict[tuple[str, str], TablePlan],
-        staged: _Staged,
+        staged: Staged,
         on_progress: Callable[[PullResult], None],
     ) -> Literal["fresh", "resumed"]:
         """Apply the whole staged window in the turn's transaction, pipelined (steady.py)."""
@@ -445,7 +407,7 @@ class Puller:
         piece: schema.Piece,
         plans: dict[tuple[str, str], TablePlan] | None,
         expected: Position,
-        window: reader.Window,
+        window: Window,
         final: bool,
     ) -> int:
         """Apply one piece: set-wise, or change by change when it holds a schema change."""
@@ -466,7 +428,7 @@ class Puller:
                 self._pair.plans.forget()
                 return conflicts
             if plans is None:
-                plans = self._pair.plans.for_selection(self._origin, target, selection)
+                plans = self._pair.plans.for_selection(self._source, target, selection)
                 target.commit()
             return self._apply_piece(
                 target, plans, expected, window, piece.after, piece.last, final
@@ -481,7 +443,7 @@ class Puller:
     def _plan_of_change(self, schema_name: str, table_name: str, change_id: int) -> TablePlan:
         """The plan of one change in a piece with a schema change (cached until the next)."""
         return self._pair.plans.for_change(
-            self._origin, self._target(), schema_name, table_name, change_id
+            self._source, self._target(), schema_name, table_name, change_id
         )
 
     def _apply_piece(
@@ -489,7 +451,7 @@ class Puller:
         target: Connection,
         plans: dict[tuple[str, str], TablePlan],
         expected: Position,
-        window: reader.Window,
+        window: Window,
         after: int,
         last_order: int,
         final: bool,

@@ -1,18 +1,25 @@
 """The applying session and its stage: a target session in replica mode (open_target) with its
-temporary tables, the window copied from the origin into pgconcord_stage, and the staged window
-cut into pieces of whole source transactions."""
+temporary tables, what the window copied from the origin into pgconcord_stage holds, and the
+staged window cut into pieces of whole source transactions."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
 
-from pgconcord import reader, schema
+from pgconcord import schema
+from pgconcord.apply import parking
 from pgconcord.apply.errors import ApplyError
+from pgconcord.apply.pair import PairState
+from pgconcord.apply.plan import columns_of
 from pgconcord.apply.position import require_replica_mode
+from pgconcord.catalog import FINGERPRINT_QUERY
 from pgconcord.config import NodeConfig
-from pgconcord.transport import connect
+from pgconcord.transport import Horizon, Origin, Window, connect
 
 Connection = psycopg.Connection[tuple[object, ...]]
 
@@ -77,27 +84,26 @@ def open_target(node: NodeConfig) -> Connection:
     return connection
 
 
-def stage_window(
-    origin: Connection, target: Connection, origin_name: str, window: reader.Window
-) -> tuple[int, int]:
-    """Copy the window's changes from the origin into pgconcord_stage; the number of changes
-    staged, and of schema changes among them."""
-    with target.transaction():
-        horizons = reader.copy_horizons(target, origin_name)
-        target.execute("TRUNCATE pgconcord_stage")
-        target.execute("DROP INDEX IF EXISTS pgconcord_stage_order")
-        target.execute("DROP INDEX IF EXISTS pgconcord_stage_id")
-        with target.cursor() as cursor, cursor.copy("COPY pgconcord_stage FROM STDIN") as copy:
-            for block in reader.stream_window(origin, window, horizons):
-                copy.write(block)
-        row = target.execute(
-            "SELECT count(*), count(*) FILTER (WHERE operation = 'S') FROM pgconcord_stage"
-        ).fetchone()
-        staged = int(str(row[0])) if row else 0
-        schema_changes = int(str(row[1])) if row else 0
-        if staged > 10_000:
-            target.execute("ANALYZE pgconcord_stage")
-    return staged, schema_changes
+# The copy horizons of an origin here (pgconcord.copy_horizon, see 007_copy_horizon.sql): what
+# tables copied by a join already hold of that origin's changes.
+HORIZONS_QUERY = (
+    "SELECT schema_name, table_name, applied_snapshot::text, window_snapshot::text,"
+    " window_done FROM pgconcord.copy_horizon WHERE origin = %s"
+)
+
+
+def horizons_of(rows: Sequence[tuple[object, ...]]) -> list[Horizon]:
+    """The Horizons HORIZONS_QUERY's rows give."""
+    return [
+        Horizon(
+            str(schema),
+            str(table),
+            str(applied),
+            None if window is None else str(window),
+            None if done is None else int(str(done)),
+        )
+        for schema, table, applied, window, done in rows
+    ]
 
 
 # What pipelined staging (Puller._stage_in_turn) needs to know of the staged window.
@@ -110,6 +116,61 @@ STAGED_COLUMNS = (
     " FROM pgconcord_stage s LEFT JOIN LATERAL jsonb_object_keys(s.new_row) k ON true"
     " WHERE s.schema_name IS NOT NULL GROUP BY 1, 2"
 )
+
+
+@dataclass(frozen=True)
+class Staged:
+    """What a staged window holds (stage_in_turn)."""
+
+    changes: int
+    schema_changes: int
+    last_order: int  # the ordering id of its last source transaction
+    transactions: int
+    carried: dict[tuple[str, str], frozenset[str]]  # per table, the columns its rows carry
+    fingerprint: int  # the target's catalog (catalog.fingerprint)
+
+
+def stage_in_turn(
+    source: Origin,
+    target: Connection,
+    pair: PairState,
+    window: Window,
+    horizons: list[Horizon],
+    *,
+    fresh: bool,
+) -> Staged:
+    """Copy the window into the stage emptied by Puller._take_turn, and learn what it holds,
+    in the turn's transaction (left open)."""
+    with target.cursor() as cursor, cursor.copy("COPY pgconcord_stage FROM STDIN") as copy:
+        for block in source.stream_window(window, horizons):
+            copy.write(block)
+    with target.pipeline():
+        summary = target.execute(STAGE_SUMMARY)
+        columns = target.execute(STAGED_COLUMNS)
+        fingerprint = target.execute(FINGERPRINT_QUERY)
+        waiting = target.execute(parking.ANY_WAITING, (pair.origin,))
+        if fresh:
+            # Rows of an earlier window not checked yet (it was left unfinished) are not ours.
+            target.execute("DELETE FROM pgconcord_child")
+    row = summary.fetchone()
+    assert row is not None
+    changes, schema_changes, last_order, transactions = (int(str(value)) for value in row)
+    if changes > 10_000:
+        target.execute("ANALYZE pgconcord_stage")
+    if fresh:
+        pair.parents.child_plans.clear()
+    pair.parents.schema_window = bool(schema_changes)
+    waiting_row = waiting.fetchone()
+    pair.parked_waiting = bool(waiting_row and waiting_row[0])
+    fingerprint_row = fingerprint.fetchone()
+    return Staged(
+        changes,
+        schema_changes,
+        last_order,
+        transactions,
+        columns_of(columns.fetchall()),
+        int(str(fingerprint_row[0])) if fingerprint_row else 0,
+    )
 
 
 def piece_selection(after: int, last: int) -> sql.Composable:

@@ -15,11 +15,12 @@ from __future__ import annotations
 import psycopg
 from psycopg import sql
 
-from pgconcord import conflict, reader
+from pgconcord import conflict
 from pgconcord.apply.errors import RacedWithLocalWrite
 from pgconcord.apply.pair import PairState
 from pgconcord.apply.plan import TablePlan
 from pgconcord.apply.position import Position, queue_advance, require_replica_mode
+from pgconcord.transport import Window
 
 Connection = psycopg.Connection[tuple[object, ...]]
 
@@ -50,7 +51,7 @@ def apply_pipelined(
     pair: PairState,
     target: Connection,
     plans: dict[tuple[str, str], TablePlan],
-    window: reader.Window,
+    window: Window,
     after: int,
     last_order: int,
 ) -> tuple[int, Position]:

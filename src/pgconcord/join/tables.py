@@ -7,7 +7,7 @@ from __future__ import annotations
 import psycopg
 from psycopg import sql
 
-from pgconcord import catalog, install, membership, reader, tablecopy
+from pgconcord import catalog, install, membership, tablecopy
 from pgconcord.apply import open_target
 from pgconcord.catalog import Table
 from pgconcord.config import ClusterConfig, NodeConfig
@@ -15,6 +15,7 @@ from pgconcord.errors import SchemaError
 from pgconcord.join.cluster import Connection, _Cluster
 from pgconcord.join.report import JoinObserver, JoinReport
 from pgconcord.transport import connect
+from pgconcord.transport import postgres as reader
 
 Position = tuple[str, str | None, int | None]  # applied_snapshot, window_snapshot, window_done
 EMPTY_POSITION: Position = ("1:1:", None, None)

@@ -1,9 +1,5 @@
-"""How changes travel between nodes. Today: direct PostgreSQL connections (libpq DSNs).
-
-Other transports (HTTP for sites that cannot reach each other's database, NATS JetStream for
-large fleets) would offer the same two things: a connection to read an origin's change log,
-and one to apply into a target.
-"""
+"""Sessions with a node's PostgreSQL: opening them with pinned settings and one readable reason
+when that fails, and telling a lost session from a failed statement."""
 
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
-"""Reading an origin's committed changes without skipping late-committing transactions.
-
-A window is every transaction visible in a newer snapshot of the origin but not in the snapshot
-the target last applied (the PgQ/Londiste scheme): a long transaction that commits after a later
-short one is simply not visible yet, and lands in the window that first sees it. Uncommitted and
-rolled-back transactions are never visible.
+"""The Origin port over a direct PostgreSQL session (PostgresOrigin), and the SQL of reading an
+origin's change log without skipping late-committing transactions (see origin.py for windows).
 
 Inside a window, transactions are ordered by their highest change id. If transaction B wrote a
 row after transaction A had written it, B waited for A's commit, so every id of A is lower than
@@ -15,14 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
 
-from pgconcord.catalog import FINGERPRINT_QUERY, Table, discover_tables
+from pgconcord.catalog import FINGERPRINT_QUERY, Table, discover_tables, fingerprint
 from pgconcord.config import NodeConfig
-from pgconcord.transport import connect
+from pgconcord.transport.connections import Connection, connect
+from pgconcord.transport.origin import Horizon, Poll, Window
 
 # Columns of one staged change, in the order the window query produces them.
 STAGE_COLUMNS = (
@@ -82,41 +78,6 @@ _NOT_COPIED = """
 """
 
 
-@dataclass(frozen=True)
-class Horizon:
-    """What a copied table already holds of one origin's changes (see 007_copy_horizon)."""
-
-    schema_name: str
-    table_name: str
-    applied_snapshot: str
-    window_snapshot: str | None
-    window_done: int | None
-
-
-HORIZONS_QUERY = (
-    "SELECT schema_name, table_name, applied_snapshot::text, window_snapshot::text,"
-    " window_done FROM pgconcord.copy_horizon WHERE origin = %s"
-)
-
-
-def horizons_of(rows: Sequence[tuple[object, ...]]) -> list[Horizon]:
-    """The Horizons HORIZONS_QUERY's rows give."""
-    return [
-        Horizon(
-            str(schema),
-            str(table),
-            str(applied),
-            None if window is None else str(window),
-            None if done is None else int(str(done)),
-        )
-        for schema, table, applied, window, done in rows
-    ]
-
-
-def copy_horizons(target: psycopg.Connection[tuple[object, ...]], origin: str) -> list[Horizon]:
-    return horizons_of(target.execute(HORIZONS_QUERY, (origin,)).fetchall())
-
-
 _WINDOW_HAS_ROWS = (
     "SELECT EXISTS (SELECT 1 FROM pgconcord.change_log c WHERE " + _WINDOW_FILTER + ")"
 )
@@ -137,25 +98,6 @@ SELECT current.snapshot::text, w.has_changes,
     + """)) AS w(has_changes)
 """
 )
-
-
-@dataclass(frozen=True)
-class Window:
-    applied_snapshot: str
-    window_snapshot: str
-    done: int  # transactions with an ordering id up to this one are applied already
-
-
-@dataclass(frozen=True)
-class Poll:
-    """What one look at an origin found (poll)."""
-
-    applied_snapshot: str  # the target's position it was compared with
-    snapshot: str  # where a new window would end
-    has_changes: bool  # whether it holds changes the target has not applied
-    fingerprint: int | None  # the origin's catalog then (catalog.fingerprint), with changes
-    wal_written: str  # the origin's WAL insert position then (an LSN)
-    durable: bool  # everything written then was flushed already
 
 
 def poll(origin: psycopg.Connection[tuple[object, ...]], applied_snapshot: str) -> Poll:
@@ -299,3 +241,49 @@ def origin_tables(
     schemas = sorted({schema for schema, _ in names})
     found = discover_tables(origin, schemas, excluded=set())
     return {(t.schema, t.name): t for t in found if (t.schema, t.name) in names}
+
+
+def flush_wal(connection: psycopg.Connection[tuple[object, ...]]) -> None:
+    """Make everything the node has written so far durable (connection is an autocommit
+    session): what a target applied with asynchronous commits, before another node trusts it."""
+    make_window_durable(connection, unflushed())
+
+
+class PostgresOrigin:
+    """The Origin port over one autocommit session with the origin's database, opened when
+    first needed and again after close()."""
+
+    def __init__(self, node: NodeConfig) -> None:
+        self.node = node
+        self.name = node.name
+        self._connection: Connection | None = None
+
+    @property
+    def session(self) -> Connection | None:
+        """The session, if open: for telling a lost one from a failed statement."""
+        return self._connection
+
+    def _session(self) -> Connection:
+        if self._connection is None or self._connection.closed:
+            self._connection = open_origin_session(self.node)
+        return self._connection
+
+    def poll(self, applied_snapshot: str) -> Poll:
+        return poll(self._session(), applied_snapshot)
+
+    def stream_window(self, window: Window, horizons: Sequence[Horizon] = ()) -> Iterator[bytes]:
+        return stream_window(self._session(), window, horizons)
+
+    def make_durable(self, polled: Poll | None) -> None:
+        make_window_durable(self._session(), polled if polled is not None else unflushed())
+
+    def fingerprint(self) -> int:
+        return fingerprint(self._session())
+
+    def tables(self, names: set[tuple[str, str]]) -> dict[tuple[str, str], Table]:
+        return origin_tables(self._session(), names)
+
+    def close(self) -> None:
+        if self._connection is not None and not self._connection.closed:
+            self._connection.close()
+        self._connection = None
