@@ -74,7 +74,7 @@ def open_target(node: NodeConfig) -> Connection:
     # Values arrive rendered in these settings (see capture_trigger.sql); read them alike.
     # Commits need not wait for the disk: the position commits with the rows it covers, so a
     # crash of this node loses both together and the origin's log, which purge keeps until
-    # this node's WAL is flushed past the position (agent._read_peer), has them again.
+    # this node's WAL is flushed past the position (agent.purging._read_peer), has them again.
     connection.execute(
         "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres';"
         " SET synchronous_commit = off"

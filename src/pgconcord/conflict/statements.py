@@ -82,7 +82,7 @@ def row_value(table: Table, name: str, change: str) -> sql.Composable:
     """A column's value in the row a change carries (`r` = jsonb_populate_record of it)."""
     column = next((c for c in table.columns if c.name == name), None)
     if column is not None and column.as_text:
-        # Carried as text by capture (catalog._new_row): its own input function reads it.
+        # Carried as text by capture (catalog.capture._new_row): its own input function reads it.
         return sql.SQL("({}.new_row ->> {})::{}").format(
             sql.Identifier(change), sql.Literal(name), sql.SQL(column.type_name)
         )

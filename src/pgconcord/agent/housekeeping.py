@@ -1,0 +1,105 @@
+"""The agent's loops beside its pairs': now and then the purge of each node's change log, and
+on its own node the regeneration of the capture a schema change left generic."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Protocol
+
+import psycopg
+
+from pgconcord import catalog
+from pgconcord.agent.purging import (
+    clear_purge_failure,
+    purge_failure_reason,
+    purge_node,
+    record_purge_failure,
+)
+from pgconcord.config import ClusterConfig, NodeConfig
+from pgconcord.errors import ConfigError, NodeUnavailable, PgconcordError
+from pgconcord.transport import connect
+
+log = logging.getLogger(__name__)
+
+PURGE_SECONDS = 15.0
+CAPTURE_SECONDS = 2.0  # how often each node's own agent looks for capture to regenerate
+
+
+class Host(Protocol):
+    """What these loops read of the agent that runs them (a reload replaces the config and
+    the nodes)."""
+
+    config: ClusterConfig
+    nodes: list[str]
+    stopping: threading.Event
+
+
+def purge_loop(agent: Host) -> None:
+    """Purge each node's log now and then; membership news and evictions are logged loudly,
+    a disagreement between the config and the membership once. A failed purge is logged
+    (once until it changes) and kept on the node for `status`: its log only grows."""
+    said: set[str] = set()
+    failing: dict[str, str] = {}
+    cleared: set[str] = set()  # nodes whose recorded failure this process has removed
+    while True:
+        config = agent.config
+        for name in list(agent.nodes):
+            if agent.stopping.is_set():
+                return
+            try:
+                node = config.node_by_name(name)
+            except ConfigError:  # a reload is under way; the next round has it
+                continue
+            try:
+                report = purge_node(config, node)
+            except NodeUnavailable as error:
+                log.debug("purge of %s skipped: %s", name, error)
+                continue
+            except (PgconcordError, psycopg.Error) as error:
+                reason = purge_failure_reason(config, node, error)
+                if reason is None:
+                    log.debug("purge of %s waits for a setup: %s", name, error)
+                    continue
+                if failing.get(name) != reason:
+                    log.warning("%s: purge failed, its change log keeps growing: %s", name, reason)
+                failing[name] = reason
+                cleared.discard(name)
+                record_purge_failure(node, reason)
+                continue
+            if failing.pop(name, None) is not None:
+                log.info("%s: purge works again", name)
+            if name not in cleared:
+                clear_purge_failure(node)
+                cleared.add(name)
+            if report.deleted:
+                log.info("%s: purged %d changes every peer has", name, report.deleted)
+            for sentence in report.evicted:
+                log.error("pgconcord: %s", sentence)
+            for sentence in report.learned:
+                log.warning("%s: membership: %s", name, sentence)
+            for problem in report.problems:
+                if problem not in said:
+                    said.add(problem)
+                    log.warning("pgconcord: %s", problem)
+        if agent.stopping.wait(PURGE_SECONDS):
+            return
+
+
+def capture_loop(agent: Host, node: NodeConfig, stop: threading.Event) -> None:
+    """Regenerate, on this agent's own node only, the capture of tables a schema change
+    left on the generic capture (see catalog.regenerate_capture); never on a peer's."""
+    connection: psycopg.Connection[tuple[object, ...]] | None = None
+    while not (stop.wait(CAPTURE_SECONDS) or agent.stopping.is_set()):
+        try:
+            if connection is None or connection.closed:
+                connection = connect(node)
+            for name in catalog.regenerate_capture(connection, node.name):
+                log.info("%s: capture of %s regenerated after a schema change", node.name, name)
+        except (NodeUnavailable, psycopg.Error) as error:
+            log.debug("%s: capture regeneration skipped: %s", node.name, error)
+            if connection is not None:
+                connection.close()
+            connection = None
+    if connection is not None:
+        connection.close()

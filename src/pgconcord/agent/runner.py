@@ -1,0 +1,431 @@
+"""The Agent: a worker thread per (origin -> target) pair, woken when the origin's change log
+grows (or on a timer), that pulls and backs off on failure; a watch loop per origin; and the
+housekeeping loops. reconfigure() takes a new config while it runs."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import psycopg
+
+from pgconcord import membership, transport
+from pgconcord.agent.housekeeping import capture_loop, purge_loop
+from pgconcord.agent.pair import PairState, pairs
+from pgconcord.agent.readiness import is_set_up
+from pgconcord.apply import Puller, PullResult
+from pgconcord.config import ClusterConfig, NodeConfig
+from pgconcord.errors import NodeUnavailable, NotSetUp, PgconcordError
+from pgconcord.transport import connect, describe_lost_session, first_line, lost_session
+
+log = logging.getLogger(__name__)
+
+CHANNEL = transport.CHANNEL
+# A pair looks at its origin at least this often, even when the origin's watch loop (below)
+# saw nothing: a change missed by it (a watch connection being set up again) waits no longer.
+POLL_SECONDS = 5.0
+# How often the watch loop reads an origin's change log sequence: while it moves, and at most
+# when it stands still (the interval doubles from the first to the second).
+WATCH_BUSY_SECONDS = 0.01
+WATCH_IDLE_SECONDS = 0.25
+COALESCE_SECONDS = 0.02  # at most one pull per pair in this time, however busy the origin
+# A pair that fails waits longer after each failure, up to: the same work would fail again...
+MAX_BACKOFF_SECONDS = 30.0
+# ...but a node that is down is tried often, so that it is pulled again within seconds of its
+# return (a failed connection attempt costs the other side next to nothing).
+UNAVAILABLE_BACKOFF_SECONDS = 2.0
+
+
+def _log_sequence(connection: psycopg.Connection[tuple[object, ...]]) -> object:
+    """Where the node's change log sequence stands (every captured row advances it), or None
+    before setup made it."""
+    try:
+        row = connection.execute("SELECT last_value FROM pgconcord.change_log_id_seq").fetchone()
+    except (psycopg.errors.UndefinedTable, psycopg.errors.InsufficientPrivilege):
+        return None
+    return row[0] if row else None
+
+
+@dataclass
+class _Pair:
+    """One (origin -> target) worker: its thread's events and its account for `status`."""
+
+    origin: NodeConfig
+    target: NodeConfig
+    state: PairState
+    wake: threading.Event = field(default_factory=threading.Event)  # a commit, or the timer
+    # One of its nodes is reachable again: the backoff is cut short.
+    retry: threading.Event = field(default_factory=threading.Event)
+    stop: threading.Event = field(default_factory=threading.Event)  # a reload removed it
+
+    def stopped(self, agent: Agent) -> bool:
+        return agent.stopping.is_set() or self.stop.is_set()
+
+    def interrupt(self) -> None:
+        self.wake.set()
+        self.retry.set()
+
+
+class Agent:
+    """Replicates into the given nodes (all by default) until stop() is called. reconfigure()
+    takes a new config while it runs (`pgconcord run` calls it on SIGHUP)."""
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        nodes: Iterable[str] | None = None,
+        *,
+        poll_seconds: float = POLL_SECONDS,
+    ) -> None:
+        self.config = config
+        self._fixed_nodes = list(nodes) if nodes is not None else None
+        self.nodes = self._targets(config)
+        self.poll_seconds = poll_seconds
+        self.stopping = threading.Event()
+        # These two are replaced whole by a reload, never changed in place: other threads (the
+        # demo's view, the watch loops) read them meanwhile without a lock.
+        self.states: dict[tuple[str, str], PairState] = {}
+        self._pairs: dict[tuple[str, str], _Pair] = {}
+        # The loops one node has, whatever its pairs: ("watch" | "capture", node) -> its stop.
+        self._node_loops: dict[tuple[str, str], tuple[NodeConfig, threading.Event]] = {}
+        self._threads: list[threading.Thread] = []
+        self._reconfiguring = threading.Lock()
+        # Nodes last seen unreachable, with the reason: one log line when one goes, one when
+        # it comes back, however many pairs notice.
+        self._down: dict[str, str] = {}
+        self._not_set_up: set[str] = set()
+        self._down_lock = threading.Lock()
+        # The membership as each origin last told it, and the members that left the cluster
+        # (parted, evicted): their pairs do not run, whatever the config says.
+        self._views: dict[str, dict[str, membership.Member]] = {}
+        self._departed: dict[str, str] = {}
+
+    def _targets(self, config: ClusterConfig) -> list[str]:
+        if self._fixed_nodes is None:
+            return list(config.node_names)
+        for name in self._fixed_nodes:
+            config.node_by_name(name)  # a reload that drops a --node target is refused
+        return list(self._fixed_nodes)
+
+    def start(self) -> Agent:
+        with self._reconfiguring:
+            self._arrange(self.config)
+        self._spawn("purge", purge_loop, self)
+        return self
+
+    def reconfigure(self, config: ClusterConfig) -> list[str]:
+        """Replicate as the new config says, without a restart: the pairs of a node added start,
+        those of a node removed stop, those of a node whose DSN changed start over. Returns
+        what changed, one sentence each; ConfigError (and nothing changes) if this agent's own
+        --node is not in the new config."""
+        with self._reconfiguring:
+            targets = self._targets(config)
+            self.config = config
+            self.nodes = targets
+            self._threads = [thread for thread in self._threads if thread.is_alive()]
+            return self._arrange(config)
+
+    def _arrange(self, config: ClusterConfig) -> list[str]:
+        changes: list[str] = []
+        wanted = {
+            (o.name, t.name): (o, t)
+            for o, t in pairs(config, self.nodes)
+            if o.name not in self._departed and t.name not in self._departed
+        }
+        current = dict(self._pairs)
+        for key, pair in list(current.items()):
+            if wanted.get(key) != (pair.origin, pair.target):
+                pair.stop.set()
+                pair.interrupt()
+                del current[key]
+                if key not in wanted:
+                    changes.append(f"stopped replicating {key[0]} -> {key[1]}")
+        started = []
+        for key, (origin, target) in wanted.items():
+            if key not in current:
+                current[key] = _Pair(origin, target, PairState(origin.name, target.name))
+                started.append(current[key])
+                restarted = key in self._pairs
+                changes.append(
+                    f"replicating {key[0]} -> {key[1]}"
+                    + (" (node's dsn changed)" if restarted else "")
+                )
+        self._pairs = current
+        self.states = {key: pair.state for key, pair in current.items()}
+        for pair in started:
+            self._spawn(f"pull {pair.origin.name}->{pair.target.name}", self._pair_loop, pair)
+        loops: dict[tuple[str, str], NodeConfig] = {
+            ("watch", origin.name): origin for origin, _ in wanted.values()
+        }
+        loops.update({("capture", name): config.node_by_name(name) for name in self.nodes})
+        running = dict(self._node_loops)
+        for key, (node, stop) in list(running.items()):
+            if loops.get(key) != node:
+                stop.set()
+                del running[key]
+        for key, node in loops.items():
+            if key not in running:
+                stop = threading.Event()
+                running[key] = (node, stop)
+                if key[0] == "watch":
+                    self._spawn(f"{key[0]} {node.name}", self._watch_loop, node, stop)
+                else:  # housekeeping.capture_loop, on this agent's own nodes
+                    self._spawn(f"{key[0]} {node.name}", capture_loop, self, node, stop)
+        self._node_loops = running
+        return changes
+
+    def _spawn(self, name: str, function: Callable[..., None], *arguments: object) -> None:
+        thread = threading.Thread(target=function, args=arguments, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.stopping.set()
+        with self._reconfiguring:
+            for pair in self._pairs.values():
+                pair.interrupt()
+            for _, stop in self._node_loops.values():
+                stop.set()
+            threads = list(self._threads)
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def wait(self) -> None:
+        while not self.stopping.wait(0.5):
+            pass
+
+    # -- reachability ------------------------------------------------------------------------
+
+    def _unreachable(self, node: str, reason: str) -> None:
+        with self._down_lock:
+            news = node not in self._down
+            self._down[node] = reason
+        if news:
+            log.warning("node %s is unreachable: %s", node, reason)
+
+    def _reachable(self, node: str) -> None:
+        """A loop talked to the node: if it was down, say so and have its pairs try at once
+        instead of at the end of their backoff."""
+        with self._down_lock:
+            self._not_set_up.discard(node)
+            if self._down.pop(node, None) is None:
+                return
+        log.info("node %s is reachable again", node)
+        self._interrupt_pairs_of(node)
+
+    def _learn_members(self, node: str, connection: psycopg.Connection[tuple[object, ...]]) -> None:
+        """Take the node's view of the membership: the pairs of a member that left the cluster
+        (part, eviction) stop without a restart, and start again when it joins again."""
+        try:
+            view = membership.read_members(connection) if membership.installed(connection) else {}
+        except psycopg.Error as error:
+            log.debug("membership of %s not read: %s", node, error)
+            return
+        with self._down_lock:
+            self._views[node] = view
+            merged = membership.merge(self._views.values())
+        departed = {
+            name: member.state
+            for name, member in merged.items()
+            if member.state in membership.OUT_OF_CLUSTER
+        }
+        with self._reconfiguring:
+            if departed == self._departed or self.stopping.is_set():
+                return
+            listed = set(self.config.node_names)
+            for name, state in departed.items():
+                if name in listed and self._departed.get(name) != state:
+                    log.warning(
+                        "node %s was %s: it is not replicated any more (pgconcord join %s"
+                        " brings it back; or remove it from the config)",
+                        name,
+                        state,
+                        name,
+                    )
+            for name in self._departed.keys() - departed.keys():
+                if name in listed:
+                    log.info("node %s is a member of the cluster again", name)
+            self._departed = departed
+            changes = self._arrange(self.config)
+        if changes:
+            log.info("membership changed: %s", "; ".join(changes))
+
+    def _interrupt_pairs_of(self, node: str) -> None:
+        for pair in self._pairs.values():
+            if node in (pair.origin.name, pair.target.name):
+                pair.interrupt()
+
+    def _diagnose(self, pair: _Pair, error: psycopg.Error) -> tuple[str, bool]:
+        """The sentence for a database error the apply code let through, and whether it is
+        news for the log: a node without pgconcord's catalog is named once, whatever pairs
+        run into it."""
+        for node in (pair.target, pair.origin):
+            if is_set_up(node) is False:
+                with self._down_lock:
+                    news = node.name not in self._not_set_up
+                    self._not_set_up.add(node.name)
+                return str(NotSetUp(node.name)), news
+        sentence = (
+            f"stalled, changes stay queued: {pair.origin.name} -> {pair.target.name}:"
+            f" {first_line(error)}"
+        )
+        return sentence, pair.state.healthy or pair.state.sentence != sentence
+
+    # -- loops -------------------------------------------------------------------------------
+
+    def _pair_loop(self, pair: _Pair) -> None:
+        origin, target, state = pair.origin, pair.target, pair.state
+        puller = Puller(origin, target)
+        backoff = 0.0
+        waited = False  # the last failure was a node down: its return is logged by node
+
+        def stopped() -> bool:
+            return pair.stopped(self)
+
+        def on_progress(progress: PullResult) -> None:
+            state.sentence = (
+                f"applying changes from {origin.name}: {progress.changes} so far"
+                f" in {progress.transactions} transactions"
+            )
+
+        try:
+            while not stopped():
+                pair.wake.clear()
+                pair.retry.clear()
+                pulled_at = time.monotonic()
+                try:
+                    # One window per wake: a commit after its snapshot moves the change log's
+                    # sequence, and the watch loop sets the wake again (the timer covers a
+                    # missed one), so looking once more right away would only cost round trips.
+                    result = puller.pull(stopped, on_progress, until_current=True)
+                except NodeUnavailable as error:
+                    waited = True
+                    self._unreachable(error.node, error.reason)
+                    # A node that is down is tried again often: it is back within seconds.
+                    backoff = self._failed(
+                        state,
+                        f"waiting for node {error.node}: {error.reason}",
+                        backoff,
+                        cap=UNAVAILABLE_BACKOFF_SECONDS,
+                        log_it=False,
+                    )
+                except PgconcordError as error:
+                    waited = False
+                    backoff = self._failed(state, f"stalled, changes stay queued: {error}", backoff)
+                except psycopg.Error as error:
+                    waited = False
+                    puller.close()
+                    sentence, news = self._diagnose(pair, error)
+                    backoff = self._failed(state, sentence, backoff, log_it=news)
+                except Exception as error:  # a bug must not stop the other pairs
+                    waited = False
+                    puller.close()
+                    sentence = f"unexpected error: {error!r}"
+                    if state.healthy or state.sentence != sentence:
+                        log.exception("%s -> %s: unexpected error", origin.name, target.name)
+                    backoff = self._failed(state, sentence, backoff, log_it=False)
+                else:
+                    if not state.healthy and not waited:
+                        log.info("%s -> %s: replicating again", origin.name, target.name)
+                    self._reachable(origin.name)
+                    if result.reached_target:
+                        self._reachable(target.name)
+                    backoff = 0.0
+                    state.healthy = True
+                    state.last_pull_at = time.time()
+                    state.applied_changes += result.changes
+                    state.conflicts += result.conflicts
+                    if result.changes:
+                        state.sentence = (
+                            f"applied {result.changes} changes in {result.transactions}"
+                            f" transactions from {origin.name}"
+                            + (
+                                f", {result.conflicts} conflicts resolved"
+                                if result.conflicts
+                                else ""
+                            )
+                        )
+                    elif not state.sentence.startswith("up to date"):
+                        state.sentence = f"up to date with {origin.name}"
+                if backoff:
+                    pair.retry.wait(backoff)
+                else:
+                    pair.wake.wait(self.poll_seconds)
+                    # Let the commits of the next few milliseconds join this pull: one pull
+                    # per commit would cost the origin more than the changes themselves.
+                    pair.stop.wait(max(0.0, pulled_at + COALESCE_SECONDS - time.monotonic()))
+        finally:
+            puller.close()
+
+    def _failed(
+        self,
+        state: PairState,
+        sentence: str,
+        backoff: float,
+        *,
+        cap: float = MAX_BACKOFF_SECONDS,
+        log_it: bool | None = None,
+    ) -> float:
+        if log_it if log_it is not None else (state.healthy or state.sentence != sentence):
+            log.warning("%s -> %s: %s", state.origin, state.target, sentence)
+        state.healthy = False
+        state.sentence = sentence
+        return min(cap, max(0.5, backoff * 2))
+
+    def _wake_pairs_from(self, origin: str) -> None:
+        for pair in self._pairs.values():
+            if pair.origin.name == origin:
+                pair.wake.set()
+
+    def _watch_loop(self, origin: NodeConfig, stop: threading.Event) -> None:
+        """Wakes the origin's pairs when its change log grows, and takes the NOTIFY of
+        membership news (schema changes notify too); also the probe that notices first that a
+        node which was down is back.
+
+        Capture sends no notification (016_watch_not_notify.sql): this loop reads the change
+        log's sequence, which every captured row advances, every WATCH_BUSY_SECONDS while it
+        moves and up to every WATCH_IDLE_SECONDS when it does not. One small query per
+        interval costs the origin the same whatever its write rate; a rolled-back write moves
+        the sequence too, which costs one empty poll."""
+        backoff = 0.5
+        while not (self.stopping.is_set() or stop.is_set()):
+            try:
+                with connect(origin, autocommit=True) as connection:
+                    connection.execute(f"LISTEN {CHANNEL}")
+                    backoff = 0.5
+                    self._reachable(origin.name)
+                    self._learn_members(origin.name, connection)
+                    # Anything committed before watching began is picked up by this wake.
+                    self._wake_pairs_from(origin.name)
+                    seen = _log_sequence(connection)
+                    interval = WATCH_BUSY_SECONDS
+                    while not (self.stopping.is_set() or stop.is_set()):
+                        news = woken = False
+                        for notify in connection.notifies(timeout=interval, stop_after=1):
+                            if notify.payload == membership.MEMBERSHIP_NEWS:
+                                news = True
+                            else:
+                                woken = True
+                        if news:  # read outside the notifies() generator, which holds the lock
+                            self._learn_members(origin.name, connection)
+                            self._interrupt_pairs_of(origin.name)
+                        now = _log_sequence(connection)
+                        if now != seen or woken:
+                            seen = now
+                            interval = WATCH_BUSY_SECONDS
+                            self._wake_pairs_from(origin.name)
+                        else:
+                            interval = min(WATCH_IDLE_SECONDS, interval * 2)
+            except NodeUnavailable as error:
+                self._unreachable(origin.name, error.reason)
+            except psycopg.Error as error:
+                if lost_session(error, {origin.name: None}) is not None:
+                    self._unreachable(origin.name, describe_lost_session(error))
+                else:
+                    log.debug("watching %s: %s", origin.name, error)
+            stop.wait(backoff)
+            backoff = min(UNAVAILABLE_BACKOFF_SECONDS, backoff * 2)
