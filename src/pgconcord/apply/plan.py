@@ -167,20 +167,6 @@ class PlanCache:
         """Make the plans of single changes again (a schema change ran)."""
         self._carried.clear()
 
-    def for_window(self, origin: Origin, target: Connection) -> dict[tuple[str, str], TablePlan]:
-        """Plans for the staged window, checked against both nodes' tables (kept while neither
-        catalog changed and the rows carry the same columns)."""
-        carried = carried_columns(target, sql.SQL("true"))
-        if not carried:
-            return {}
-        fingerprints = (origin.fingerprint(), catalog.fingerprint(target))
-        key = (fingerprints, frozenset(carried.items()))
-        if key == self._key:
-            return dict(self._plans)
-        plans = build_plans(origin, target, carried, self.origin_name, self.target_name)
-        self._plans, self._key = plans, key
-        return plans
-
     def for_known(
         self,
         origin: Origin,
@@ -188,8 +174,9 @@ class PlanCache:
         carried: dict[tuple[str, str], frozenset[str]],
         fingerprints: tuple[int, int],
     ) -> dict[tuple[str, str], TablePlan]:
-        """for_window, with the staged window's carried columns and both nodes' fingerprints
-        already read."""
+        """Plans for the staged window, whose tables carry these columns, checked against both
+        nodes' tables (kept while neither catalog changed, by their fingerprints, and the rows
+        carry the same columns)."""
         if not carried:
             return {}
         key = (fingerprints, frozenset(carried.items()))

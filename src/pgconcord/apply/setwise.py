@@ -84,16 +84,7 @@ def apply_table(
             " being merged"
         )
     recorded = target.execute(statements.record_conflicts, parameters).rowcount
-    target.execute(statements.delete_rows, parameters)
-    target.execute(statements.upsert_rows, parameters)
-    if statements.merge_rows is not None:
-        target.execute(statements.merge_rows, parameters)
-    if statements.add_deltas is not None:
-        target.execute(statements.add_deltas, parameters)
-    if plan.foreign_keys:
-        # Checked once the whole window is applied (ParentCheck.record_missing): a parent may
-        # come in a table applied after this one, or in a later transaction.
-        target.execute(conflict.CHILD_CANDIDATES, parameters)
+    write_winners(target, plan, statements, parameters)
     if verdicts is not None and verdicts.keep:
         resolver.write_kept_rows(target, plan.table, plan.columns, verdicts)
         resolver.mark_resolved(target, plan.table, verdicts)
@@ -101,6 +92,27 @@ def apply_table(
         # A big piece: give the space back now rather than leave it for later DELETEs.
         target.execute("TRUNCATE pgconcord_decision, pgconcord_winner")
     return max(recorded, 0)
+
+
+def write_winners(
+    target: Connection,
+    plan: TablePlan,
+    statements: conflict.TableStatements,
+    parameters: dict[str, object],
+) -> None:
+    """Write the rows chosen (pgconcord_winner) into the plan's table: the whole-row deletes
+    and upserts, the column merges and the counter additions. Rows of a table with foreign
+    keys are noted for the check of their parents, once the whole window is applied
+    (ParentCheck.record_missing): a parent may come in a table applied after this one, or in
+    a later transaction."""
+    target.execute(statements.delete_rows, parameters)
+    target.execute(statements.upsert_rows, parameters)
+    if statements.merge_rows is not None:
+        target.execute(statements.merge_rows, parameters)
+    if statements.add_deltas is not None:
+        target.execute(statements.add_deltas, parameters)
+    if plan.foreign_keys:
+        target.execute(conflict.CHILD_CANDIDATES, parameters)
 
 
 def apply_window_table(

@@ -20,6 +20,7 @@ from pgconcord.apply.errors import RacedWithLocalWrite
 from pgconcord.apply.pair import PairState
 from pgconcord.apply.plan import TablePlan
 from pgconcord.apply.position import Position, queue_advance, require_replica_mode
+from pgconcord.apply.setwise import write_winners
 from pgconcord.transport import Window
 
 Connection = psycopg.Connection[tuple[object, ...]]
@@ -88,14 +89,7 @@ def apply_pipelined(
             target.execute(statements.decide(_SELECTION, False), parameters)
             raced.append(target.execute(statements.choose_winners, parameters))
             recorded.append(target.execute(statements.record_conflicts, parameters))
-            target.execute(statements.delete_rows, parameters)
-            target.execute(statements.upsert_rows, parameters)
-            if statements.merge_rows is not None:
-                target.execute(statements.merge_rows, parameters)
-            if statements.add_deltas is not None:
-                target.execute(statements.add_deltas, parameters)
-            if plan.foreign_keys:
-                target.execute(conflict.CHILD_CANDIDATES, parameters)
+            write_winners(target, plan, statements, parameters)
         moved = queue_advance(target, pair.origin, window, after, last_order, final=True)
     found = mode.fetchone()
     require_replica_mode(found[0] if found else None, pair.target)
