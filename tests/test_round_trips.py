@@ -16,6 +16,7 @@ from harness import Cluster, wait_for
 from psycopg import pq
 
 from pgconcord.agent import Agent
+from pgconcord.agent.runner import transaction_ended
 from pgconcord.apply import Puller
 
 # The budgets: an idle poll asks the origin once and the target never; a window of ordinary
@@ -119,3 +120,12 @@ def test_a_write_pays_for_one_row_trigger_and_no_notification(system_cluster: Cl
         )
     finally:
         running.stop()
+
+
+def test_the_watch_wakes_for_ended_transactions_only() -> None:
+    """A snapshot pair says whether a transaction that could have made changes visible ended."""
+    assert not transaction_ended((10, 12, {10, 11}), (10, 12, {10, 11}))  # still running
+    assert transaction_ended((10, 12, {10, 11}), (11, 12, {11}))  # 10 ended
+    assert not transaction_ended((10, 12, {10, 11}), (10, 14, {10, 11, 12, 13}))  # 2 began
+    assert transaction_ended((10, 12, {10, 11}), (10, 14, {10, 11, 13}))  # 12 began and ended
+    assert transaction_ended((12, 12, set()), (20, 20, set()))  # eight began and ended

@@ -27,8 +27,8 @@ CHANNEL = transport.CHANNEL
 # A pair looks at its origin at least this often, even when the origin's watch loop (below)
 # saw nothing: a change missed by it (a watch connection being set up again) waits no longer.
 POLL_SECONDS = 5.0
-# How often the watch loop reads an origin's change log sequence: while it moves, and at most
-# when it stands still (the interval doubles from the first to the second).
+# How often the watch loop reads an origin's snapshot: while transactions end there, and at
+# most when none does (the interval doubles from the first to the second).
 WATCH_BUSY_SECONDS = 0.01
 WATCH_IDLE_SECONDS = 0.25
 COALESCE_SECONDS = 0.02  # at most one pull per pair in this time, however busy the origin
@@ -39,14 +39,26 @@ MAX_BACKOFF_SECONDS = 30.0
 UNAVAILABLE_BACKOFF_SECONDS = 2.0
 
 
-def _log_sequence(connection: psycopg.Connection[tuple[object, ...]]) -> object:
-    """Where the node's change log sequence stands (every captured row advances it), or None
-    before setup made it."""
-    try:
-        row = connection.execute("SELECT last_value FROM pgconcord.change_log_id_seq").fetchone()
-    except (psycopg.errors.UndefinedTable, psycopg.errors.InsufficientPrivilege):
-        return None
-    return row[0] if row else None
+def _snapshot(connection: psycopg.Connection[tuple[object, ...]]) -> tuple[int, int, set[int]]:
+    """The node's current snapshot: (xmin, xmax, the transaction ids in progress)."""
+    row = connection.execute("SELECT pg_current_snapshot()::text").fetchone()
+    assert row is not None
+    xmin, xmax, in_progress = str(row[0]).split(":")
+    return int(xmin), int(xmax), {int(xid) for xid in in_progress.split(",") if xid}
+
+
+def transaction_ended(before: tuple[int, int, set[int]], after: tuple[int, int, set[int]]) -> bool:
+    """Whether a transaction that had an id ended (committed or rolled back) between the two
+    snapshots: one in progress before and not after, or one that began and ended between
+    them. Only those can make changes visible; reading sessions take no transaction id."""
+    _, xmax_before, running_before = before
+    _, xmax_after, running_after = after
+    if any(xid not in running_after for xid in running_before):
+        return True
+    begun = xmax_after - xmax_before
+    if begun > len(running_after):
+        return True  # more began than are still running
+    return any(xid not in running_after for xid in range(xmax_before, xmax_after))
 
 
 @dataclass
@@ -298,9 +310,9 @@ class Agent:
                 pair.retry.clear()
                 pulled_at = time.monotonic()
                 try:
-                    # One window per wake: a commit after its snapshot moves the change log's
-                    # sequence, and the watch loop sets the wake again (the timer covers a
-                    # missed one), so looking once more right away would only cost round trips.
+                    # One window per wake: a commit after its snapshot is seen by the watch
+                    # loop, which sets the wake again (the timer covers a missed one), so
+                    # looking once more right away would only cost round trips.
                     result = puller.pull(stopped, on_progress, until_current=True)
                 except NodeUnavailable as error:
                     waited = True
@@ -382,15 +394,16 @@ class Agent:
                 pair.wake.set()
 
     def _watch_loop(self, origin: NodeConfig, stop: threading.Event) -> None:
-        """Wakes the origin's pairs when its change log grows, and takes the NOTIFY of
+        """Wakes the origin's pairs when a transaction ended there, and takes the NOTIFY of
         membership news (schema changes notify too); also the probe that notices first that a
         node which was down is back.
 
-        Capture sends no notification (016_watch_not_notify.sql): this loop reads the change
-        log's sequence, which every captured row advances, every WATCH_BUSY_SECONDS while it
-        moves and up to every WATCH_IDLE_SECONDS when it does not. One small query per
-        interval costs the origin the same whatever its write rate; a rolled-back write moves
-        the sequence too, which costs one empty poll."""
+        Capture sends no notification (016_watch_not_notify.sql): this loop reads the origin's
+        snapshot every WATCH_BUSY_SECONDS while transactions end and up to every
+        WATCH_IDLE_SECONDS when none does. Changes become visible only when their transaction
+        ends, so a big transaction still running wakes nobody (a pull would only scan its
+        invisible rows); a transaction that captured nothing costs one empty poll. One small
+        query per interval costs the origin the same whatever its write rate."""
         backoff = 0.5
         while not (self.stopping.is_set() or stop.is_set()):
             try:
@@ -401,7 +414,7 @@ class Agent:
                     self._learn_members(origin.name, connection)
                     # Anything committed before watching began is picked up by this wake.
                     self._wake_pairs_from(origin.name)
-                    seen = _log_sequence(connection)
+                    seen = _snapshot(connection)
                     interval = WATCH_BUSY_SECONDS
                     while not (self.stopping.is_set() or stop.is_set()):
                         news = woken = False
@@ -413,13 +426,13 @@ class Agent:
                         if news:  # read outside the notifies() generator, which holds the lock
                             self._learn_members(origin.name, connection)
                             self._interrupt_pairs_of(origin.name)
-                        now = _log_sequence(connection)
-                        if now != seen or woken:
-                            seen = now
+                        now = _snapshot(connection)
+                        if transaction_ended(seen, now) or woken:
                             interval = WATCH_BUSY_SECONDS
                             self._wake_pairs_from(origin.name)
                         else:
                             interval = min(WATCH_IDLE_SECONDS, interval * 2)
+                        seen = now
             except NodeUnavailable as error:
                 self._unreachable(origin.name, error.reason)
             except psycopg.Error as error:

@@ -3,10 +3,10 @@
 -- A statement-level trigger on every replicated table sent pg_notify('pgconcord_change') to
 -- wake the agents. Every write statement paid for the trigger call, and every writing
 -- transaction for the notification at commit, where PostgreSQL serializes notifying commits
--- on one lock (measured: about a tenth of pgbench's throughput). Agents now watch the change
--- log's sequence instead (agent.Agent._watch_loop): reading it costs the origin one small
--- query per interval, whatever the write rate. Schema changes and membership news, which are
--- rare, still notify.
+-- on one lock (measured: about a tenth of pgbench's throughput). Agents now watch each
+-- origin's snapshot instead, and pull when a transaction ended (agent.runner._watch_loop): one
+-- small query per interval, whatever the write rate. Schema changes and membership news,
+-- which are rare, still notify.
 
 DO $body$
 DECLARE
