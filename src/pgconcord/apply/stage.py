@@ -23,6 +23,11 @@ from pgconcord.transport import Horizon, Origin, Window, connect
 
 Connection = psycopg.Connection[tuple[object, ...]]
 
+# The stage keeps a window across the transactions of its pieces, and pgconcord_child the rows
+# whose parents are checked at the window's end. The others are scratch, emptied by DELETE
+# before each use within a transaction and by their commit: autovacuum never visits a temporary
+# table, so dead rows left from one transaction to the next would be scanned by every statement
+# after it, more and more (a quarter of a busy target's apply time within a minute).
 _TEMPORARY_TABLES = """
 CREATE TEMPORARY TABLE IF NOT EXISTS pgconcord_stage (
     transaction_order bigint, id bigint, schema_name text, table_name text, operation "char",
@@ -36,9 +41,10 @@ CREATE TEMPORARY TABLE IF NOT EXISTS pgconcord_decision (
     local_clock bigint, local_origin text, local_deleted boolean, local_order_key bigint[],
     local_versions jsonb, local_last_clock bigint, local_last_origin text,
     mode text, taken text[], merged_versions jsonb, last_clock bigint, last_origin text,
-    overlap text[]);
-CREATE TEMPORARY TABLE IF NOT EXISTS pgconcord_winner (row_key jsonb);
-CREATE TEMPORARY TABLE IF NOT EXISTS pgconcord_held (transaction_order bigint);
+    overlap text[]) ON COMMIT DELETE ROWS;
+CREATE TEMPORARY TABLE IF NOT EXISTS pgconcord_winner (row_key jsonb) ON COMMIT DELETE ROWS;
+CREATE TEMPORARY TABLE IF NOT EXISTS pgconcord_held (transaction_order bigint)
+    ON COMMIT DELETE ROWS;
 CREATE TEMPORARY TABLE IF NOT EXISTS pgconcord_child (
     schema_name text, table_name text, row_key jsonb, clock bigint, operation "char",
     new_row jsonb, taken text[]);
