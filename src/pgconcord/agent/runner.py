@@ -31,7 +31,7 @@ POLL_SECONDS = 5.0
 # most when none does (the interval doubles from the first to the second).
 WATCH_BUSY_SECONDS = 0.01
 WATCH_IDLE_SECONDS = 0.25
-COALESCE_SECONDS = 0.02  # at most one pull per pair in this time, however busy the origin
+COALESCE_SECONDS = 0.01  # at most one pull per pair in this time, however busy the origin
 # A pair that fails waits longer after each failure, up to: the same work would fail again...
 MAX_BACKOFF_SECONDS = 30.0
 # ...but a node that is down is tried often, so that it is pulled again within seconds of its
