@@ -67,10 +67,12 @@ def apply_one_by_one(
     expected: Position,
     window: Window,
     piece: sql.Composable,
+    after: int,
     last_order: int,
     final: bool,
 ) -> int:
-    """Apply the piece's source transactions one at a time, change by change, parking those
+    """Apply the piece's source transactions (ordered after `after` up to last_order, which
+    the selection piece picks) one at a time, change by change, parking those
     that fail, and move the position past the piece; the number of conflicts."""
     conflicts = 0
     with target.transaction():
@@ -141,7 +143,7 @@ def apply_one_by_one(
                 )
                 break
         conflicts += pair.parents.record_missing(target, pair.origin, last_order, final)
-        advance(target, pair.origin, window, piece, last_order, final)
+        advance(target, pair.origin, window, after, last_order, final)
     return conflicts
 
 

@@ -113,9 +113,3 @@ def schema_change_waiting(target: Connection, origin: str) -> int | None:
 ANY_WAITING = (
     "SELECT EXISTS (SELECT 1 FROM pgconcord.parked_change WHERE state = 'parked' AND origin = %s)"
 )
-
-
-def any_waiting(target: Connection, origin: str) -> bool:
-    row = target.execute(ANY_WAITING, (origin,)).fetchone()
-    target.commit()
-    return bool(row and row[0])

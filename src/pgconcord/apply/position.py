@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import psycopg
-from psycopg import sql
 
 from pgconcord.apply.errors import ApplyError
 from pgconcord.transport import Window
@@ -107,35 +106,8 @@ def finish_empty_window(
         )
 
 
-def advance(
-    target: Connection,
-    origin: str,
-    window: Window,
-    piece: sql.Composable,
-    last_order: int,
-    final: bool,
-) -> None:
-    """Move the position past this piece, in the transaction that applied it."""
-    summary = target.execute(
-        sql.SQL("SELECT count(*), max(s.clock) FROM pgconcord_stage s WHERE {}").format(piece)
-    ).fetchone()
-    assert summary is not None
-    values: tuple[str, str | None, int | None]
-    if final:
-        values = (window.window_snapshot, None, None)
-    else:
-        values = (window.applied_snapshot, window.window_snapshot, last_order)
-    target.execute(
-        "UPDATE pgconcord.position SET applied_snapshot = %s, window_snapshot = %s,"
-        " window_done = %s, applied_changes = applied_changes + %s,"
-        " last_applied_clock = greatest(last_applied_clock, %s), updated_at = now()"
-        " WHERE origin = %s",
-        (*values, summary[0], summary[1], origin),
-    )
-
-
-# advance() in one statement with the piece's bounds as parameters (the same text every time,
-# so the session prepares it), for pieces applied in a pipeline (steady.py).
+# The position moved past a piece, counting its changes, in one statement with the piece's
+# bounds as parameters (the same text every time, so the session prepares it).
 _ADVANCE = """
 UPDATE pgconcord.position p
    SET applied_snapshot = %(applied)s, window_snapshot = %(window)s, window_done = %(done)s,
@@ -147,7 +119,7 @@ UPDATE pgconcord.position p
 """
 
 
-def queue_advance(
+def advance(
     target: Connection,
     origin: str,
     window: Window,
@@ -155,8 +127,8 @@ def queue_advance(
     last_order: int,
     final: bool,
 ) -> Position:
-    """Send advance() for the piece (after, last_order] without waiting for it; the position
-    it writes."""
+    """Move the position past the piece (after, last_order], in the transaction that applied
+    it (in a pipeline, without waiting for the answer); the position it writes."""
     moved = (
         Position(window.window_snapshot, None, None)
         if final

@@ -422,6 +422,7 @@ class Puller:
                     expected,
                     window,
                     selection,
+                    piece.after,
                     piece.last,
                     final,
                 )
@@ -469,7 +470,7 @@ class Puller:
                     for plan in plans.values()
                 )
                 conflicts += pair.parents.record_missing(target, pair.origin, last_order, final)
-                advance(target, pair.origin, window, piece, last_order, final)
+                advance(target, pair.origin, window, after, last_order, final)
             return conflicts
         except psycopg.DatabaseError as error:
             if not is_data_problem(error):
@@ -487,6 +488,7 @@ class Puller:
             expected,
             window,
             piece,
+            after,
             last_order,
             final,
         )

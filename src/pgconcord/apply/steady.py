@@ -19,7 +19,7 @@ from pgconcord import conflict
 from pgconcord.apply.errors import RacedWithLocalWrite
 from pgconcord.apply.pair import PairState
 from pgconcord.apply.plan import TablePlan
-from pgconcord.apply.position import Position, queue_advance, require_replica_mode
+from pgconcord.apply.position import Position, advance, require_replica_mode
 from pgconcord.apply.setwise import write_winners
 from pgconcord.transport import Window
 
@@ -90,7 +90,7 @@ def apply_pipelined(
             raced.append(target.execute(statements.choose_winners, parameters))
             recorded.append(target.execute(statements.record_conflicts, parameters))
             write_winners(target, plan, statements, parameters)
-        moved = queue_advance(target, pair.origin, window, after, last_order, final=True)
+        moved = advance(target, pair.origin, window, after, last_order, final=True)
     found = mode.fetchone()
     require_replica_mode(found[0] if found else None, pair.target)
     for cursor in raced:

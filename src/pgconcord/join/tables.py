@@ -131,9 +131,8 @@ def _copy(
         snapshot = reader.begin_snapshot(donor)
         source = tablecopy.Donor(donor_node, donor)
         positions = _positions(cluster, donor, donor_node.name, snapshot)
-        with connect(donor_node) as flusher:
-            reader.make_durable(flusher)  # what the snapshot calls committed stays so
-            flusher.commit()
+        with connect(donor_node, autocommit=True) as flusher:
+            reader.flush_wal(flusher)  # what the snapshot calls committed stays so
         tables, registered = _donor_tables(cluster.config, donor, donor_node.name)
         report.tables = len(tables)
         attempt = _start_attempt(joiner, source, name, snapshot, positions)

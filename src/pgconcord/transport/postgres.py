@@ -9,7 +9,6 @@ order matters, and lets a window be applied in pieces of whole transactions.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator, Sequence
 
 import psycopg
@@ -78,10 +77,6 @@ _NOT_COPIED = """
 """
 
 
-_WINDOW_HAS_ROWS = (
-    "SELECT EXISTS (SELECT 1 FROM pgconcord.change_log c WHERE " + _WINDOW_FILTER + ")"
-)
-
 # An origin poll in one statement (one round trip, no transaction of its own beyond it): the
 # snapshot a new window would end at, whether the window holds changes, the catalog
 # fingerprint then (for the plans), and where the origin's WAL is written and flushed.
@@ -115,11 +110,6 @@ def poll(origin: psycopg.Connection[tuple[object, ...]], applied_snapshot: str) 
     )
 
 
-def unflushed() -> Poll:
-    """A Poll that asks make_window_durable to flush whatever the node has written so far."""
-    return Poll("", "", False, None, "", False)
-
-
 def make_window_durable(origin: psycopg.Connection[tuple[object, ...]], polled: Poll) -> None:
     """Make sure the origin has flushed its WAL up to where it stood when the window's snapshot
     was taken, before anything read in the window is applied elsewhere. Otherwise a crash of
@@ -138,33 +128,31 @@ def make_window_durable(origin: psycopg.Connection[tuple[object, ...]], polled: 
     origin is an autocommit session."""
     if polled.durable:
         return
-    if not polled.wal_written:
-        row = origin.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
-        assert row is not None
-        polled = dataclasses.replace(polled, wal_written=str(row[0]))
     row = origin.execute(
         "SELECT pg_current_wal_flush_lsn() >= %s::pg_lsn", (polled.wal_written,)
     ).fetchone()
-    if row and row[0]:
-        return
-    # One string, one round trip (make_durable in a transaction of its own).
-    origin.execute(
+    if not (row and row[0]):
+        _force_flush(origin)
+
+
+def flush_wal(connection: psycopg.Connection[tuple[object, ...]]) -> None:
+    """Make everything the node has written so far durable (connection is an autocommit
+    session): what a target applied with asynchronous commits, before another node trusts it."""
+    row = connection.execute(
+        "SELECT pg_current_wal_flush_lsn() >= pg_current_wal_insert_lsn()"
+    ).fetchone()
+    if not (row and row[0]):
+        _force_flush(connection)
+
+
+def _force_flush(connection: psycopg.Connection[tuple[object, ...]]) -> None:
+    # One string, one round trip: a transaction of its own that writes WAL and commits
+    # synchronously flushes everything before it too (a transactional message is allowed in a
+    # read-only transaction).
+    connection.execute(
         "BEGIN; SET LOCAL synchronous_commit = local;"
         " SELECT pg_logical_emit_message(true, 'pgconcord', 'durable'); COMMIT"
     )
-
-
-def make_durable(connection: psycopg.Connection[tuple[object, ...]]) -> None:
-    """Have the node flush its WAL when the current transaction commits (see
-    make_window_durable): call it inside a transaction before its commit."""
-    row = connection.execute(
-        "SELECT pg_current_wal_flush_lsn() < pg_current_wal_insert_lsn()"
-    ).fetchone()
-    if row and row[0]:
-        # A transaction that writes WAL commits synchronously: everything before it is
-        # flushed too. A transactional message is allowed in a read-only transaction.
-        connection.execute("SET LOCAL synchronous_commit = local")
-        connection.execute("SELECT pg_logical_emit_message(true, 'pgconcord', 'durable')")
 
 
 def begin_snapshot(origin: psycopg.Connection[tuple[object, ...]]) -> str:
@@ -192,14 +180,6 @@ def open_origin_session(node: NodeConfig) -> psycopg.Connection[tuple[object, ..
     connection = connect(node, autocommit=True)
     connection.execute("SET default_transaction_read_only = on")
     return connection
-
-
-def window_has_changes(origin: psycopg.Connection[tuple[object, ...]], window: Window) -> bool:
-    query = sql.SQL(_WINDOW_HAS_ROWS).format(
-        applied=sql.Literal(window.applied_snapshot), window=sql.Literal(window.window_snapshot)
-    )
-    row = origin.execute(query).fetchone()
-    return bool(row and row[0])
 
 
 def stream_window(
@@ -243,12 +223,6 @@ def origin_tables(
     return {(t.schema, t.name): t for t in found if (t.schema, t.name) in names}
 
 
-def flush_wal(connection: psycopg.Connection[tuple[object, ...]]) -> None:
-    """Make everything the node has written so far durable (connection is an autocommit
-    session): what a target applied with asynchronous commits, before another node trusts it."""
-    make_window_durable(connection, unflushed())
-
-
 class PostgresOrigin:
     """The Origin port over one autocommit session with the origin's database, opened when
     first needed and again after close()."""
@@ -275,7 +249,10 @@ class PostgresOrigin:
         return stream_window(self._session(), window, horizons)
 
     def make_durable(self, polled: Poll | None) -> None:
-        make_window_durable(self._session(), polled if polled is not None else unflushed())
+        if polled is None:
+            flush_wal(self._session())
+        else:
+            make_window_durable(self._session(), polled)
 
     def fingerprint(self) -> int:
         return fingerprint(self._session())
