@@ -111,6 +111,8 @@ class Puller:
         self._position: Position | None = None
         self._idle_advanced_at = 0.0
         self._turn_held = False  # the turn as a session lock (_hold_turn)
+        # Whether the step-by-step way may have indexed the stage since it was last emptied.
+        self._stage_indexed = True
         # The last window's pipelined apply gave up: apply the next one step by step.
         self._step_by_step = False
 
@@ -242,8 +244,10 @@ class Puller:
             position = target.execute(POSITION_QUERY + " FOR UPDATE", (self.origin.name,))
             horizons = target.execute(HORIZONS_QUERY, (self.origin.name,))
             target.execute("TRUNCATE pgconcord_stage")
-            target.execute("DROP INDEX IF EXISTS pgconcord_stage_order")
-            target.execute("DROP INDEX IF EXISTS pgconcord_stage_id")
+            if self._stage_indexed:
+                # Indexes the step-by-step way built on the stage (cut_pieces, fallback).
+                target.execute("DROP INDEX IF EXISTS pgconcord_stage_order")
+                target.execute("DROP INDEX IF EXISTS pgconcord_stage_id")
         row = taken.fetchone()
         if not wait and not (row and row[0]):
             target.rollback()
@@ -334,6 +338,7 @@ class Puller:
         self._step_by_step = False
         # Several transactions: the stage is committed, and the turn held until the end.
         self._hold_turn()
+        self._stage_indexed = True
         target.commit()
         if staged.schema_changes:
             pieces = schema.pieces(target, window.done, self.piece_rows)
@@ -394,6 +399,7 @@ class Puller:
             if target.broken:
                 raise
             raise _StepByStep from error
+        self._stage_indexed = False  # dropped by the turn, and that is committed now
         self._idle_advanced_at = time.monotonic()  # the position has just moved
         result.changes += staged.changes
         result.transactions += staged.transactions
