@@ -25,18 +25,30 @@ from pgconcord.apply.setwise import apply_table
 from pgconcord.apply.stage import open_target
 from pgconcord.config import NodeConfig
 from pgconcord.conflict import change_object
+from pgconcord.conflict.records import PARKED_TYPE, RecordFilter
 from pgconcord.errors import SchemaError
 
 Connection = psycopg.Connection[tuple[object, ...]]
 
 
-def list_parked(connection: Connection, node_name: str) -> list[dict[str, Any]]:
+def list_parked(
+    connection: Connection, node_name: str, only: RecordFilter | None = None
+) -> list[dict[str, Any]]:
     """Every parked change of one node, resolved ones included, as JSON-ready objects."""
+    only = only or RecordFilter()
+    if not only.wants(PARKED_TYPE):
+        return []
+    where, parameters = only.where("parked_at")
     records = []
-    for row in connection.execute(
-        "SELECT id, parked_at, origin, schema_name, table_name, row_key, operation::text,"
-        " clock, new_row, reason, state, resolved_at FROM pgconcord.parked_change ORDER BY id"
-    ):
+    rows = connection.execute(
+        sql.SQL(
+            "SELECT id, parked_at, origin, schema_name, table_name, row_key, operation::text,"
+            " clock, new_row, reason, state, resolved_at FROM pgconcord.parked_change"
+        )
+        + where,
+        parameters,
+    ).fetchall()
+    for row in sorted(rows, key=lambda row: int(str(row[0]))):
         (
             identifier,
             parked_at,

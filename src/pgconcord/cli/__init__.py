@@ -3,7 +3,6 @@ the commands' JSON is what scripts and the web console read."""
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import click
@@ -11,7 +10,7 @@ import psycopg
 
 from pgconcord import __version__
 from pgconcord.cli import conflicts, demo, membership, replication
-from pgconcord.cli.options import error_console
+from pgconcord.cli.options import error_console, global_options
 from pgconcord.errors import PgconcordError
 
 __all__ = ["main", "main_group"]
@@ -19,16 +18,11 @@ __all__ = ["main", "main_group"]
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pgconcord")
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-def main_group(verbose: int) -> None:
-    """Asynchronous multi-master replication for PostgreSQL."""
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
-    )
-    # psycopg warns when a pipeline ends on a lost connection; pgconcord says which node was
-    # lost in its own words, once.
-    logging.getLogger("psycopg").setLevel(max(level, logging.ERROR))
+@global_options
+def main_group() -> None:
+    """Asynchronous multi-master replication for PostgreSQL.
+
+    --config, -v and --log-format may also follow the command's name."""
 
 
 main_group.add_command(replication.setup)

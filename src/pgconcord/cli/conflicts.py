@@ -3,87 +3,206 @@
 
 from __future__ import annotations
 
-import json
 import sys
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import click
 import psycopg
-from rich.table import Table as RichTable
 
+from pgconcord.cli.conflict_text import colliding_value, conflict_lines, parked_lines
 from pgconcord.cli.options import _load, _print_json, config_option, console, json_option
-from pgconcord.config import ClusterConfig, NodeConfig
+from pgconcord.config import ClusterConfig, NodeConfig, parse_duration
+from pgconcord.conflict.records import PARKED_TYPE, RecordFilter
 from pgconcord.errors import NodeUnavailable, PgconcordError
+
+_UNIQUE_TYPES = ("insert_exists", "update_exists", "multiple_unique_conflicts")
+RECORD_TYPES = (
+    "insert_exists",
+    "update_exists",
+    "multiple_unique_conflicts",
+    "update_origin_differs",
+    "update_deleted",
+    "delete_origin_differs",
+    "delete_missing",
+    "insert_deleted",
+    "parent_missing",
+    PARKED_TYPE,
+)
+
+# A table's unique constraints besides its key, to name the value two rows collided on.
+_UNIQUE_COLUMNS = """
+SELECT array_agg(a.attname::text ORDER BY k.position)
+  FROM pg_index i
+  JOIN pg_class c ON c.oid = i.indrelid
+  JOIN pg_namespace n ON n.oid = c.relnamespace
+ CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, position)
+  JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+ WHERE n.nspname = %s AND c.relname = %s AND i.indisunique AND NOT i.indisprimary
+ GROUP BY i.indexrelid
+"""
+
+
+def _since(_context: click.Context, _param: click.Parameter, value: str | None) -> datetime | None:
+    """A duration back from now ("90m", "2d") or a timestamp ("2026-03-01", ISO 8601)."""
+    if value is None:
+        return None
+    text = value.strip()
+    try:
+        return datetime.now(UTC) - timedelta(seconds=parse_duration(text))
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is neither a duration (such as 30m, 12h, 7d) nor a timestamp"
+            " (such as 2026-03-01 or 2026-03-01T12:00:00+00:00)"
+        ) from None
+    # A timestamp without a zone is the local time of the person typing it.
+    return moment if moment.tzinfo else moment.astimezone()
+
+
+def _table_name(
+    _context: click.Context, _param: click.Parameter, value: str | None
+) -> tuple[str | None, str] | None:
+    if value is None:
+        return None
+    schema, dot, table = value.rpartition(".")
+    if not table or (dot and not schema):
+        raise click.BadParameter(f"{value!r} is not SCHEMA.TABLE (or TABLE, in any schema)")
+    return (schema if dot else None), table
 
 
 @click.group(invoke_without_command=True)
 @config_option
 @json_option
+@click.option(
+    "--since",
+    metavar="DURATION|TIMESTAMP",
+    callback=_since,
+    help="Only records this recent: 30m, 12h, 7d, or a time.",
+)
+@click.option(
+    "--table", "table_name", metavar="SCHEMA.TABLE", callback=_table_name, help="Only this table."
+)
+@click.option(
+    "--type",
+    "record_type",
+    type=click.Choice(RECORD_TYPES),
+    metavar="TYPE",
+    help=f"Only this type: {', '.join(RECORD_TYPES)}.",
+)
+@click.option("--node", "node_name", metavar="NAME", help="Only the records of this node.")
+@click.option("--limit", type=click.IntRange(min=1), metavar="N", help="Only the latest N.")
 @click.pass_context
-def conflicts(context: click.Context, config_path: str | None, as_json: bool) -> None:
+def conflicts(
+    context: click.Context,
+    config_path: str | None,
+    as_json: bool,
+    since: datetime | None,
+    table_name: tuple[str | None, str] | None,
+    record_type: str | None,
+    node_name: str | None,
+    limit: int | None,
+) -> None:
     """Recorded conflicts and parked changes; `retry` and `discard` act on parked ones."""
     context.ensure_object(dict)
     context.obj["config_path"] = config_path
     if context.invoked_subcommand is not None:
         return
-    from pgconcord.conflict import recorded_conflicts
-    from pgconcord.parked import list_parked
-    from pgconcord.transport import connect
-
     config = _load(config_path)
-    records: list[dict[str, Any]] = []
-    unreachable = []
-    for node in config.nodes:
-        try:
-            with connect(node, autocommit=True) as connection:
-                records.extend(recorded_conflicts(connection, node.name))
-                records.extend(list_parked(connection, node.name))
-        except NodeUnavailable as error:
-            unreachable.append(str(error))
-        except psycopg.errors.UndefinedTable:
-            unreachable.append(f"node {node.name}: pgconcord is not set up (run pgconcord setup)")
+    only = RecordFilter(
+        since=since,
+        schema=table_name[0] if table_name else None,
+        table=table_name[1] if table_name else None,
+        type=record_type,
+        limit=limit,
+    )
+    nodes = [config.node_by_name(node_name)] if node_name else list(config.nodes)
+    records, unreachable, unique_values = _read_records(nodes, only, describe=not as_json)
     for line in unreachable:
         click.echo(line, err=True)
     if as_json:
         _print_json(records)
     else:
-        _print_conflicts(records)
+        _print_conflicts(records, unique_values)
     if unreachable:
         sys.exit(1)
 
 
-def _print_conflicts(records: list[dict[str, Any]]) -> None:
+def _read_records(
+    nodes: list[NodeConfig], only: RecordFilter, *, describe: bool
+) -> tuple[list[dict[str, Any]], list[str], dict[str, str]]:
+    """Every node's records that pass the filter (the latest `limit` of all nodes together,
+    oldest first), the nodes that could not be read, and for the text view the colliding
+    unique value of each unique conflict, by ref."""
+    from pgconcord.conflict import recorded_conflicts
+    from pgconcord.parked import list_parked
+    from pgconcord.transport import connect
+
+    records: list[dict[str, Any]] = []
+    unreachable = []
+    unique_values: dict[str, str] = {}
+    for node in nodes:
+        try:
+            with connect(node, autocommit=True) as connection:
+                found = recorded_conflicts(connection, node.name, only)
+                found += list_parked(connection, node.name, only)
+                if describe:
+                    unique_values.update(_unique_values(connection, found))
+                records.extend(found)
+        except NodeUnavailable as error:
+            unreachable.append(str(error))
+        except psycopg.errors.UndefinedTable:
+            unreachable.append(f"node {node.name}: pgconcord is not set up (run pgconcord setup)")
+    records.sort(key=lambda record: (str(record.get("detected_at")), record["ref"]))
+    if only.limit is not None:
+        records = records[-only.limit :]
+    return records, unreachable, unique_values
+
+
+def _unique_values(
+    connection: psycopg.Connection[tuple[object, ...]], records: list[dict[str, Any]]
+) -> dict[str, str]:
+    indexes: dict[str, list[list[str]]] = {}
+    values = {}
+    for record in records:
+        if record["kind"] != "conflict" or record["type"] not in _UNIQUE_TYPES:
+            continue
+        table = record["table"]
+        if table not in indexes:
+            schema, _, name = table.partition(".")
+            indexes[table] = [
+                [str(column) for column in columns]
+                for (columns,) in connection.execute(_UNIQUE_COLUMNS, (schema, name))
+                if isinstance(columns, list)
+            ]
+        value = colliding_value(record, indexes[table])
+        if value:
+            values[record["ref"]] = value
+    return values
+
+
+def _print_conflicts(records: list[dict[str, Any]], unique_values: dict[str, str]) -> None:
     resolved = [r for r in records if r["kind"] == "conflict"]
     waiting = [r for r in records if r["kind"] == "parked" and r["state"] == "parked"]
     if not resolved and not waiting:
-        console.print("no conflicts recorded and no changes parked", highlight=False)
+        click.echo("no conflicts recorded and no changes parked")
         return
-    table = RichTable(title=f"{len(resolved)} conflicts resolved")
-    for heading in ("node", "when", "table", "key", "type", "kept"):
-        table.add_column(heading)
+    # Plain lines, not a table: a table is cut to the terminal's width, and a pipe has none.
+    click.echo(f"{len(resolved)} conflicts resolved")
     for record in resolved:
-        winner = record["incoming"] if record["resolution"] == "incoming" else record["local"]
-        table.add_row(
-            record["node"],
-            str(record["detected_at"])[:19],
-            record["table"],
-            json.dumps(record["key"]),
-            record["type"],
-            f"{winner['origin']}'s version",
-        )
-    console.print(table)
-    parked_table = RichTable(title=f"{len(waiting)} changes parked (pgconcord conflicts retry)")
-    for heading in ("id", "from", "table", "key", "reason"):
-        parked_table.add_column(heading)
-    for record in waiting:
-        parked_table.add_row(
-            record["ref"],
-            record["incoming"]["origin"],
-            record["table"],
-            json.dumps(record["key"]),
-            record["reason"],
-        )
-    console.print(parked_table)
+        click.echo("")
+        for line in conflict_lines(record, unique_values.get(record["ref"])):
+            click.echo(line)
+    if waiting:
+        click.echo("")
+        click.echo(f"{len(waiting)} changes parked (pgconcord conflicts retry [NODE:ID])")
+        for record in waiting:
+            click.echo("")
+            for line in parked_lines(record):
+                click.echo(line)
 
 
 def _parked_reference(config: ClusterConfig, reference: str) -> tuple[NodeConfig, int]:

@@ -6,10 +6,11 @@ import sys
 
 import click
 
-from pgconcord.cli.options import console
+from pgconcord.cli.options import console, logging_options
 
 
 @click.command()
+@logging_options
 @click.option("--seconds", default=40, show_default=True, help="How long the workload runs.")
 @click.option("--nodes", "node_count", default=3, show_default=True, help="How many nodes.")
 def demo(seconds: int, node_count: int) -> None:

@@ -22,7 +22,7 @@ statements that apply a piece to a table; unique: collisions on other unique con
 records: the conflicts recorded, as JSON.
 """
 
-from pgconcord.conflict.records import change_object, recorded_conflicts
+from pgconcord.conflict.records import PARKED_TYPE, RecordFilter, change_object, recorded_conflicts
 from pgconcord.conflict.rules import (
     Change,
     Decision,
@@ -53,9 +53,11 @@ from pgconcord.conflict.unique import LocalHolder, resolve_unique_collision
 
 __all__ = [
     "CHILD_CANDIDATES",
+    "PARKED_TYPE",
     "Change",
     "Decision",
     "LocalHolder",
+    "RecordFilter",
     "RowVersion",
     "TableStatements",
     "Version",
