@@ -10,7 +10,6 @@ import threading
 from typing import TYPE_CHECKING
 
 import click
-from rich.table import Table as RichTable
 
 from pgconcord.cli.options import (
     _load,
@@ -139,42 +138,39 @@ def sync(config_path: str | None) -> None:
     metavar="SECONDS",
     help="A pair whose oldest pending change is older than this is a problem.",
 )
-def status(config_path: str | None, as_json: bool, lag_seconds: float) -> None:
+@click.option("--watch", is_flag=True, help="Show it live, refreshed until Ctrl-C.")
+@click.option(
+    "--interval",
+    "interval_seconds",
+    type=click.FloatRange(min=0.1),
+    default=2.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How often --watch refreshes.",
+)
+def status(
+    config_path: str | None,
+    as_json: bool,
+    lag_seconds: float,
+    watch: bool,
+    interval_seconds: float,
+) -> None:
     """Nodes, reachability, pending changes and lag per pair, conflicts; exits 1, with one
     line per reason, when something needs a person."""
+    from pgconcord.cli.status_view import status_view, watch_status
     from pgconcord.status import cluster_status
 
-    report = cluster_status(_load(config_path), lag_threshold_seconds=lag_seconds)
+    config = _load(config_path)
+    if watch:
+        if as_json:
+            raise click.UsageError("--watch shows a live view for a person: drop --json")
+        watch_status(config, lag_seconds, interval_seconds, console)
+        return
+    report = cluster_status(config, lag_threshold_seconds=lag_seconds)
     if as_json:
         _print_json(report.to_json())
     else:
-        nodes = RichTable(title=f"cluster {report.cluster}")
-        for heading in ("node", "state", "change log", "conflicts"):
-            nodes.add_column(heading)
-        for node in report.nodes:
-            state = "up" if node.reachable and not node.error else (node.error or "down")
-            if node.membership not in (None, "active"):
-                state = f"{node.membership.upper()}, {state}"
-            log_size = (
-                f"{node.change_log_rows} rows, {(node.change_log_bytes or 0) // 1024} kB"
-                if node.change_log_rows is not None
-                else "-"
-            )
-            nodes.add_row(node.name, state, log_size, str(node.conflicts or 0))
-        console.print(nodes)
-        pairs = RichTable(title="replication")
-        for heading in ("from", "to", "pending", "pending size", "lag", "applied"):
-            pairs.add_column(heading)
-        for pair in report.pairs:
-            pairs.add_row(
-                pair.origin,
-                pair.target,
-                pair.state or "?" if pair.pending_changes is None else str(pair.pending_changes),
-                "?" if pair.pending_bytes is None else f"{pair.pending_bytes // 1024} kB",
-                "?" if pair.lag_seconds is None else f"{pair.lag_seconds:.1f} s",
-                "?" if pair.applied_changes is None else str(pair.applied_changes),
-            )
-        console.print(pairs)
+        console.print(status_view(report, with_problems=False))
     problems = report.problems
     for problem in problems:
         error_console.print(problem, style="bold red", highlight=False)
@@ -210,9 +206,10 @@ def verify(config_path: str | None, as_json: bool) -> None:
 
 @click.command()
 @config_option
+@json_option
 @click.argument("role")
 @click.option("--node", "node_name", metavar="NAME", help="Only this node's statements.")
-def grant(config_path: str | None, role: str, node_name: str | None) -> None:
+def grant(config_path: str | None, as_json: bool, role: str, node_name: str | None) -> None:
     """Print the SQL a superuser runs on each node so that ROLE can set up and run pgconcord
     (the rights setup checks for; the event triggers once setup has run)."""
     from psycopg.conninfo import conninfo_to_dict
@@ -220,12 +217,27 @@ def grant(config_path: str | None, role: str, node_name: str | None) -> None:
     from pgconcord.rights import grant_scripts
 
     config = _load(config_path)
-    for name, lines in grant_scripts(config, role, node_name).items():
-        # Only where to run it: never the password a DSN may hold.
-        where = conninfo_to_dict(config.node_by_name(name).dsn)
+    scripts = grant_scripts(config, role, node_name)
+    # Only where to run it: never the password a DSN may hold.
+    places = {name: conninfo_to_dict(config.node_by_name(name).dsn) for name in scripts}
+    if as_json:
+        _print_json(
+            [
+                {
+                    "node": name,
+                    "role": role,
+                    "database": places[name].get("dbname"),
+                    "host": places[name].get("host", "localhost"),
+                    "statements": lines,
+                }
+                for name, lines in scripts.items()
+            ]
+        )
+        return
+    for name, lines in scripts.items():
         click.echo(
-            f"-- node {name}: run as a superuser in database {where.get('dbname', '?')}"
-            f" on {where.get('host', 'localhost')}"
+            f"-- node {name}: run as a superuser in database {places[name].get('dbname', '?')}"
+            f" on {places[name].get('host', 'localhost')}"
         )
         if not lines:
             click.echo(f"-- {role} has every right it needs on {name}")
