@@ -16,6 +16,7 @@ from pgconcord import membership, transport
 from pgconcord.agent.housekeeping import capture_loop, purge_loop
 from pgconcord.agent.pair import PairState, pairs
 from pgconcord.agent.readiness import is_set_up
+from pgconcord.agent.report import Reporter, report_loop
 from pgconcord.apply import Puller, PullResult
 from pgconcord.config import ClusterConfig, NodeConfig
 from pgconcord.errors import NodeUnavailable, NotSetUp, PgconcordError
@@ -114,6 +115,7 @@ class Agent:
         # (parted, evicted): their pairs do not run, whatever the config says.
         self._views: dict[str, dict[str, membership.Member]] = {}
         self._departed: dict[str, str] = {}
+        self.report = Reporter(self)  # the log's lines per pair per minute, per conflict
 
     def _targets(self, config: ClusterConfig) -> list[str]:
         if self._fixed_nodes is None:
@@ -126,6 +128,7 @@ class Agent:
         with self._reconfiguring:
             self._arrange(self.config)
         self._spawn("purge", purge_loop, self)
+        self._spawn("report", report_loop, self.report)
         return self
 
     def reconfigure(self, config: ClusterConfig) -> list[str]:
@@ -218,6 +221,7 @@ class Agent:
             self._down[node] = reason
         if news:
             log.warning("node %s is unreachable: %s", node, reason)
+            self.report.node_lost(node)
 
     def _reachable(self, node: str) -> None:
         """A loop talked to the node: if it was down, say so and have its pairs try at once

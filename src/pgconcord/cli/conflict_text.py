@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 DIFFERENT = "*"  # marks a column whose two versions differ
+WIDE_VALUE = 40  # characters: a longer value is shown on lines of its own
 
 
 def value_text(value: object) -> str:
@@ -58,8 +59,11 @@ def column_lines(
         )
         for column in columns
     ]
+    # A long value (a document, a note) goes on lines of its own rather than pushing the
+    # other side off every screen.
+    wide = {column for column, a, b in rows if max(len(a), len(b)) > WIDE_VALUE}
     width_column = max([len("column"), *(len(c) for c, _, _ in rows)])
-    width_local = max([len(local_heading), *(len(v) for _, v, _ in rows)])
+    width_local = max([len(local_heading), *(len(v) for c, v, _ in rows if c not in wide)])
     lines = [f"  {'column':<{width_column}}  {local_heading:<{width_local}}  {incoming_heading}"]
     for column, local_value, incoming_value in rows:
         differs = (
@@ -68,6 +72,11 @@ def column_lines(
             and (column not in local or column not in incoming or local_value != incoming_value)
         )
         marker = DIFFERENT if differs else " "
+        if column in wide:
+            lines.append(f"{marker} {column}")
+            lines.append(f"      {local_heading}: {local_value}")
+            lines.append(f"      {incoming_heading}: {incoming_value}")
+            continue
         lines.append(
             f"{marker} {column:<{width_column}}  {local_value:<{width_local}}  {incoming_value}"
         )
