@@ -272,7 +272,7 @@ def test_the_agent_log_shows_its_work_as_json_lines(system_cluster: Cluster, tmp
         cluster.admin_execute(
             "south",
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE datname = current_database() AND application_name = 'pgconcord'",
+            " WHERE datname = current_database() AND usename = 'pgconcord_agent'",
         )
         wait_for(
             lambda: [
