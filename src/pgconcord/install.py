@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 
 import psycopg
 
-from pgconcord import catalog, resolver, rights
+from pgconcord import capture, catalog, resolver, rights
 from pgconcord.apply import first_line
 from pgconcord.catalog import Table
 from pgconcord.config import ClusterConfig
@@ -138,6 +138,7 @@ def setup(config: ClusterConfig, progress: Callable[[str], None] = lambda _: Non
         for node in config.nodes:
             connections[node.name] = connect(node)
             check_server_version(connections[node.name], node.name)
+            capture.resolve(connections[node.name], node.name, config.replication.capture)
         node_tables = {}
         for node in config.nodes:
             connection = connections[node.name]
