@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg
 
-from pgconcord import catalog, membership
+from pgconcord import capture, catalog, membership
 from pgconcord.config import ClusterConfig
 from pgconcord.errors import NodeUnavailable, NotSetUp
 from pgconcord.transport import connect, first_line
@@ -52,6 +52,7 @@ class NodeStatus:
     # Why the node's change log could not be purged, while it cannot (015_purge_failure.sql).
     purge_failure: str | None = None
     purge_failing_since: str | None = None
+    capture: str | None = None  # how the node captures its changes: "trigger" or "wal"
 
 
 @dataclass
@@ -153,6 +154,7 @@ def _node_status(connection: psycopg.Connection[tuple[object, ...]], name: str) 
         parked_changes=parked,
         purge_failure=None if failure is None else str(failure[0]),
         purge_failing_since=None if failure is None else str(failure[1]),
+        capture=capture.installed_mode(connection),
     )
 
 

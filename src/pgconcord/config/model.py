@@ -160,6 +160,9 @@ class ReplicationConfig(_Section):
     # A node that has not applied a node's changes for this long is evicted from its backlog
     # (it no longer holds back the purge) and must join again; None: never.
     evict_after: Duration | None = None
+    # How each node captures its changes (pgconcord.capture): "wal" by logical decoding,
+    # "trigger" by row triggers, "auto" the best the node allows.
+    capture: Literal["auto", "trigger", "wal"] = "auto"
 
     @property
     def evict_after_seconds(self) -> float | None:
