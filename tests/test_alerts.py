@@ -123,8 +123,10 @@ def existing_metrics(
         log_path = tmp_path_factory.mktemp("agent") / "agent.log"
         with log_path.open("ab") as log_file:
             agent = subprocess.Popen(
-                [sys.executable, "-m", "pgconcord", "run", "--http", f"127.0.0.1:{port}"]
-                + ["--config", str(cluster.config_path)],
+                [
+                    *(sys.executable, "-m", "pgconcord", "run"),
+                    *("--http", f"127.0.0.1:{port}", "--config", str(cluster.config_path)),
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=log_file,
             )
@@ -225,7 +227,7 @@ def test_the_dashboard_loads_and_queries_existing_metrics(existing_metrics: set[
         unknown = found - existing_metrics
         assert found and not unknown, f"panel {title!r}: {unknown or 'no metric'}"
         used |= found
-    assert PROMISED <= used  # lag, pending, applied, conflicts, parked, node up
+    assert used >= PROMISED  # lag, pending, applied, conflicts, parked, node up
     # The lag matrix: origin x target, as a table grouped into a matrix.
     [matrix] = [p for p in dashboard["panels"] if p["title"].startswith("lag seconds")]
     assert matrix["type"] == "table"

@@ -211,7 +211,9 @@ def _json_lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines]
 
 
-def test_the_agent_log_shows_its_work_as_json_lines(system_cluster: Cluster, tmp_path: Path) -> None:
+def test_the_agent_log_shows_its_work_as_json_lines(
+    system_cluster: Cluster, tmp_path: Path
+) -> None:
     cluster = system_cluster
     for name in cluster.names:
         cluster.execute(name, "CREATE TABLE items (id int PRIMARY KEY, note text)")
