@@ -308,3 +308,12 @@ def test_the_agent_log_shows_its_work_as_json_lines(
                 agent.wait()
     assert agent.returncode == 0, log_path.read_text()[-3000:]
     _json_lines(log_path)
+
+
+def test_the_conflict_rendering_examples_hold() -> None:
+    import doctest
+
+    from pgconcord.cli import conflict_text
+
+    failures, tried = doctest.testmod(conflict_text)
+    assert tried >= 5 and failures == 0
