@@ -23,10 +23,11 @@ from pgconcord.apply.errors import first_line, is_data_problem, is_target_proble
 from pgconcord.apply.plan import TablePlan
 from pgconcord.apply.setwise import apply_table
 from pgconcord.apply.stage import open_target
-from pgconcord.config import NodeConfig
-from pgconcord.conflict import change_object
+from pgconcord.config import ClusterConfig, NodeConfig
+from pgconcord.conflict import change_object, recorded_conflicts
 from pgconcord.conflict.records import PARKED_TYPE, RecordFilter
-from pgconcord.errors import SchemaError
+from pgconcord.errors import NodeUnavailable, SchemaError
+from pgconcord.transport import connect
 
 Connection = psycopg.Connection[tuple[object, ...]]
 
@@ -82,6 +83,31 @@ def list_parked(
             }
         )
     return records
+
+
+def conflicts_and_parked(
+    config: ClusterConfig, only: RecordFilter | None = None, node_name: str | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """What `pgconcord conflicts --json` and the HTTP API list: every node's recorded conflicts
+    and parked changes (or one node's, or those `only` lets through), as JSON-ready objects;
+    and a sentence per node that could not be read. With a limit, the latest of all nodes
+    together, oldest first."""
+    nodes = [config.node_by_name(node_name)] if node_name else config.nodes
+    records: list[dict[str, Any]] = []
+    unreachable = []
+    for node in nodes:
+        try:
+            with connect(node, autocommit=True) as connection:
+                records.extend(recorded_conflicts(connection, node.name, only))
+                records.extend(list_parked(connection, node.name, only))
+        except NodeUnavailable as error:
+            unreachable.append(str(error))
+        except psycopg.errors.UndefinedTable:
+            unreachable.append(f"node {node.name}: pgconcord is not set up (run pgconcord setup)")
+    if only is not None and only.limit is not None:
+        records.sort(key=lambda record: (str(record.get("detected_at")), record["ref"]))
+        records = records[-only.limit :]
+    return records, unreachable
 
 
 @dataclass

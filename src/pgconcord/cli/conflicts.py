@@ -111,6 +111,8 @@ def conflicts(
     context.obj["config_path"] = config_path
     if context.invoked_subcommand is not None:
         return
+    from pgconcord.parked import conflicts_and_parked
+
     config = _load(config_path)
     only = RecordFilter(
         since=since,
@@ -119,47 +121,31 @@ def conflicts(
         type=record_type,
         limit=limit,
     )
-    nodes = [config.node_by_name(node_name)] if node_name else list(config.nodes)
-    records, unreachable, unique_values = _read_records(nodes, only, describe=not as_json)
+    records, unreachable = conflicts_and_parked(config, only, node_name)
     for line in unreachable:
         click.echo(line, err=True)
     if as_json:
         _print_json(records)
     else:
-        _print_conflicts(records, unique_values)
+        _print_conflicts(records, _colliding_values(config, records))
     if unreachable:
         sys.exit(1)
 
 
-def _read_records(
-    nodes: list[NodeConfig], only: RecordFilter, *, describe: bool
-) -> tuple[list[dict[str, Any]], list[str], dict[str, str]]:
-    """Every node's records that pass the filter (the latest `limit` of all nodes together,
-    oldest first), the nodes that could not be read, and for the text view the colliding
-    unique value of each unique conflict, by ref."""
-    from pgconcord.conflict import recorded_conflicts
-    from pgconcord.parked import list_parked
+def _colliding_values(config: ClusterConfig, records: list[dict[str, Any]]) -> dict[str, str]:
+    """For the text view: the unique value each unique conflict collided on, by ref, read
+    from the unique indexes of the nodes that recorded one."""
     from pgconcord.transport import connect
 
-    records: list[dict[str, Any]] = []
-    unreachable = []
-    unique_values: dict[str, str] = {}
-    for node in nodes:
+    nodes = {r["node"] for r in records if r["kind"] == "conflict" and r["type"] in _UNIQUE_TYPES}
+    values: dict[str, str] = {}
+    for name in sorted(nodes):
         try:
-            with connect(node, autocommit=True) as connection:
-                found = recorded_conflicts(connection, node.name, only)
-                found += list_parked(connection, node.name, only)
-                if describe:
-                    unique_values.update(_unique_values(connection, found))
-                records.extend(found)
-        except NodeUnavailable as error:
-            unreachable.append(str(error))
-        except psycopg.errors.UndefinedTable:
-            unreachable.append(f"node {node.name}: pgconcord is not set up (run pgconcord setup)")
-    records.sort(key=lambda record: (str(record.get("detected_at")), record["ref"]))
-    if only.limit is not None:
-        records = records[-only.limit :]
-    return records, unreachable, unique_values
+            with connect(config.node_by_name(name), autocommit=True) as connection:
+                values.update(_unique_values(connection, [r for r in records if r["node"] == name]))
+        except (NodeUnavailable, psycopg.Error):
+            continue  # the rows are shown all the same, without the name of the value
+    return values
 
 
 def _unique_values(
