@@ -46,6 +46,7 @@ class NodeStatus:
     change_log_rows: int | None = None
     change_log_bytes: int | None = None
     conflicts: int | None = None
+    conflicts_by_type: dict[str, int] | None = None  # the same, per conflict type
     membership: str | None = None  # joining, active, evicted or parted (as the nodes record it)
     membership_changed_at: str | None = None
     parked_changes: int | None = None  # waiting for an operator (pgconcord conflicts)
@@ -133,7 +134,10 @@ def _node_status(connection: psycopg.Connection[tuple[object, ...]], name: str) 
                   pg_total_relation_size('pgconcord.change_log'),
                   (SELECT count(*) FROM pgconcord.conflict),
                   (SELECT count(*) FROM pgconcord.parked_change WHERE state = 'parked'),
-                  to_regclass('pgconcord.purge_failure') IS NOT NULL"""
+                  to_regclass('pgconcord.purge_failure') IS NOT NULL,
+                  (SELECT coalesce(jsonb_object_agg(conflict_type, n), '{}')
+                     FROM (SELECT conflict_type, count(*) AS n FROM pgconcord.conflict
+                            GROUP BY conflict_type) t)"""
     ).fetchone()
     assert row is not None
     tables, rows, size, conflicts, parked = (int(str(value)) for value in row[:5])
@@ -150,6 +154,9 @@ def _node_status(connection: psycopg.Connection[tuple[object, ...]], name: str) 
         change_log_rows=rows,
         change_log_bytes=size,
         conflicts=conflicts,
+        conflicts_by_type={str(k): int(v) for k, v in dict(row[6]).items()}
+        if isinstance(row[6], dict)
+        else {},
         parked_changes=parked,
         purge_failure=None if failure is None else str(failure[0]),
         purge_failing_since=None if failure is None else str(failure[1]),
