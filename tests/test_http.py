@@ -29,9 +29,10 @@ SCHEMA = "CREATE TABLE stock (id int PRIMARY KEY, item text, quantity int)"
 BY_HAND = "SET session_replication_role = replica; "
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
         return int(probe.getsockname()[1])
 
 
@@ -54,15 +55,21 @@ class HttpAgent:
     """`pgconcord run --http 127.0.0.1:PORT` as a subprocess, its log in a file."""
 
     def __init__(
-        self, cluster: Cluster, log: Path, *arguments: str, token: str | None = TOKEN
+        self,
+        cluster: Cluster,
+        log: Path,
+        *arguments: str,
+        token: str | None = TOKEN,
+        host: str = "127.0.0.1",
     ) -> None:
-        self.port = free_port()
+        self.port = free_port(host)
+        self.address = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
         self.log = log
         environment = dict(os.environ)
         environment.pop("PGCONCORD_TOKEN", None)
         if token is not None:
             environment["PGCONCORD_TOKEN"] = token
-        command = [sys.executable, "-m", "pgconcord", "run", "--http", f"127.0.0.1:{self.port}"]
+        command = [sys.executable, "-m", "pgconcord", "run", "--http", self.address]
         with log.open("ab") as output:
             self.process = subprocess.Popen(
                 [*command, *arguments, "--config", str(cluster.config_path)],
@@ -92,7 +99,7 @@ class HttpAgent:
         if token is not None:
             sent["Authorization"] = f"Bearer {token}"
         request = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}{path}", method=method, headers=sent
+            f"http://{self.address}{path}", method=method, headers=sent
         )
         opener = urllib.request.build_opener(_NoRedirect)
         try:
@@ -363,7 +370,8 @@ def test_without_a_token_the_open_endpoints_are_served_and_the_rest_refused(
 ) -> None:
     cluster = system_cluster
     cluster.setup()
-    with HttpAgent(cluster, tmp_path / "agent.log", token=None) as agent:
+    # On IPv6's loopback, bound as written in brackets.
+    with HttpAgent(cluster, tmp_path / "agent.log", token=None, host="::1") as agent:
         assert agent.get("/health").status == 200
         assert agent.get("/api/v1/status").status == 200
         refused = agent.post("/api/v1/conflicts/north:1/discard", token="anything")

@@ -110,12 +110,15 @@ def _reload(agent: Agent, config_path: str | None) -> None:
     """Give the running agent the config file as it is now; a config that cannot be used is
     logged and the agent goes on with the one it has."""
     log = logging.getLogger(__name__)
+    listen = agent.config.http.listen
     try:
         config = _load(config_path)
         changes = agent.reconfigure(config)
     except PgconcordError as error:
         log.error("config not reloaded, replicating on with the previous one: %s", error)
         return
+    if config.http.listen != listen:  # the token file is read at each request: no restart
+        log.warning("http: a changed [http] listen takes effect when the agent is restarted")
     log.info("config reloaded: %s", "; ".join(changes) if changes else "the same pairs replicate")
 
 

@@ -137,7 +137,10 @@ def create_app(live: Live, timeline: Timeline) -> Flask:
     @app.get("/api/v1/conflicts")
     @guarded
     def conflicts() -> Response:
-        records, unreachable = conflicts_and_parked(live.agent.config)
+        try:
+            records, unreachable = conflicts_and_parked(live.agent.config)
+        except psycopg.Error as error:  # a node lost halfway through
+            return _error(f"the conflicts could not be read: {first_line(error)}", 503)
         response = _json(records)
         if unreachable:  # the list is `conflicts --json`'s; what it misses is said beside it
             response.headers["Pgconcord-Unreachable"] = "; ".join(unreachable)
@@ -228,5 +231,9 @@ def create_app(live: Live, timeline: Timeline) -> Flask:
     @app.errorhandler(405)
     def wrong_method(_exception: Exception) -> Response:
         return _error(f"{request.method} is not allowed on {request.path}", 405)
+
+    @app.errorhandler(500)
+    def failed(_exception: Exception) -> Response:  # Flask has logged it with its traceback
+        return _error(f"internal error serving {request.path}: see the agent's log", 500)
 
     return app

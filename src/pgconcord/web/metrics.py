@@ -22,6 +22,20 @@ from pgconcord.web.live import Live, StatusUnavailable
 
 PAIR = ["origin", "target"]
 NODE = ["node"]
+# Exported at 0 on every node that is up before the first of them happens, so that an alert on
+# increase() sees the first one too (conflict.rules.conflict_type, conflict.unique and the
+# parent check of conflict.statements name them).
+CONFLICT_TYPES = (
+    "insert_exists",
+    "insert_deleted",
+    "update_exists",
+    "update_origin_differs",
+    "update_deleted",
+    "delete_origin_differs",
+    "delete_missing",
+    "multiple_unique_conflicts",
+    "parent_missing",
+)
 
 
 class _Counters:
@@ -128,7 +142,9 @@ class ClusterCollector(Collector):
                 parked.add_metric([node.name], node.parked_changes)
             if up:
                 purge_failing.add_metric([node.name], 1 if node.purge_failure else 0)
-            for kind, count in sorted((node.conflicts_by_type or {}).items()):
+            counts = dict.fromkeys(CONFLICT_TYPES, 0) if up else {}
+            counts.update(node.conflicts_by_type or {})
+            for kind, count in sorted(counts.items()):
                 value = self._conflicts.advance((node.name, kind), count)
                 if value is not None:
                     conflicts.add_metric([node.name, kind], value)
