@@ -338,6 +338,9 @@ def test_the_endpoints_of_a_running_agent(system_cluster: Cluster, tmp_path: Pat
         assert "pgconcord_token=" in cookie and "HttpOnly" in cookie
         page = agent.get("/", headers={"Cookie": cookie.split(";")[0]})
         assert page.status == 200 and "<title>pgconcord</title>" in page.text
+        # The cookie goes with a request another site's page makes too: no POST from there.
+        elsewhere = {"Cookie": cookie.split(";")[0], "Origin": "http://elsewhere.example"}
+        assert agent.post("/api/v1/conflicts/north:1/retry", headers=elsewhere).status == 401
         assert agent.get("/", token=TOKEN).status == 200
         assert agent.get("/static/index.html").status == 200
         assert agent.get("/static/../app.py").status == 404
@@ -373,6 +376,10 @@ def test_without_a_token_the_open_endpoints_are_served_and_the_rest_refused(
     # On IPv6's loopback, bound as written in brackets.
     with HttpAgent(cluster, tmp_path / "agent.log", token=None, host="::1") as agent:
         assert agent.get("/health").status == 200
+        # Health and the timeline cost the nodes nothing: the only reading of the status (at
+        # most one a second, whoever asks) is the one this scrape makes.
+        wait_for(lambda: agent.get("/api/v1/timeline").json["pairs"], message="a sample")
+        assert metric(agent.get("/metrics").text, "pgconcord_status_reads_total") == 1
         assert agent.get("/api/v1/status").status == 200
         refused = agent.post("/api/v1/conflicts/north:1/discard", token="anything")
         assert refused.status == 401 and "no token" in refused.json["error"]

@@ -6,6 +6,7 @@ a purge that fails, a pair lagging beyond the threshold, membership trouble) is 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -167,6 +168,7 @@ def _read_node_status(connection: psycopg.Connection[tuple[object, ...]], name: 
     try:
         return _node_status(connection, name)
     except psycopg.Error as error:  # reached, but pgconcord's tables cannot be read (rights)
+        connection.rollback()
         return NodeStatus(
             name=name, reachable=True, error=f"cannot read its status: {first_line(error)}"
         )
@@ -217,7 +219,9 @@ def cluster_status(
     try:
         for node in config.nodes:
             try:
-                connection = connect(node, autocommit=True)
+                # One read-only transaction per node, not one per statement: the agent's HTTP
+                # server reads the status every second while load balancers check it.
+                connection = connect(node)
             except NodeUnavailable as error:
                 status.nodes.append(NodeStatus(name=node.name, reachable=False, error=error.reason))
                 continue
@@ -293,5 +297,7 @@ def cluster_status(
                 )
     finally:
         for connection in connections.values():
+            with contextlib.suppress(psycopg.Error):
+                connection.rollback()
             connection.close()
     return status

@@ -168,6 +168,15 @@ class Live:
             "nodes": list(self.agent.nodes),
             "healthy": not health,
             "problems": health,
+            "loops": [
+                {
+                    "name": loop.name,
+                    "seconds_since_round": round(time.monotonic() - loop.ticked_at, 3),
+                    "round_seconds": loop.round_seconds,
+                    "error": loop.error,
+                }
+                for loop in self.agent.heartbeats.loops()
+            ],
             "status_read_at": reading.read_at,
             "status_read_seconds": round(reading.seconds, 4),
         }

@@ -101,6 +101,11 @@ class ClusterCollector(Collector):
             "How long the last reading of the cluster's status took",
             reading.seconds,
         )
+        yield CounterMetricFamily(
+            "pgconcord_status_reads",
+            "Readings of the cluster's status from the nodes (at most one a second, on request)",
+            self.live.status_reads,
+        )
         node_up = GaugeMetricFamily(
             "pgconcord_node_up", "1 when the node is reachable and set up", labels=NODE
         )
