@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -19,9 +20,11 @@ from typing import Any
 import pytest
 from harness import Cluster, wait_for
 
+from pgconcord.agent import Agent
 from pgconcord.agent.heartbeat import Heartbeats
 from pgconcord.config import parse_config
 from pgconcord.errors import ConfigError
+from pgconcord.web import start_http_server
 
 TOKEN = "s3cret-token-for-tests"
 SCHEMA = "CREATE TABLE stock (id int PRIMARY KEY, item text, quantity int)"
@@ -215,6 +218,38 @@ def test_a_loop_that_died_or_stopped_going_round_is_a_health_problem() -> None:
 
     quiet.run("purge", 15.0, stuck)
     assert release[0][0].startswith("loop purge has not gone round for 1000 s")
+
+
+def test_health_is_503_once_a_loop_of_a_running_agent_died(system_cluster: Cluster) -> None:
+    cluster = system_cluster
+    cluster.setup()
+    port = free_port()
+    agent = Agent(cluster.config)
+    server = start_http_server(agent, f"127.0.0.1:{port}")  # as `pgconcord run --http` does
+    agent.start()
+    try:
+        url = f"http://127.0.0.1:{port}/health"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert json.loads(response.read()) == {"status": "ok"}
+
+        def broken() -> None:
+            raise RuntimeError("a bug")
+
+        # A loop's thread, started the way the agent starts its own (Agent._spawn).
+        thread = threading.Thread(target=agent.heartbeats.run, args=("watch x", 1.0, broken))
+        thread.start()
+        thread.join()
+        with pytest.raises(urllib.error.HTTPError) as raised:
+            urllib.request.urlopen(url, timeout=10)
+        assert raised.value.code == 503
+        body = json.loads(raised.value.read())
+        assert body["status"] == "failing"
+        assert body["problems"] == ["loop watch x ended by an error: RuntimeError: a bug"]
+    finally:
+        server.stop()
+        agent.stop()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
 
 # -- a running agent -------------------------------------------------------------------------

@@ -93,9 +93,9 @@ def run(config_path: str | None, node_name: str | None, http_listen: str | None)
         from pgconcord.web import start_http_server
 
         server = start_http_server(agent, listen)
-    agent.start()
-    log.info("replicating into %s", ", ".join(agent.nodes))
     try:
+        agent.start()
+        log.info("replicating into %s", ", ".join(agent.nodes))
         while not agent.stopping.wait(0.5):
             if reload_requested.is_set():
                 reload_requested.clear()
