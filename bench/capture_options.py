@@ -4,6 +4,7 @@ server, in databases that differ only in what runs inside the user's transaction
   bare              nothing (the reference);
   today             pgconcord's capture as `setup` installs it (row triggers that upsert
                     pgconcord.row_version and append to pgconcord.change_log);
+  today_wall_clock  the same with a clock_now() that reads no table (the wall clock alone);
   append_row        a prototype: a row trigger per table that only appends the raw change (key,
                     row, changed columns, a node-wide hybrid clock) to one log table, no read
                     of any other table and no upsert: row versions would be derived later,
@@ -25,7 +26,8 @@ import common
 from common import APP_BACKENDS, CpuSampler, progress
 
 BARE, TODAY, APPEND_ROW, APPEND_STATEMENT = "bare", "today", "append_row", "append_statement"
-SYSTEMS = (BARE, TODAY, APPEND_ROW, APPEND_STATEMENT)
+TODAY_WALL_CLOCK = "today_wall_clock"
+SYSTEMS = (BARE, TODAY, TODAY_WALL_CLOCK, APPEND_ROW, APPEND_STATEMENT)
 # pgbench's tables with their keys; pgbench_history's key is the hid added by pgbench_database.
 TABLES = {
     "pgbench_accounts": "aid",
@@ -157,11 +159,19 @@ def main() -> int:
     (server,) = common.start_servers(["capture-options"], fsync=True)
     try:
         common.pgbench_database(server, "template_bench", arguments.scale)
-        for system in (*SYSTEMS, "peer"):
+        for system in (*SYSTEMS, f"{TODAY}_peer", f"{TODAY_WALL_CLOCK}_peer"):
             server.create_database(system, template="template_bench")
         # pgconcord's capture as for a cluster of two databases; no agent ever runs.
-        common.concord_setup(
-            common.concord_config_text([("a", server.dsn(TODAY)), ("b", server.dsn("peer"))])
+        for system in (TODAY, TODAY_WALL_CLOCK):
+            common.concord_setup(
+                common.concord_config_text(
+                    [("a", server.dsn(system)), ("b", server.dsn(f"{system}_peer"))]
+                )
+            )
+        common.execute(
+            server.dsn(TODAY_WALL_CLOCK),
+            "CREATE OR REPLACE FUNCTION pgconcord.clock_now() RETURNS bigint LANGUAGE sql"
+            " VOLATILE AS $$ SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint $$",
         )
         _install_prototype(server.dsn(APPEND_ROW), _append_row)
         _install_prototype(server.dsn(APPEND_STATEMENT), _append_statement)
@@ -170,7 +180,8 @@ def main() -> int:
         with CpuSampler() as sampler:
             sampler.add_server("server", server)
             for round_number in range(arguments.rounds):
-                order = SYSTEMS[round_number % 4 :] + SYSTEMS[: round_number % 4]
+                shift = round_number % len(SYSTEMS)
+                order = SYSTEMS[shift:] + SYSTEMS[:shift]
                 for system in order:
                     common.execute(server.dsn(system), *[f"VACUUM {table}" for table in TABLES])
                     common.checkpoint(server)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
+from pgconcord.agent.heartbeat import tick
 from pgconcord.errors import PgconcordError
 from pgconcord.transport import connect
 
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 # A minute, as operators read logs; the tests shorten it (PGCONCORD_REPORT_SECONDS).
 REPORT_SECONDS = float(os.environ.get("PGCONCORD_REPORT_SECONDS", "60"))
 TICK_SECONDS = 1.0  # how soon a conflict or a catch-up is in the log
+# The longest a tick may take (the per-minute line reads every node's status, each connection
+# attempt up to its timeout), for the agent's heartbeats (/health).
+REPORT_ROUND_SECONDS = 60.0
 MAX_CONFLICT_LINES = 100  # per node and tick: a storm of conflicts is summed up, not flooded
 
 _NEW_CONFLICTS = """
@@ -263,6 +267,7 @@ def _key_text(key: object) -> str:
 def report_loop(reporter: Reporter) -> None:
     """The report's thread: a tick a second until the agent stops."""
     while not reporter.agent.stopping.wait(TICK_SECONDS):
+        tick()
         try:
             reporter.tick()
         except Exception:  # the report must never be what stops an agent
