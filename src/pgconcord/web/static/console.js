@@ -264,7 +264,11 @@
         el("td", { text: node.change_log_rows === null || node.change_log_rows === undefined ? "—"
           : `${plural(node.change_log_rows, "row", "rows")}, ${bytes(node.change_log_bytes)}` }),
         el("td", { class: node.parked_changes ? "bad-text" : "", text: number(node.parked_changes) }),
-        el("td", { text: number(node.conflicts) }),
+        el("td", { text: number(node.conflicts) },
+          node.conflicts_by_type && Object.keys(node.conflicts_by_type).length
+            ? el("span", { class: "detail", text: ` (${Object.entries(node.conflicts_by_type)
+              .map(([type, count]) => `${type} ${number(count)}`).join(", ")})` })
+            : null),
         el("td", { text: node.catalog_version === null || node.catalog_version === undefined ? "—" : `v${node.catalog_version}` }),
         el("td", {}, notes.length ? notes : "—"));
     });
