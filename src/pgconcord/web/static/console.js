@@ -466,8 +466,8 @@
     const heading = (label, side) => el("th", { scope: "col", class: kept === side ? "kept" : "" },
       label, kept === side ? el("span", { class: "badge", text: "kept" }) : null);
     const head = el("tr", {}, el("th", { scope: "col", text: "column" }),
-      heading(`${record.node}'s row (from ${local.origin || "?"})`, "local"),
-      heading(`incoming ${incoming.operation || "change"} from ${incoming.origin || "?"}`, "incoming"));
+      heading(local.origin ? `${record.node}'s row (written at ${local.origin})` : `${record.node}'s row`, "local"),
+      heading(`incoming ${incoming.operation || "change"} from ${incoming.origin || "another node"}`, "incoming"));
     const rows = names.map((name) => {
       const mine = cellText(local.row, name);
       const theirs = cellText(incoming.row, name);
