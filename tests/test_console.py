@@ -162,6 +162,7 @@ def test_the_console_shows_the_cluster_live_and_discards_a_parked_change(
         "south", BY_HAND + "ALTER TABLE stock ADD CONSTRAINT no_negative CHECK (quantity >= 0)"
     )
     cluster.execute("north", "INSERT INTO stock VALUES (7, 'pen', -5)")
+    cluster.execute("north", "INSERT INTO stock VALUES (8, 'cup', -1)")
     token = secrets.token_urlsafe(24)
     agent = Agent(cluster, free_port(), token, tmp_path / "agent.log")
     try:
@@ -217,20 +218,38 @@ def test_the_console_shows_the_cluster_live_and_discards_a_parked_change(
         expect(conflicts.first).to_contain_text("written at south")
         expect(conflicts.first.locator("table.versions thead th")).to_have_count(3)
 
-        # The parked change, with its reason; "Discard" asks once more, then it is gone.
-        parked = page.locator("article.parked", has_text="public.stock")
-        expect(parked).to_contain_text("no_negative", timeout=15_000)
-        expect(parked).to_contain_text("-5")
+        # The last hour: a chart of each pair, drawn once the agent has samples.
+        lag_chart = page.locator("figure.chart-box", has_text="Lag")
+        expect(lag_chart).to_contain_text("north → south", timeout=20_000)
+        expect(lag_chart.locator("svg polyline, svg circle").first).to_be_attached()
+        expect(
+            page.locator("figure.chart-box", has_text="Applied changes per second")
+        ).to_be_visible()
+
+        # The parked changes, with their reason; "Discard" asks once more, then it is gone.
+        pen = page.locator("article.parked", has_text='{"id":7}')
+        cup = page.locator("article.parked", has_text='{"id":8}')
+        expect(pen).to_contain_text("no_negative", timeout=15_000)
+        expect(pen).to_contain_text("-5")
+        expect(cup).to_contain_text("no_negative")
         screenshot(page, "console.png")
-        parked.get_by_role("button", name="Discard", exact=True).click()
-        parked.get_by_role("button", name="Yes, discard").click()
+        pen.get_by_role("button", name="Discard", exact=True).click()
+        pen.get_by_role("button", name="Yes, discard").click()
         expect(page.locator("#action-result")).to_contain_text("discarded", timeout=15_000)
+        expect(pen).to_have_count(0, timeout=15_000)
+        expect(page.locator("article.parked")).to_have_count(1)
+        # "Retry" once the cause is fixed: applied, and gone from the list.
+        cluster.admin_execute("south", BY_HAND + "ALTER TABLE stock DROP CONSTRAINT no_negative")
+        cup.get_by_role("button", name="Retry", exact=True).click()
+        expect(page.locator("#action-result")).to_contain_text("retried", timeout=15_000)
         expect(page.locator("article.parked")).to_have_count(0, timeout=15_000)
         expect(page.locator("#parked")).to_contain_text("None: every change was applied")
-        assert (
-            cluster.admin_value("south", "SELECT state FROM pgconcord.parked_change") == "discarded"
-        )
+        assert cluster.admin_query(
+            "south", "SELECT row_key->>'id', state FROM pgconcord.parked_change ORDER BY id"
+        ) == [("7", "discarded"), ("8", "retried")]
+        assert cluster.query("south", "SELECT id, quantity FROM stock") == [(8, -1)]
         expect(conflicts).to_have_count(len(recorded))
+        expect(page.locator('#nodes tr[data-node="south"] .parked-count')).to_have_text("0")
         screenshot(page, "console-after-discard.png")
 
         # The agent gone: a plain message instead of figures that no longer move.

@@ -119,6 +119,10 @@
 
   function reasonOf(result) {
     const { response, body, text } = result;
+    if (body && typeof body === "object" && body.still_parked && typeof body.still_parked === "object") {
+      const reasons = Object.entries(body.still_parked).map(([ref, why]) => `${ref} still parked: ${why}`);
+      if (reasons.length) return reasons.join("; ");
+    }
     if (body && typeof body === "object") {
       for (const key of ["error", "reason", "message", "detail"]) {
         if (typeof body[key] === "string") return body[key];
@@ -139,18 +143,21 @@
 
   let downSince = null;
 
-  function agentDown(reason) {
+  // answered: the agent is there but could not say what the cluster's state is.
+  function agentDown(reason, answered = false) {
     if (downSince === null) downSince = new Date();
     const banner = $("agent-down");
     banner.replaceChildren(
-      el("strong", { text: "The agent does not answer." }),
-      ` ${location.host} has not answered since ${clockTime(downSince)} (${reason}). `,
+      el("strong", { text: answered ? "The agent has no status to show." : "The agent does not answer." }),
+      answered
+        ? ` ${location.host} answers, but without the cluster's status since ${clockTime(downSince)}: ${reason}. `
+        : ` ${location.host} has not answered since ${clockTime(downSince)} (${reason}). `,
       "The figures are hidden until it answers again; this page keeps trying.",
     );
     banner.hidden = false;
     $("figures").hidden = true;
     const verdict = $("verdict");
-    verdict.textContent = "Agent unreachable";
+    verdict.textContent = answered ? "No status" : "Agent unreachable";
     verdict.className = "verdict bad";
     $("freshness").textContent = "";
     document.title = "pgconcord console: agent unreachable";
@@ -184,14 +191,11 @@
       level = "behind";
       word = "behind";
     }
-    // The live heartbeat: a pair whose agent stopped pulling is not "ok" whatever its lag says.
-    const quiet = pair.last_pull_seconds_ago;
-    if (typeof quiet === "number" && quiet >= OK_BELOW_SECONDS) {
-      const worse = quiet >= SLOW_BELOW_SECONDS ? "behind" : "slow";
-      if (worse === "behind" || level === "ok") {
-        level = worse;
-        word = `no pull for ${seconds(quiet)}`;
-      }
+    // The agent's live heartbeat: a pair it runs that stopped pulling, or failed, is not
+    // "ok" whatever the lag measured in the databases says.
+    if (pair.live === false) {
+      level = "behind";
+      word = pair.agent_healthy === false ? "failing" : "stalled";
     }
     if (pair.state === "joining") word += " (joining)";
     return { level, word };
@@ -210,13 +214,18 @@
     if (pair && pair.applied_changes !== null && pair.applied_changes !== undefined) {
       lines.push(el("span", { class: "figure" }, el("span", { class: "applied", text: number(pair.applied_changes) }), " applied"));
     }
-    if (pair && typeof pair.last_pull_seconds_ago === "number") {
+    if (pair && pair.agent_running === false) {
+      lines.push(el("span", { class: "detail", text: "not run by this agent" }));
+    } else if (pair && typeof pair.last_pull_seconds_ago === "number") {
       lines.push(el("span", { class: "detail", text: `pulled ${seconds(pair.last_pull_seconds_ago)} ago` }));
     } else if (pair && pair.last_pull_at) {
       lines.push(el("span", { class: "detail", text: `pulled ${when(pair.last_pull_at)}` }));
     }
     if (pair && pair.agent_sentence) {
       lines.push(el("span", { class: "sentence", text: pair.agent_sentence }));
+    }
+    if (pair && pair.last_error && pair.live === false) {
+      lines.push(el("span", { class: "sentence", text: `last error: ${pair.last_error}` }));
     }
     return el(
       "td",
@@ -263,7 +272,7 @@
         el("td", { text: node.capture || "—" }),
         el("td", { text: node.change_log_rows === null || node.change_log_rows === undefined ? "—"
           : `${plural(node.change_log_rows, "row", "rows")}, ${bytes(node.change_log_bytes)}` }),
-        el("td", { class: node.parked_changes ? "bad-text" : "", text: number(node.parked_changes) }),
+        el("td", { class: `parked-count${node.parked_changes ? " bad-text" : ""}`, text: number(node.parked_changes) }),
         el("td", { text: number(node.conflicts) },
           node.conflicts_by_type && Object.keys(node.conflicts_by_type).length
             ? el("span", { class: "detail", text: ` (${Object.entries(node.conflicts_by_type)
@@ -314,7 +323,7 @@
       verdict.textContent = `Healthy: ${plural(status.nodes.length, "node", "nodes")}, every one reached, no problems`;
       verdict.className = "verdict ok";
     } else {
-      verdict.textContent = `${plural(problems.length, "problem", "problems")} need a person`;
+      verdict.textContent = `${plural(problems.length, "problem needs", "problems need")} a person`;
       verdict.className = "verdict bad";
     }
     document.title = `pgconcord ${status.cluster}: ${problems.length ? `${problems.length} problems` : "healthy"}`;
@@ -334,7 +343,7 @@
         agentUp();
         renderStatus(result.body, result.text);
       } else {
-        agentDown(reasonOf(result));
+        agentDown(reasonOf(result), true);
       }
     } catch (error) {
       agentDown(error.message);
@@ -560,13 +569,14 @@
 
   let lastConflictsText = null;
 
-  function renderConflicts(records) {
+  function renderConflicts(records, missing) {
     const parked = records.filter((r) => r.kind === "parked" && r.state === "parked");
     const settled = records.filter((r) => r.kind === "parked" && r.state !== "parked");
     const conflicts = records.filter((r) => r.kind === "conflict")
       .sort((a, b) => String(b.detected_at).localeCompare(String(a.detected_at)));
     const history = settled.length ? ` ${plural(settled.length, "change was", "changes were")} retried or discarded before.` : "";
     $("parked").replaceChildren(
+      ...(missing ? [el("p", { class: "bad-text", text: `Not listed, as their nodes cannot be read: ${missing}` })] : []),
       el("p", { class: parked.length ? "bad-text" : "none", text: parked.length
         ? `${plural(parked.length, "change waits", "changes wait")} for you.${history}`
         : `None: every change was applied.${history}` }),
@@ -591,9 +601,10 @@
       }
       if (!result.response.ok || !Array.isArray(result.body)) throw new Error(reasonOf(result));
       // Drawn again only when they changed, so that a half-made choice is not wiped away.
-      if (result.text === lastConflictsText || busy) return;
-      lastConflictsText = result.text;
-      renderConflicts(result.body);
+      if (result.text + (result.response.headers.get("Pgconcord-Unreachable") || "") === lastConflictsText || busy) return;
+      const missing = result.response.headers.get("Pgconcord-Unreachable");
+      lastConflictsText = result.text + (missing || "");
+      renderConflicts(result.body, missing);
     } catch (error) {
       lastConflictsText = null;
       $("parked").replaceChildren(el("p", { class: "bad-text", text: `Parked changes cannot be read: ${error.message}` }));
