@@ -355,8 +355,18 @@
   function niceCeiling(value) {
     if (!(value > 0)) return 1;
     const power = 10 ** Math.floor(Math.log10(value));
-    for (const step of [1, 2, 2.5, 5, 10]) if (value <= step * power) return step * power;
+    // Ceilings whose half is a round figure too: the middle grid line is labelled.
+    for (const step of [1, 2, 4, 5, 10]) if (value <= step * power) return step * power;
     return 10 * power;
+  }
+
+  // The span the samples cover, in whole 5 minutes, up to the hour the agent keeps: an agent
+  // started a minute ago gets a readable chart rather than a dot at the right edge.
+  function spanMinutes(series) {
+    const times = series.flatMap((each) => each.samples.map((s) => s[0]));
+    if (!times.length) return 5;
+    const covered = (Date.now() / 1000 - Math.min(...times)) / 60;
+    return Math.min(60, Math.max(5, Math.ceil(covered / 5) * 5));
   }
 
   function chart(title, unit, series, interval, pick, format) {
@@ -367,30 +377,32 @@
     const top = 12;
     const bottom = 26;
     const now = Math.max(Date.now() / 1000, ...series.flatMap((each) => each.samples.map((s) => s[0])));
-    const start = now - 3600;
+    const minutes = spanMinutes(series);
+    const span = minutes * 60;
+    const start = now - span;
     const values = series.flatMap((each) => each.samples.map(pick).filter((v) => typeof v === "number"));
     const ceiling = niceCeiling(Math.max(0, ...values));
-    const x = (t) => left + ((t - start) / 3600) * (width - left - right);
+    const x = (t) => left + ((t - start) / span) * (width - left - right);
     const y = (v) => top + (1 - v / ceiling) * (height - top - bottom);
 
     const summary = series.map((each) => {
       const own = each.samples.map(pick).filter((v) => typeof v === "number");
-      const latest = own.length ? format(own[own.length - 1]) : "no samples";
-      const peak = own.length ? format(Math.max(...own)) : "—";
-      return `${each.origin} → ${each.target}: now ${latest}, peak ${peak}`;
+      if (!own.length) return `${each.origin} → ${each.target}: no figure yet`;
+      return `${each.origin} → ${each.target}: now ${format(own[own.length - 1])}, peak ${format(Math.max(...own))}`;
     });
     const figure = svg("svg", {
       viewBox: `0 0 ${width} ${height}`, role: "img", class: "chart",
-      "aria-label": `${title} over the last hour. ${summary.join("; ") || "No samples yet."}`,
+      "aria-label": `${title} over the last ${minutes} minutes. ${summary.join("; ") || "No samples yet."}`,
     });
     for (const fraction of [0, 0.5, 1]) {
       const v = ceiling * fraction;
       figure.append(svg("line", { x1: left, x2: width - right, y1: y(v), y2: y(v), class: "grid" }));
       figure.append(svg("text", { x: left - 6, y: y(v) + 4, "text-anchor": "end", class: "axis" }, format(v)));
     }
-    for (const minutes of [60, 45, 30, 15, 0]) {
-      figure.append(svg("text", { x: x(now - minutes * 60), y: height - 8, "text-anchor": "middle", class: "axis" },
-        minutes ? `−${minutes} min` : "now"));
+    for (const quarter of [4, 3, 2, 1, 0]) {
+      const ago = (minutes * quarter) / 4;
+      figure.append(svg("text", { x: x(now - ago * 60), y: height - 8, "text-anchor": "middle", class: "axis" },
+        ago ? `−${Number.isInteger(ago) ? ago : ago.toFixed(1)} min` : "now"));
     }
     series.forEach((each, index) => {
       // A gap in the samples (agent stopped, node unreachable) is drawn as a gap, not a line.
@@ -424,7 +436,8 @@
     const legend = el("ul", { class: "legend" }, series.map((each, index) => el("li", {},
       el("span", { class: "swatch", style: `background:${PALETTE[index % PALETTE.length]}`, "aria-hidden": "true" }),
       summary[index])));
-    return el("figure", { class: "chart-box" }, el("figcaption", { text: `${title} (${unit})` }), figure, legend);
+    return el("figure", { class: "chart-box" },
+      el("figcaption", { text: `${title} (${unit}), the last ${minutes} minutes` }), figure, legend);
   }
 
   async function refreshTimeline() {
