@@ -133,14 +133,19 @@ def browser(tmp_path: Path) -> Iterator[BrowserContext]:
             context.close()
 
 
-def shown_number(page: Page, selector: str) -> int | None:
-    """The figure the page shows there (thousands separators and all), None when it shows
-    none."""
+def figure(page: Page, selector: str, *, seconds: bool = False) -> float:
+    """The figure the page shows there: a count (thousands separators and all), or with
+    seconds=True a duration in seconds ("0.4 s", "75 s", "2 min"); -1 when it shows none."""
     locator = page.locator(selector)
     if locator.count() != 1:
-        return None
-    digits = re.sub(r"[^\d]", "", locator.inner_text())
-    return int(digits) if digits else None
+        return -1
+    text = locator.inner_text().replace(",", "").strip()
+    if seconds:
+        match = re.fullmatch(r"([\d.]+) (s|min|h)", text)
+        if match is None:
+            return -1
+        return float(match.group(1)) * {"s": 1, "min": 60, "h": 3600}[match.group(2)]
+    return float(text) if re.fullmatch(r"\d+", text) else -1
 
 
 def screenshot(page: Page, name: str) -> None:
@@ -186,24 +191,40 @@ def test_the_console_shows_the_cluster_live_and_discards_a_parked_change(
             expect(page.locator(f'#nodes tr[data-node="{name}"]')).to_contain_text("yes")
         assert token not in page.url
 
-        # The applied count north -> south moves as the application writes at north.
+        # The matrix's figures for north -> south move as the application writes at north:
+        # held back at south (a lock the apply waits for), the changes show as pending and
+        # their lag grows; let go, they are applied and the pair is "ok" again.
         cell = 'td[data-origin="north"][data-target="south"]'
-        expect(page.locator(cell)).to_contain_text("applied", timeout=15_000)
-
-        def applied() -> list[int]:
-            value = shown_number(page, f"{cell} .applied")
-            return [] if value is None else [value]
-
-        [before] = wait_for(applied, timeout=15, message="an applied count in the matrix")
-        with cluster.connect("north") as connection:
-            for number in range(WRITES):
-                connection.execute(
-                    "INSERT INTO items VALUES (%s, %s)", (100 + number, f"row {number}")
-                )
+        expect(page.locator(f"{cell} .word")).to_have_text("ok", timeout=15_000)
+        before = figure(page, f"{cell} .applied")
+        assert before >= 0
+        with cluster.admin_connect("south", autocommit=False) as blocker:
+            blocker.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+            with cluster.connect("north") as connection:
+                for number in range(WRITES):
+                    connection.execute(
+                        "INSERT INTO items VALUES (%s, %s)", (100 + number, f"row {number}")
+                    )
+            wait_for(
+                lambda: figure(page, f"{cell} .pending") == WRITES,
+                timeout=15,
+                message=f"the matrix to show {WRITES} changes pending for south",
+            )
+            held = figure(page, f"{cell} .lag", seconds=True)
+            wait_for(
+                lambda: figure(page, f"{cell} .lag", seconds=True) > held,
+                timeout=15,
+                message="the lag shown to grow while south is held back",
+            )
+            screenshot(page, "console-held-back.png")
+            blocker.rollback()
         wait_for(
-            lambda: applied() and applied()[0] >= before + WRITES,
+            lambda: (
+                figure(page, f"{cell} .applied") >= before + WRITES
+                and figure(page, f"{cell} .pending") == 0
+            ),
             timeout=20,
-            message=f"the matrix to show {WRITES} more changes applied to south",
+            message=f"the matrix to show {WRITES} more changes applied to south, none pending",
         )
         expect(page.locator(f"{cell} .word")).to_have_text("ok", timeout=15_000)
         assert cluster.value("south", "SELECT count(*) FROM items") == WRITES + 1
