@@ -628,14 +628,25 @@
   // -- the loops --------------------------------------------------------------------------
 
   // Each loop waits for its own answer before asking again: a slow agent is never flooded.
+  // A tab nobody looks at asks seldom (each status costs the nodes a few statements).
+  const HIDDEN_EVERY_MS = 15000;
   function every(milliseconds, refresh) {
+    let timer = null;
+    let running = false;
     const loop = async () => {
+      if (running) return; // the request under way schedules the next one
+      running = true;
+      clearTimeout(timer);
       try {
         await refresh();
       } finally {
-        setTimeout(loop, milliseconds);
+        running = false;
+        timer = setTimeout(loop, document.hidden ? Math.max(milliseconds, HIDDEN_EVERY_MS) : milliseconds);
       }
     };
+    document.addEventListener("visibilitychange", () => {
+      if (!document.hidden) loop();
+    });
     loop();
   }
 
