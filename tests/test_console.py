@@ -169,7 +169,8 @@ def test_the_console_shows_the_cluster_live_and_discards_a_parked_change(
     cluster.execute("north", "INSERT INTO stock VALUES (7, 'pen', -5)")
     cluster.execute("north", "INSERT INTO stock VALUES (8, 'cup', -1)")
     token = secrets.token_urlsafe(24)
-    agent = Agent(cluster, free_port(), token, tmp_path / "agent.log")
+    port = free_port()
+    agent = Agent(cluster, port, token, tmp_path / "agent.log")
     try:
         agent.wait_until_serving()
         page = browser.new_page()
@@ -278,6 +279,12 @@ def test_the_console_shows_the_cluster_live_and_discards_a_parked_change(
         expect(page.get_by_role("alert")).to_contain_text("does not answer", timeout=15_000)
         expect(page.locator("#matrix")).to_be_hidden()
         screenshot(page, "console-agent-gone.png")
+        # Back again at the same address: the figures return in the same page, no reload.
+        agent = Agent(cluster, port, token, tmp_path / "agent.log")
+        agent.wait_until_serving()
+        expect(page.get_by_role("alert")).to_be_hidden(timeout=15_000)
+        expect(page.locator("#verdict")).to_contain_text("Healthy", timeout=15_000)
+        expect(page.locator(f"{cell} .word")).to_have_text("ok")
         assert not errors, errors
     finally:
         agent.stop()

@@ -142,6 +142,7 @@
   // -- the agent's reachability -----------------------------------------------------------
 
   let downSince = null;
+  let lastStatusText = null; // the status last drawn, so that an unchanged one is not redrawn
 
   // answered: the agent is there but could not say what the cluster's state is.
   function agentDown(reason, answered = false) {
@@ -161,6 +162,7 @@
     verdict.className = "verdict bad";
     $("freshness").textContent = "";
     document.title = "pgconcord console: agent unreachable";
+    lastStatusText = null; // the verdict above is drawn again once the agent answers
   }
 
   function agentUp() {
@@ -307,8 +309,6 @@
         }))));
     }));
   }
-
-  let lastStatusText = null;
 
   function renderStatus(status, text) {
     const now = new Date();
