@@ -1,0 +1,313 @@
+"""Behind HAProxy and PgBouncer, set up as the README's recipe (deploy/haproxy.cfg and
+deploy/pgbouncer.ini) says: the application writes through HAProxy, the node HAProxy routes to
+stops, HAProxy moves the writes to the other node within seconds, the application retries the
+few writes that failed, and once the node is back and caught up nothing written is lost."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from harness import APPLICATION_ROLE, Cluster, wait_for
+
+from pgconcord.sandbox import Server
+from pgconcord.sandbox.proxies import Backend, HAProxy, PgBouncer, free_port, release_port
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+SCHEMA = "CREATE TABLE writes (id int PRIMARY KEY, note text NOT NULL);"
+# The readiness lag the recipe asks for (`?lag=10` in deploy/haproxy.cfg): the node that takes
+# the writes stays ready while the other is away for longer than that.
+RECIPE_LAG_SECONDS = 10
+
+
+class AgentProcess:
+    """`pgconcord run --http`, one process for both nodes, its log in a file."""
+
+    def __init__(self, cluster: Cluster, log: Path) -> None:
+        self.log = log
+        self.port = free_port()
+        with log.open("ab") as output:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "pgconcord",
+                    "run",
+                    "--http",
+                    f"127.0.0.1:{self.port}",
+                    "--config",
+                    str(cluster.config_path),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=output,
+            )
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def get(self, path: str) -> tuple[int, str]:
+        """The HTTP status and body of GET path, 0 while nothing answers."""
+        assert self.process.poll() is None, f"the agent exited:\n{self.text()[-3000:]}"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
+                return int(r.status), r.read().decode()
+        except urllib.error.HTTPError as error:
+            return int(error.code), error.read().decode()
+        except OSError as error:
+            return 0, str(error)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=30)
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        release_port(self.port)
+
+
+@dataclass(frozen=True)
+class Ack:
+    id: int
+    node: str
+    at: float
+
+
+@dataclass(frozen=True)
+class Failure:
+    id: int
+    error: str
+    at: float
+
+
+@dataclass
+class Writer:
+    """The application: role `app`, one connection through HAProxy, one row per transaction;
+    a write that fails is retried, with the same row, on a new connection, until it succeeds,
+    as an application retries. Each row's acknowledgement says which node took it."""
+
+    dsn: str
+    node_of_port: dict[int, str]
+    acks: list[Ack] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="application", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive(), "the application's writer did not stop"
+
+    def acks_on(self, node: str, after: float = 0.0) -> list[Ack]:
+        return [ack for ack in list(self.acks) if ack.node == node and ack.at > after]
+
+    def _run(self) -> None:
+        connection: psycopg.Connection[Any] | None = None
+        row = 1
+        retrying = False
+        while not self.stopping.is_set():
+            try:
+                if connection is None:
+                    # Transaction pooling: no server-side prepared statements (PgBouncer 1.18).
+                    connection = psycopg.connect(
+                        self.dsn, autocommit=True, connect_timeout=3, prepare_threshold=None
+                    )
+                try:
+                    port = connection.execute(
+                        "INSERT INTO writes VALUES (%s, %s) RETURNING inet_server_port()",
+                        (row, f"write {row}"),
+                    ).fetchone()
+                except psycopg.errors.UniqueViolation:
+                    if not retrying:
+                        raise
+                    # The failed attempt had committed after all, only its answer was lost.
+                    port = connection.execute("SELECT inet_server_port()").fetchone()
+                assert port is not None
+                self.acks.append(Ack(row, self.node_of_port[port[0]], time.monotonic()))
+                row += 1
+                retrying = False
+                self.stopping.wait(0.02)
+            except psycopg.OperationalError as error:
+                self.failures.append(Failure(row, str(error).strip(), time.monotonic()))
+                retrying = True
+                if connection is not None:
+                    connection.close()
+                    connection = None
+                self.stopping.wait(0.2)
+            except Exception as error:  # reported by the test, which then fails
+                self.unexpected.append(repr(error))
+                self.stopping.wait(0.2)
+        if connection is not None:
+            connection.close()
+
+
+@dataclass
+class LoadBalanced:
+    cluster: Cluster
+    agent: AgentProcess
+    bouncers: dict[str, PgBouncer]
+    haproxy: HAProxy
+
+    def application_dsn(self) -> str:
+        return (
+            f"host=127.0.0.1 port={self.haproxy.port} dbname={self.cluster.database}"
+            f" user={APPLICATION_ROLE}"
+        )
+
+
+@pytest.fixture
+def load_balanced(tmp_path: Path) -> Iterator[LoadBalanced]:
+    """Two nodes on servers of their own, the agent with HTTP, a PgBouncer in front of each
+    node and HAProxy in front of both, each from the recipe; all stopped at the end."""
+    with contextlib.ExitStack() as stack:
+        servers = [Server(name=f"lb-{index}") for index in range(2)]
+        for server in servers:
+            stack.callback(server.cleanup)
+            server.start()
+        cluster = Cluster(servers, tmp_path, SCHEMA)
+        cluster.setup()
+        agent = AgentProcess(cluster, tmp_path / "agent.log")
+        stack.callback(agent.kill)
+        bouncers = {
+            name: stack.enter_context(
+                PgBouncer(
+                    DEPLOY / "pgbouncer.ini",
+                    name=name,
+                    database=cluster.database,
+                    server_port=cluster.server_of[name].port,
+                    users=[APPLICATION_ROLE],
+                )
+            )
+            for name in cluster.names
+        }
+        haproxy = stack.enter_context(
+            HAProxy(
+                DEPLOY / "haproxy.cfg",
+                {
+                    name: Backend(port=bouncer.port, check_port=agent.port)
+                    for name, bouncer in bouncers.items()
+                },
+            )
+        )
+        yield LoadBalanced(cluster, agent, bouncers, haproxy)
+
+
+def switches(acks: list[Ack]) -> list[str]:
+    """The nodes that took the writes, in order, each run of writes on one node counted once."""
+    runs: list[str] = []
+    for ack in acks:
+        if not runs or runs[-1] != ack.node:
+            runs.append(ack.node)
+    return runs
+
+
+def test_haproxy_moves_writes_off_a_stopped_node_and_nothing_is_lost(
+    load_balanced: LoadBalanced,
+) -> None:
+    setup = load_balanced
+    cluster, agent, haproxy = setup.cluster, setup.agent, setup.haproxy
+    for name in cluster.names:
+        wait_for(
+            lambda name=name: agent.get(f"/ready/{name}")[0] == 200,
+            timeout=20,
+            message=f"the agent to call {name} ready",
+        )
+    wait_for(
+        lambda: haproxy.server_states() == {"north": "UP", "south": "UP"},
+        timeout=15,
+        message="HAProxy to see both nodes up",
+    )
+    node_of_port = {server.port: name for name, server in cluster.server_of.items()}
+    writer = Writer(setup.application_dsn(), node_of_port)
+    writer.start()
+    try:
+        wait_for(lambda: len(writer.acks) >= 30, timeout=15, message="writes through HAProxy")
+        # One node takes the writes (the first server line), so that a client reads its own.
+        assert switches(writer.acks) == ["north"], switches(writer.acks)
+        assert not writer.failures, writer.failures
+
+        stopped_at = time.monotonic()
+        cluster.server_of["north"].stop()
+        wait_for(
+            lambda: writer.acks_on("south", after=stopped_at),
+            timeout=15,
+            message="writes through the same port to land on south",
+        )
+        moved_after = writer.acks_on("south", after=stopped_at)[0].at - stopped_at
+        assert moved_after < 8, f"HAProxy moved the writes to south after {moved_after:.1f} s"
+        assert haproxy.server_states()["north"].startswith("DOWN")
+        status, body = agent.get("/ready/north")
+        assert status == 503, (status, body)
+        assert json.loads(body), body  # a reason, for whoever looks
+
+        # South keeps taking the writes while north is away for longer than the readiness lag:
+        # its own readiness does not depend on a peer that is down.
+        outage_end = stopped_at + moved_after + RECIPE_LAG_SECONDS + 3
+        wait_for(
+            lambda: time.monotonic() > outage_end,
+            timeout=RECIPE_LAG_SECONDS + 10,
+            message="an outage longer than the lag",
+        )
+        failures_during_outage = [f for f in writer.failures if f.at > stopped_at + moved_after]
+        assert not failures_during_outage, failures_during_outage
+        assert haproxy.server_states()["south"] == "UP"
+        assert agent.get("/ready/south")[0] == 200
+
+        restarted_at = time.monotonic()
+        cluster.server_of["north"].start()
+        # Once caught up, north is ready again and takes the writes back: HAProxy closes the
+        # backup's sessions, so that one node takes them again.
+        wait_for(
+            lambda: writer.acks_on("north", after=restarted_at),
+            timeout=30,
+            message="the writes back on north once it is caught up",
+        )
+        wait_for(lambda: len(writer.acks_on("north", after=restarted_at)) >= 10, timeout=10)
+    finally:
+        writer.stop()
+
+    assert not writer.unexpected, writer.unexpected
+    assert switches(writer.acks) == ["north", "south", "north"], switches(writer.acks)
+    # A handful of failed writes around each move, each retried until it succeeded.
+    assert len(writer.failures) <= 25, writer.failures
+    acknowledged = [ack.id for ack in writer.acks]
+    assert acknowledged == list(range(1, len(acknowledged) + 1))
+    assert {failure.id for failure in writer.failures} <= set(acknowledged)
+
+    # Nothing written is lost: every acknowledged row reaches both nodes, whichever took it.
+    def stored(node: str) -> set[int]:
+        return {row[0] for row in cluster.query(node, "SELECT id FROM writes")}
+
+    wait_for(
+        lambda: all(stored(node) == set(acknowledged) for node in cluster.names),
+        timeout=30,
+        message="every acknowledged row on both nodes",
+    )
+    cluster.assert_identical()
+    assert agent.stop() == 0
+    log = agent.text()
+    assert "Traceback" not in log and "unexpected error" not in log, log[-3000:]
