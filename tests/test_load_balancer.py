@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import signal
-import subprocess
+import os
 import sys
 import threading
 import time
@@ -24,7 +23,14 @@ import pytest
 from harness import APPLICATION_ROLE, Cluster, wait_for
 
 from pgconcord.sandbox import Server
-from pgconcord.sandbox.proxies import Backend, HAProxy, PgBouncer, free_port, release_port
+from pgconcord.sandbox.proxies import (
+    Backend,
+    HAProxy,
+    PgBouncer,
+    Program,
+    free_port,
+    release_port,
+)
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 SCHEMA = "CREATE TABLE writes (id int PRIMARY KEY, note text NOT NULL);"
@@ -34,33 +40,35 @@ RECIPE_LAG_SECONDS = 10
 
 
 class AgentProcess:
-    """`pgconcord run --http`, one process for both nodes, its log in a file."""
+    """`pgconcord run --http`, one process for both nodes; stopped with the test, also when the
+    test run is killed (a sandbox Program)."""
 
-    def __init__(self, cluster: Cluster, log: Path) -> None:
-        self.log = log
+    def __init__(self, cluster: Cluster) -> None:
         self.port = free_port()
-        with log.open("ab") as output:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "pgconcord",
-                    "run",
-                    "--http",
-                    f"127.0.0.1:{self.port}",
-                    "--config",
-                    str(cluster.config_path),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=output,
-            )
+        self.program = Program("agent")
+        self.program.prepare()
+        self.program.launch(
+            [
+                sys.executable,
+                "-m",
+                "pgconcord",
+                "run",
+                "--http",
+                f"127.0.0.1:{self.port}",
+                "--config",
+                cluster.config_path,
+            ],
+            # It reads the cluster's config in the test's own directory.
+            as_server_user=False,
+            environment=os.environ,
+        )
 
     def text(self) -> str:
-        return self.log.read_text(errors="replace")
+        return self.program.log_file.read_text(errors="replace")
 
     def get(self, path: str) -> tuple[int, str]:
         """The HTTP status and body of GET path, 0 while nothing answers."""
-        assert self.process.poll() is None, f"the agent exited:\n{self.text()[-3000:]}"
+        assert self.program.is_running, f"the agent exited:\n{self.text()[-3000:]}"
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
                 return int(r.status), r.read().decode()
@@ -69,19 +77,14 @@ class AgentProcess:
         except OSError as error:
             return 0, str(error)
 
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=30)
-        finally:
-            self.kill()
+    def stop(self) -> int | None:
+        return self.program.stop()
 
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        release_port(self.port)
+    def cleanup(self) -> None:
+        try:
+            self.program.cleanup()
+        finally:
+            release_port(self.port)
 
 
 @dataclass(frozen=True)
@@ -190,8 +193,8 @@ def load_balanced(tmp_path: Path) -> Iterator[LoadBalanced]:
             server.start()
         cluster = Cluster(servers, tmp_path, SCHEMA)
         cluster.setup()
-        agent = AgentProcess(cluster, tmp_path / "agent.log")
-        stack.callback(agent.kill)
+        agent = AgentProcess(cluster)
+        stack.callback(agent.cleanup)
         bouncers = {
             name: stack.enter_context(
                 PgBouncer(

@@ -9,7 +9,7 @@ checks the very health check, routing and timeouts an operator copies.
 Each program runs in the foreground, in a session of its own, from a directory of its own under
 /tmp, as the servers' OS user when we are root (PgBouncer refuses root). A watchdog (as for the
 servers) stops it and removes the directory should this process die first, and
-`clean_up_stale_proxies` removes what a run killed together with its watchdogs left behind.
+`clean_up_stale_programs` removes what a run killed together with its watchdogs left behind.
 POSIX only: these programs are Debian's packages, and the tests run them on Linux.
 """
 
@@ -40,7 +40,7 @@ from pgconcord.sandbox.server import _choose_free_port, _release_port
 
 HAPROXY_PROGRAM = Path("/usr/sbin/haproxy")
 PGBOUNCER_PROGRAM = Path("/usr/sbin/pgbouncer")
-_DIRECTORY_PREFIX = "pgconcord-proxy-"
+_DIRECTORY_PREFIX = "pgconcord-program-"
 _PID_FILE = "program.pid"
 _OWNER_FILE = "owner.pid"
 _START_TIMEOUT_SECONDS = 15.0
@@ -95,7 +95,7 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def clean_up_stale_proxies() -> None:
+def clean_up_stale_programs() -> None:
     """Stops and removes what runs of ours that were killed with their watchdogs left behind.
 
     A directory is stale when the process that made it is gone; its program is signalled only
@@ -116,9 +116,10 @@ def clean_up_stale_proxies() -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-class _Program:
-    """One program in the foreground, from a directory of its own, stopped by stop(), by the
-    watchdog if we die, or by the next run's clean_up_stale_proxies if both die."""
+class Program:
+    """One program in the foreground, from a directory of its own, stopped by stop() or
+    cleanup(), by the watchdog if we die, or by the next run's clean_up_stale_programs if both
+    die. Also for a test's own subprocess (the agent) that must not outlive a killed run."""
 
     def __init__(self, label: str) -> None:
         self.label = label
@@ -128,8 +129,9 @@ class _Program:
         self._watchdog: subprocess.Popen[bytes] | None = None
         self._watchdog_pipe: IO[bytes] | None = None
 
-    def _prepare_directory(self) -> None:
-        clean_up_stale_proxies()
+    def prepare(self) -> None:
+        """Makes the directory and starts the watchdog; files go in before launch()."""
+        clean_up_stale_programs()
         self.directory.mkdir(mode=0o755)
         # mkdir applies the umask; the program, running as the servers' user, reads its files.
         self.directory.chmod(0o755)
@@ -161,8 +163,16 @@ class _Program:
         path.chmod(0o644)
         return path
 
-    def _launch(self, arguments: Sequence[str | Path]) -> None:
-        account = _server_account()
+    def launch(
+        self,
+        arguments: Sequence[str | Path],
+        *,
+        as_server_user: bool = True,
+        environment: Mapping[str, str] | None = None,
+    ) -> None:
+        """Starts the program, its output to log_file; as the servers' OS user when we are root,
+        unless as_server_user is false (a program that reads files only we may read)."""
+        account = _server_account() if as_server_user else None
         with self.log_file.open("ab") as log:
             self.process = subprocess.Popen(
                 [str(argument) for argument in arguments],
@@ -170,7 +180,7 @@ class _Program:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.directory,
-                env=_server_environment(),
+                env=dict(environment) if environment is not None else _server_environment(),
                 # Its own session: a stop signals the whole group, and Ctrl-C aimed at the
                 # tests does not reach it before its stop does.
                 start_new_session=True,
@@ -191,16 +201,18 @@ class _Program:
             return f"(no log: {error})"
         return "\n".join(lines[-_LOG_TAIL_LINES:])
 
-    def _check_running(self, what: str) -> None:
+    def check_running(self, what: str) -> None:
         if not self.is_running:
             raise FatalError(
                 f"{self.label} exited while {what}; last lines of its log:\n{self.log_tail()}"
             )
 
-    def _stop_program(self) -> None:
+    def stop(self) -> int | None:
+        """Stops the program with SIGTERM to its process group (SIGKILL if it lingers) and
+        returns its exit status (None if it never started); the directory stays."""
         process = self.process
         if process is None:
-            return
+            return None
         if process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGTERM)
@@ -212,11 +224,12 @@ class _Program:
                 process.wait()
         # Before the watchdog's pipe closes: it must not signal a pid that may be reused.
         (self.directory / _PID_FILE).unlink(missing_ok=True)
+        return process.returncode
 
     def cleanup(self) -> None:
         """Stops the program and removes its directory; safe to call more than once."""
         try:
-            self._stop_program()
+            self.stop()
         finally:
             if self._watchdog_pipe is not None:
                 self._watchdog_pipe.close()
@@ -231,10 +244,10 @@ class _Program:
             shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def _wait_for_port(program: _Program, port: int) -> None:
+def _wait_for_port(program: Program, port: int) -> None:
     deadline = time.monotonic() + _START_TIMEOUT_SECONDS
     while True:
-        program._check_running(f"starting to listen on 127.0.0.1:{port}")
+        program.check_running(f"starting to listen on 127.0.0.1:{port}")
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             probe.settimeout(1.0)
             if probe.connect_ex(("127.0.0.1", port)) == 0:
@@ -317,7 +330,7 @@ def haproxy_config(
     return "\n".join(output) + "\n"
 
 
-class HAProxy(_Program):
+class HAProxy(Program):
     """HAProxy from the recipe, listening on a free port of 127.0.0.1, its admin socket in its
     directory, so that a test reads what it thinks of each server."""
 
@@ -342,7 +355,7 @@ class HAProxy(_Program):
     def start(self) -> HAProxy:
         if not HAPROXY_PROGRAM.exists():
             raise FatalError(f"no {HAPROXY_PROGRAM}: install Debian's haproxy (./run test does)")
-        self._prepare_directory()
+        self.prepare()
         configuration = self.write_file(
             "haproxy.cfg",
             haproxy_config(
@@ -361,7 +374,7 @@ class HAProxy(_Program):
         if checked.returncode != 0:
             raise FatalError(f"HAProxy refuses {configuration}: {checked.stderr.strip()}")
         # -db: stay in the foreground, in our process group of one, until signalled.
-        self._launch([HAPROXY_PROGRAM, "-db", "-f", configuration])
+        self.launch([HAPROXY_PROGRAM, "-db", "-f", configuration])
         _wait_for_port(self, self.port)
         return self
 
@@ -439,7 +452,7 @@ def pgbouncer_config(
 _USER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-class PgBouncer(_Program):
+class PgBouncer(Program):
     """PgBouncer from the recipe in front of one sandbox server's database, on a free port."""
 
     def __init__(
@@ -471,7 +484,7 @@ class PgBouncer(_Program):
             raise FatalError(
                 f"no {PGBOUNCER_PROGRAM}: install Debian's pgbouncer (./run test does)"
             )
-        self._prepare_directory()
+        self.prepare()
         # With trust, PgBouncer still admits only the users its auth file names; an empty
         # secret, since nothing is checked.
         auth_file = self.write_file("userlist.txt", "".join(f'"{u}" ""\n' for u in self.users))
@@ -485,7 +498,7 @@ class PgBouncer(_Program):
                 auth_file=auth_file,
             ),
         )
-        self._launch([PGBOUNCER_PROGRAM, configuration])
+        self.launch([PGBOUNCER_PROGRAM, configuration])
         _wait_for_port(self, self.port)
         return self
 
