@@ -1,7 +1,8 @@
 """Behind HAProxy and PgBouncer, set up as the README's recipe (deploy/haproxy.cfg and
 deploy/pgbouncer.ini) says: the application writes through HAProxy, the node HAProxy routes to
 stops, HAProxy moves the writes to the other node within seconds, the application retries the
-few writes that failed, and once the node is back and caught up nothing written is lost."""
+few writes that failed; the node comes back, catches up and takes the writes again; its
+PgBouncer stops, and the writes move again; and nothing written is lost."""
 
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ from harness import APPLICATION_ROLE, Cluster, wait_for
 
 from pgconcord.sandbox import Server
 from pgconcord.sandbox.proxies import (
-    Backend,
     HAProxy,
     PgBouncer,
     Program,
@@ -210,10 +210,8 @@ def load_balanced(tmp_path: Path) -> Iterator[LoadBalanced]:
         haproxy = stack.enter_context(
             HAProxy(
                 DEPLOY / "haproxy.cfg",
-                {
-                    name: Backend(port=bouncer.port, check_port=agent.port)
-                    for name, bouncer in bouncers.items()
-                },
+                servers={name: bouncer.port for name, bouncer in bouncers.items()},
+                agent_port=agent.port,
             )
         )
         yield LoadBalanced(cluster, agent, bouncers, haproxy)
@@ -290,11 +288,25 @@ def test_haproxy_moves_writes_off_a_stopped_node_and_nothing_is_lost(
             message="the writes back on north once it is caught up",
         )
         wait_for(lambda: len(writer.acks_on("north", after=restarted_at)) >= 10, timeout=10)
+
+        # A node whose PgBouncer is gone is down as well, though its database is ready.
+        bouncer_stopped_at = time.monotonic()
+        setup.bouncers["north"].stop()
+        wait_for(
+            lambda: writer.acks_on("south", after=bouncer_stopped_at),
+            timeout=15,
+            message="the writes on south once north's PgBouncer is gone",
+        )
+        moved_again_after = writer.acks_on("south", after=bouncer_stopped_at)[0].at
+        moved_again_after -= bouncer_stopped_at
+        assert moved_again_after < 8, f"moved after {moved_again_after:.1f} s"
+        assert agent.get("/ready/north")[0] == 200
+        wait_for(lambda: len(writer.acks_on("south", after=bouncer_stopped_at)) >= 10, timeout=10)
     finally:
         writer.stop()
 
     assert not writer.unexpected, writer.unexpected
-    assert switches(writer.acks) == ["north", "south", "north"], switches(writer.acks)
+    assert switches(writer.acks) == ["north", "south", "north", "south"], switches(writer.acks)
     # A handful of failed writes around each move, each retried until it succeeded.
     assert len(writer.failures) <= 25, writer.failures
     acknowledged = [ack.id for ack in writer.acks]

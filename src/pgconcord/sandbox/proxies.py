@@ -29,7 +29,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -269,35 +268,31 @@ def _wait_for_port(program: Program, port: int) -> None:
 _HAPROXY_GLOBAL_DROPPED = {"daemon", "user", "group", "chroot", "pidfile", "log", "stats"}
 
 
-@dataclass(frozen=True)
-class Backend:
-    """Where HAProxy's server line NAME sends connections, and where its health check goes."""
-
-    port: int
-    check_port: int
-    host: str = "127.0.0.1"
-
-
 def haproxy_config(
-    recipe: str, *, listen_port: int, servers: Mapping[str, Backend], stats_socket: Path
+    recipe: str,
+    *,
+    listen_port: int,
+    servers: Mapping[str, int],
+    agent_port: int,
+    stats_socket: Path,
 ) -> str:
-    """The recipe's HAProxy configuration with the test's addresses and files.
+    """The recipe's HAProxy configuration with the test's addresses and files: the listener on
+    listen_port, server line NAME to 127.0.0.1:servers[NAME], the health check's connection to
+    the agent (`tcp-check connect port N`) to agent_port.
 
-    Every server line of the recipe must name one of `servers` and the other way round, and it
-    must check the agent's port (`check port N`): if the recipe changes shape, this refuses
-    rather than run something else.
+    The recipe's server lines must be exactly `servers`, with one bind line and one check of
+    the agent's port: if the recipe changes shape, this refuses rather than run something else.
     """
     output: list[str] = []
     section = ""
-    bind_lines = 0
+    bind_lines = agent_checks = 0
     seen: set[str] = set()
     for line in recipe.splitlines():
         words = line.split()
         if not words or words[0].startswith("#"):
             output.append(line)
             continue
-        indented = line[:1].isspace()
-        if not indented:
+        if not line[:1].isspace():
             section = words[0]
             output.append(line)
             if section == "global":
@@ -308,23 +303,23 @@ def haproxy_config(
             continue
         if words[0] == "bind":
             bind_lines += 1
-            output.append(f"    bind 127.0.0.1:{listen_port}")
-            continue
-        if words[0] == "server":
+            line = f"    bind 127.0.0.1:{listen_port}"
+        elif words[:2] == ["tcp-check", "connect"] and "port" in words:
+            agent_checks += 1
+            port = words[words.index("port") + 1]
+            line = line.replace(f" port {port}", f" port {agent_port}", 1)
+        elif words[0] == "server":
             name = words[1]
             if name not in servers:
                 raise ValueError(f"the recipe's server {name!r} is not one of {sorted(servers)}")
-            if "port" not in words or words.index("port") < words.index("check"):
-                raise ValueError(f"the recipe's server {name!r} does not check a port of its own")
-            backend = servers[name]
-            words[2] = f"{backend.host}:{backend.port}"
-            words[words.index("port") + 1] = str(backend.check_port)
             seen.add(name)
-            output.append("    " + " ".join(words))
-            continue
+            line = line.replace(f" {words[2]}", f" 127.0.0.1:{servers[name]}", 1)
         output.append(line)
-    if bind_lines != 1:
-        raise ValueError(f"the recipe has {bind_lines} bind lines, not one")
+    if bind_lines != 1 or agent_checks != 1:
+        raise ValueError(
+            f"the recipe has {bind_lines} bind lines and {agent_checks} checks of the agent's"
+            " port (`tcp-check connect port N`), not one of each"
+        )
     if seen != set(servers):
         raise ValueError(f"the recipe has no server line for {sorted(set(servers) - seen)}")
     return "\n".join(output) + "\n"
@@ -334,10 +329,11 @@ class HAProxy(Program):
     """HAProxy from the recipe, listening on a free port of 127.0.0.1, its admin socket in its
     directory, so that a test reads what it thinks of each server."""
 
-    def __init__(self, recipe: Path, servers: Mapping[str, Backend]) -> None:
+    def __init__(self, recipe: Path, *, servers: Mapping[str, int], agent_port: int) -> None:
         super().__init__("haproxy")
         self.recipe = recipe
         self.servers = dict(servers)
+        self.agent_port = agent_port
         self.port = free_port()
         self.stats_socket = self.directory / "admin.sock"
 
@@ -362,6 +358,7 @@ class HAProxy(Program):
                 self.recipe.read_text(),
                 listen_port=self.port,
                 servers=self.servers,
+                agent_port=self.agent_port,
                 stats_socket=self.stats_socket,
             ),
         )
