@@ -98,7 +98,7 @@ def clean_up_stale_programs() -> None:
     """Stops and removes what runs of ours that were killed with their watchdogs left behind.
 
     A directory is stale when the process that made it is gone; its program is signalled only
-    if its command line still names that directory (a pid may have been reused since).
+    if its working directory is still that directory (a pid may have been reused since).
     """
     for directory in SANDBOX_PARENT.glob(f"{_DIRECTORY_PREFIX}*"):
         try:
@@ -109,8 +109,8 @@ def clean_up_stale_programs() -> None:
             continue
         with contextlib.suppress(OSError, ValueError):
             pid = int((directory / _PID_FILE).read_text())
-            command_line = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if str(directory).encode() in command_line:
+            # Every program is started in its directory (launch), and stays there.
+            if os.readlink(f"/proc/{pid}/cwd") == str(directory):
                 os.killpg(pid, signal.SIGKILL)
         shutil.rmtree(directory, ignore_errors=True)
 
