@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -25,6 +26,7 @@ from harness import APPLICATION_ROLE, Cluster, wait_for
 
 from pgconcord.sandbox import Server
 from pgconcord.sandbox.proxies import (
+    HAPROXY_PROGRAM,
     HAProxy,
     PgBouncer,
     Program,
@@ -305,6 +307,11 @@ def test_haproxy_moves_writes_off_a_stopped_node_and_nothing_is_lost(
     finally:
         writer.stop()
 
+    # The figures the README quotes, shown with -s or when the test fails.
+    print(
+        f"moved after {moved_after:.1f} s (node stopped), {moved_again_after:.1f} s (PgBouncer"
+        f" stopped); {len(writer.failures)} failed writes of {len(writer.acks)}, each retried"
+    )
     assert not writer.unexpected, writer.unexpected
     assert switches(writer.acks) == ["north", "south", "north", "south"], switches(writer.acks)
     # A handful of failed writes around each move, each retried until it succeeded.
@@ -326,3 +333,26 @@ def test_haproxy_moves_writes_off_a_stopped_node_and_nothing_is_lost(
     assert agent.stop() == 0
     log = agent.text()
     assert "Traceback" not in log and "unexpected error" not in log, log[-3000:]
+
+
+def test_the_recipe_is_valid_as_written_and_the_readme_shows_it() -> None:
+    recipe = DEPLOY / "haproxy.cfg"
+    checked = subprocess.run(
+        [str(HAPROXY_PROGRAM), "-c", "-f", str(recipe)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stderr
+    # The README's listen section is the recipe's, comments aside.
+    section = recipe.read_text().split("\nlisten ", 1)[1]
+    recipe_lines = ["listen " + section.splitlines()[0]] + [
+        line.strip()
+        for line in section.splitlines()[1:]
+        if line.strip() and not line.strip().startswith("#")
+    ]
+    readme = (DEPLOY.parent / "README.md").read_text()
+    shown = readme.split("\nlisten postgres\n", 1)[1].split("```", 1)[0]
+    assert ["listen postgres"] + [line.strip() for line in shown.splitlines() if line.strip()] == (
+        recipe_lines
+    )
