@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import subprocess
 import sys
 import threading
@@ -23,8 +24,9 @@ from typing import Any
 import psycopg
 import pytest
 from harness import APPLICATION_ROLE, Cluster, wait_for
+from psycopg import sql
 
-from pgconcord.sandbox import Server
+from pgconcord.sandbox import PASSWORD_LOGIN_ROLE, Server
 from pgconcord.sandbox.proxies import (
     HAPROXY_PROGRAM,
     HAProxy,
@@ -36,6 +38,7 @@ from pgconcord.sandbox.proxies import (
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 SCHEMA = "CREATE TABLE writes (id int PRIMARY KEY, note text NOT NULL);"
+LOGIN_ROLE = "app_login"
 # The readiness lag the recipe asks for (`?lag=10` in deploy/haproxy.cfg): the node that takes
 # the writes stays ready while the other is away for longer than that.
 RECIPE_LAG_SECONDS = 10
@@ -110,7 +113,8 @@ class Writer:
     as an application retries. Each row's acknowledgement says which node took it."""
 
     dsn: str
-    node_of_port: dict[int, str]
+    password: str = field(repr=False)
+    node_of_port: dict[int, str] = field(default_factory=dict)
     acks: list[Ack] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
@@ -139,7 +143,11 @@ class Writer:
                 if connection is None:
                     # Transaction pooling: no server-side prepared statements (PgBouncer 1.18).
                     connection = psycopg.connect(
-                        self.dsn, autocommit=True, connect_timeout=3, prepare_threshold=None
+                        self.dsn,
+                        password=self.password,
+                        autocommit=True,
+                        connect_timeout=3,
+                        prepare_threshold=None,
                     )
                 try:
                     port = connection.execute(
@@ -176,12 +184,25 @@ class LoadBalanced:
     agent: AgentProcess
     bouncers: dict[str, PgBouncer]
     haproxy: HAProxy
+    password: str = field(repr=False)
 
     def application_dsn(self) -> str:
         return (
             f"host=127.0.0.1 port={self.haproxy.port} dbname={self.cluster.database}"
-            f" user={APPLICATION_ROLE}"
+            f" user={LOGIN_ROLE}"
         )
+
+
+def verifier_lines(cluster: Cluster, node: str) -> list[str]:
+    """PgBouncer's auth file for the node, made by the README's query ("PgBouncer's logins")."""
+    readme = (DEPLOY.parent / "README.md").read_text()
+    query = readme.split("**PgBouncer's logins.**", 1)[1].split("```sql\n", 1)[1]
+    query = query.split("```", 1)[0]
+    assert "IN ('app')" in query, query
+    query = query.replace("IN ('app')", f"IN ('{LOGIN_ROLE}')")
+    lines = [str(row[0]) for row in cluster.admin_query(node, query)]
+    assert len(lines) == 1, "no SCRAM verifier for the application's login role"
+    return lines
 
 
 @pytest.fixture
@@ -197,6 +218,20 @@ def load_balanced(tmp_path: Path) -> Iterator[LoadBalanced]:
         cluster.setup()
         agent = AgentProcess(cluster)
         stack.callback(agent.cleanup)
+        # The application logs in with a password, as deployed: a role of its own in `app`
+        # (whose rights it writes with) that the sandbox's servers ask SCRAM of; the password
+        # is this run's, and is never written anywhere.
+        password = secrets.token_urlsafe(18)
+        for name in cluster.names:
+            cluster.admin_execute(
+                name,
+                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE {}, {}").format(
+                    sql.Identifier(LOGIN_ROLE),
+                    sql.Literal(password),
+                    sql.Identifier(APPLICATION_ROLE),
+                    sql.Identifier(PASSWORD_LOGIN_ROLE),
+                ),
+            )
         bouncers = {
             name: stack.enter_context(
                 PgBouncer(
@@ -204,7 +239,7 @@ def load_balanced(tmp_path: Path) -> Iterator[LoadBalanced]:
                     name=name,
                     database=cluster.database,
                     server_port=cluster.server_of[name].port,
-                    users=[APPLICATION_ROLE],
+                    auth_lines=verifier_lines(cluster, name),
                 )
             )
             for name in cluster.names
@@ -216,7 +251,7 @@ def load_balanced(tmp_path: Path) -> Iterator[LoadBalanced]:
                 agent_port=agent.port,
             )
         )
-        yield LoadBalanced(cluster, agent, bouncers, haproxy)
+        yield LoadBalanced(cluster, agent, bouncers, haproxy, password)
 
 
 def switches(acks: list[Ack]) -> list[str]:
@@ -244,8 +279,11 @@ def test_haproxy_moves_writes_off_a_stopped_node_and_nothing_is_lost(
         timeout=15,
         message="HAProxy to see both nodes up",
     )
+    # The recipe's logins: PgBouncer checks the application's password (SCRAM).
+    with pytest.raises(psycopg.OperationalError, match="authentication failed"):
+        psycopg.connect(setup.application_dsn(), password="wrong", connect_timeout=5).close()
     node_of_port = {server.port: name for name, server in cluster.server_of.items()}
-    writer = Writer(setup.application_dsn(), node_of_port)
+    writer = Writer(setup.application_dsn(), setup.password, node_of_port)
     writer.start()
     try:
         wait_for(lambda: len(writer.acks) >= 30, timeout=15, message="writes through HAProxy")

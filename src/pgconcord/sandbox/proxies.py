@@ -3,8 +3,8 @@
 The load-balancer test runs the README's recipe for real: `haproxy_config` and
 `pgbouncer_config` take the text of deploy/haproxy.cfg and deploy/pgbouncer.ini and change only
 what a throwaway run must (addresses and ports on 127.0.0.1, files in the run's own directory,
-trust instead of SCRAM, no user switching or daemonizing by the program itself), so the test
-checks the very health check, routing and timeouts an operator copies.
+no user switching or daemonizing by the program itself), so the test checks the very health
+check, routing, logins and timeouts an operator copies.
 
 Each program runs in the foreground, in a session of its own, from a directory of its own under
 /tmp, as the servers' OS user when we are root (PgBouncer refuses root). A watchdog (as for the
@@ -156,10 +156,17 @@ class Program:
         )
         self._watchdog_pipe = self._watchdog.stdin
 
-    def write_file(self, name: str, text: str) -> Path:
+    def write_file(self, name: str, text: str, *, private: bool = False) -> Path:
+        """A file for the program, readable by it (and only by it when private)."""
         path = self.directory / name
+        path.touch(mode=0o600)
+        path.chmod(0o600)
+        account = _server_account()
+        if account is not None:
+            os.chown(path, account.uid, account.gid)
         path.write_text(text)
-        path.chmod(0o644)
+        if not private:
+            path.chmod(0o644)
         return path
 
     def launch(
@@ -408,8 +415,8 @@ def _csv_rows(text: str) -> list[dict[str, str]]:
 
 # -- PgBouncer ------------------------------------------------------------------------------
 
-# What the sandbox's servers do not need or a run must not share with a system-wide PgBouncer:
-# password authentication (the servers trust 127.0.0.1), Debian's log, pid and socket files.
+# What a run must not share with a system-wide PgBouncer (Debian's log, pid and socket files),
+# and the lookup of logins in the database, which the recipe does not use.
 _PGBOUNCER_DROPPED = {"auth_user", "auth_query", "auth_hba_file", "logfile", "pidfile", "user"}
 
 
@@ -420,24 +427,29 @@ def pgbouncer_config(
     database: str,
     server_port: int,
     auth_file: Path,
+    trust: bool = False,
     server_host: str = "127.0.0.1",
 ) -> str:
     """The recipe's PgBouncer configuration for one sandbox server: its [pgbouncer] settings
-    (pooling, timeouts, retries), one database entry for the test's database on that server, and
-    trust authentication of the users in auth_file, as the sandbox's servers trust 127.0.0.1."""
+    (authentication, pooling, timeouts, retries) with the test's addresses and auth_file, and
+    one database entry for the test's database on that server; trust: no password asked, for
+    roles the sandbox's servers trust."""
     parser = configparser.ConfigParser(interpolation=None, delimiters=("=",))
     parser.optionxform = str  # type: ignore[assignment,method-assign]
     parser.read_string(recipe)
     if not parser.has_section("pgbouncer") or not parser.has_section("databases"):
         raise ValueError("the recipe lacks a [databases] or a [pgbouncer] section")
     settings = parser["pgbouncer"]
+    if "auth_file" not in settings:
+        raise ValueError("the recipe's PgBouncer has no auth_file")
     for name in _PGBOUNCER_DROPPED:
         settings.pop(name, None)
     settings["listen_addr"] = "127.0.0.1"
     settings["listen_port"] = str(listen_port)
     settings["unix_socket_dir"] = ""
-    settings["auth_type"] = "trust"
     settings["auth_file"] = str(auth_file)
+    if trust:
+        settings["auth_type"] = "trust"
     parser.remove_section("databases")
     parser.add_section("databases")
     parser["databases"][database] = f"host={server_host} port={server_port} dbname={database}"
@@ -446,23 +458,37 @@ def pgbouncer_config(
     return text.getvalue()
 
 
-_USER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_AUTH_LINE = re.compile(r'"[A-Za-z_][A-Za-z0-9_]*" "[^"\n]*"')
 
 
 class PgBouncer(Program):
-    """PgBouncer from the recipe in front of one sandbox server's database, on a free port."""
+    """PgBouncer from the recipe in front of one sandbox server's database, on a free port.
+
+    auth_lines are its auth file's lines, as the README's query prints them from pg_authid
+    (`"role" "SCRAM-SHA-256$..."`), for the recipe's SCRAM logins; with trust, `"role" ""` for
+    each role that may log in (PgBouncer still admits only the roles its auth file names).
+    """
 
     def __init__(
-        self, recipe: Path, *, name: str, database: str, server_port: int, users: Sequence[str]
+        self,
+        recipe: Path,
+        *,
+        name: str,
+        database: str,
+        server_port: int,
+        auth_lines: Sequence[str],
+        trust: bool = False,
     ) -> None:
         super().__init__(f"pgbouncer-{name}")
-        for user in users:
-            if not _USER_NAME.fullmatch(user):
-                raise ValueError(f"unexpected user name for PgBouncer's auth file: {user!r}")
+        for line in auth_lines:
+            if not _AUTH_LINE.fullmatch(line):
+                # Not shown: it may hold a verifier.
+                raise ValueError('a line for PgBouncer\'s auth file is not \'"role" "secret"\'')
         self.recipe = recipe
         self.database = database
         self.server_port = server_port
-        self.users = list(users)
+        self.auth_lines = list(auth_lines)
+        self.trust = trust
         self.port = free_port()
 
     def __enter__(self) -> PgBouncer:
@@ -482,9 +508,10 @@ class PgBouncer(Program):
                 f"no {PGBOUNCER_PROGRAM}: install Debian's pgbouncer (./run test does)"
             )
         self.prepare()
-        # With trust, PgBouncer still admits only the users its auth file names; an empty
-        # secret, since nothing is checked.
-        auth_file = self.write_file("userlist.txt", "".join(f'"{u}" ""\n' for u in self.users))
+        # Verifiers are no passwords, but no business of other local users either.
+        auth_file = self.write_file(
+            "userlist.txt", "".join(f"{line}\n" for line in self.auth_lines), private=True
+        )
         configuration = self.write_file(
             "pgbouncer.ini",
             pgbouncer_config(
@@ -493,6 +520,7 @@ class PgBouncer(Program):
                 database=self.database,
                 server_port=self.server_port,
                 auth_file=auth_file,
+                trust=self.trust,
             ),
         )
         self.launch([PGBOUNCER_PROGRAM, configuration])
