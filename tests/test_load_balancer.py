@@ -357,7 +357,13 @@ def test_haproxy_moves_writes_off_a_stopped_node_and_nothing_is_lost(
     assert not writer.unexpected, writer.unexpected
     assert switches(writer.acks) == ["north", "south", "north", "south"], switches(writer.acks)
     # A handful of failed writes around each move, each retried until it succeeded.
-    assert len(writer.failures) <= 25, writer.failures
+    assert len(writer.failures) <= 25, "\n".join(
+        [
+            f"{f.at - stopped_at:.2f} s after the stop, row {f.id}: {f.error}"
+            for f in writer.failures
+        ]
+        + [f"restarted at {restarted_at - stopped_at:.2f} s; HAProxy's log:", haproxy.log_tail()]
+    )
     acknowledged = [ack.id for ack in writer.acks]
     assert acknowledged == list(range(1, len(acknowledged) + 1))
     assert {failure.id for failure in writer.failures} <= set(acknowledged)
