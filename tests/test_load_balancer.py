@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -39,9 +40,9 @@ from pgconcord.sandbox.proxies import (
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 SCHEMA = "CREATE TABLE writes (id int PRIMARY KEY, note text NOT NULL);"
 LOGIN_ROLE = "app_login"
-# The readiness lag the recipe asks for (`?lag=10` in deploy/haproxy.cfg): the node that takes
-# the writes stays ready while the other is away for longer than that.
-RECIPE_LAG_SECONDS = 10
+# The readiness lag the recipe asks for (`?lag=10`): the node that takes the writes stays ready
+# while the other is away for longer than that.
+RECIPE_LAG_SECONDS = int(re.findall(r"\?lag=(\d+)", (DEPLOY / "haproxy.cfg").read_text())[0])
 
 
 class AgentProcess:
