@@ -64,7 +64,11 @@ def main() -> int:
             cluster.execute(
                 name,
                 "ALTER TABLE pgbench_history ADD COLUMN id uuid"
-                " DEFAULT gen_random_uuid() PRIMARY KEY",
+                " DEFAULT gen_random_uuid() PRIMARY KEY;"
+                # pgbench leaves its balances nullable; counters must not be.
+                " ALTER TABLE pgbench_accounts ALTER abalance SET NOT NULL;"
+                " ALTER TABLE pgbench_tellers ALTER tbalance SET NOT NULL;"
+                " ALTER TABLE pgbench_branches ALTER bbalance SET NOT NULL",
             )
         cluster.write_config(
             "".join(

@@ -3,6 +3,7 @@ nothing that was queued."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -179,3 +180,22 @@ def test_two_config_entries_for_one_database_are_refused(
     )
     line = one_line_error(run_cli("setup", "--config", str(path)))
     assert "north" in line and "south" in line
+
+
+def test_capture_modes_setup_cannot_honour_are_refused_by_name(system_cluster: Cluster) -> None:
+    cluster = system_cluster
+    for name in cluster.names:
+        cluster.execute(name, "CREATE TABLE items (id int PRIMARY KEY)")
+    cluster.write_config('[replication]\ncapture = "wal"\n')
+    line = one_line_error(cluster.cli("setup"))
+    assert 'capture = "wal"' in line and "north" in line
+    for name in cluster.names:
+        assert cluster.admin_value(name, "SELECT to_regclass('pgconcord.change_log')") is None
+    cluster.write_config('[replication]\ncapture = "logical"\n')
+    line = one_line_error(cluster.cli("setup"))
+    assert "capture" in line and "'auto'" in line
+    # "auto" captures with triggers where WAL capture is not to be had, and says so.
+    cluster.write_config('[replication]\ncapture = "auto"\n')
+    assert cluster.cli("setup").returncode == 0
+    status = cluster.cli("status", "--json")
+    assert {node["capture"] for node in json.loads(status.stdout)["nodes"]} == {"trigger"}

@@ -98,7 +98,9 @@ def test_rows_that_were_there_before_replication_merge_too(cluster: Cluster) -> 
 
 def test_counters_and_ordinary_columns_of_one_row_merge(cluster: Cluster) -> None:
     for name in cluster.names:
-        cluster.execute(name, "CREATE TABLE account (id int PRIMARY KEY, owner text, balance int)")
+        cluster.execute(
+            name, "CREATE TABLE account (id int PRIMARY KEY, owner text, balance int NOT NULL)"
+        )
     cluster.write_config('[conflict.table."public.account"]\ndelta_columns = ["balance"]\n')
     cluster.setup()
     cluster.execute("north", "INSERT INTO account VALUES (1, 'ann', 100)")
@@ -202,7 +204,9 @@ def test_counters_of_rows_that_were_there_before_replication_add_up_everywhere(
     cluster: Cluster,
 ) -> None:
     for name in cluster.names:
-        cluster.execute(name, "CREATE TABLE account (id int PRIMARY KEY, owner text, balance int)")
+        cluster.execute(
+            name, "CREATE TABLE account (id int PRIMARY KEY, owner text, balance int NOT NULL)"
+        )
         cluster.execute(name, "INSERT INTO account VALUES (1, 'ann', 100)")
     cluster.write_config('[conflict.table."public.account"]\ndelta_columns = ["balance"]\n')
     cluster.setup()

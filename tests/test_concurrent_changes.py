@@ -14,7 +14,7 @@ def values(cluster: Cluster, statement: str) -> dict[str, object]:
 
 def test_counters_under_node_priority_add_up(cluster: Cluster) -> None:
     for name in cluster.names:
-        cluster.execute(name, "CREATE TABLE acc (id int PRIMARY KEY, balance numeric)")
+        cluster.execute(name, "CREATE TABLE acc (id int PRIMARY KEY, balance numeric NOT NULL)")
     cluster.write_config(
         '[conflict.table."public.acc"]\npriority = ["north", "south"]\n'
         'delta_columns = ["balance"]\n'

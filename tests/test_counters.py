@@ -76,7 +76,11 @@ def test_pgbench_on_three_masters_keeps_the_balances(system_cluster: Cluster) ->
         # History rows need keys that cannot collide between masters.
         cluster.execute(
             name,
-            "ALTER TABLE pgbench_history ADD COLUMN id uuid DEFAULT gen_random_uuid() PRIMARY KEY",
+            "ALTER TABLE pgbench_history ADD COLUMN id uuid DEFAULT gen_random_uuid() PRIMARY KEY;"
+            # pgbench leaves its balances nullable; counters must not be (setup says so).
+            " ALTER TABLE pgbench_accounts ALTER abalance SET NOT NULL;"
+            " ALTER TABLE pgbench_tellers ALTER tbalance SET NOT NULL;"
+            " ALTER TABLE pgbench_branches ALTER bbalance SET NOT NULL",
         )
     cluster.write_config(
         "".join(
@@ -127,4 +131,22 @@ def test_pgbench_on_three_masters_keeps_the_balances(system_cluster: Cluster) ->
             ("pgbench_branches", "bbalance"),
         ):
             assert cluster.value(name, f"SELECT sum({column}) FROM {table}") == history
+    cluster.assert_identical()
+
+
+def test_a_counter_that_may_be_null_is_refused_by_name(cluster: Cluster) -> None:
+    """Going to or from NULL a counter has no difference to add: the nodes would end with
+    different values, so setup refuses the column until it is NOT NULL."""
+    for name in cluster.names:
+        cluster.execute(name, "CREATE TABLE accounts (id int PRIMARY KEY, balance numeric)")
+    cluster.write_config('[conflict.table."public.accounts"]\ndelta_columns = ["balance"]\n')
+    result = cluster.cli("setup")
+    assert result.returncode != 0
+    assert "delta column balance may be NULL" in result.stderr
+    assert "SET NOT NULL" in result.stderr
+    for name in cluster.names:
+        cluster.execute(name, "ALTER TABLE accounts ALTER balance SET NOT NULL")
+    cluster.setup()
+    cluster.execute("north", "INSERT INTO accounts VALUES (1, 10)")
+    cluster.sync()
     cluster.assert_identical()

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 
 import psycopg
 
-from pgconcord import catalog, resolver, rights
+from pgconcord import capture, catalog, resolver, rights
 from pgconcord.apply import first_line
 from pgconcord.catalog import Table
 from pgconcord.config import ClusterConfig
@@ -97,6 +97,27 @@ def check_delta_columns(config: ClusterConfig, tables: list[Table]) -> dict[str,
     return counters
 
 
+def check_counters_not_null(
+    connections: dict[str, psycopg.Connection[tuple[object, ...]]],
+    tables: list[Table],
+    counters: dict[str, tuple[str, ...]],
+) -> None:
+    """A counter that may be NULL has no difference to add when it goes to or from NULL: the
+    nodes would silently end with different values, so it is refused."""
+    for table in tables:
+        columns = counters.get(table.qualified_name)
+        if not columns:
+            continue
+        for node_name, connection in connections.items():
+            nullable = catalog.nullable_columns(connection, table, columns)
+            if nullable:
+                raise SchemaError(
+                    f"table {table.qualified_name}: delta column {nullable[0]} may be NULL on"
+                    f" {node_name}; counters must be NOT NULL (ALTER TABLE"
+                    f" {table.qualified_name} ALTER COLUMN {nullable[0]} SET NOT NULL)"
+                )
+
+
 def assign_key_slots(existing: dict[str, int | None]) -> dict[str, int]:
     """Keep each node's slot; give nodes without one the lowest free slots, in config order."""
     taken = {slot for slot in existing.values() if slot is not None}
@@ -138,6 +159,7 @@ def setup(config: ClusterConfig, progress: Callable[[str], None] = lambda _: Non
         for node in config.nodes:
             connections[node.name] = connect(node)
             check_server_version(connections[node.name], node.name)
+            capture.resolve(connections[node.name], node.name, config.replication.capture)
         node_tables = {}
         for node in config.nodes:
             connection = connections[node.name]
@@ -154,6 +176,7 @@ def setup(config: ClusterConfig, progress: Callable[[str], None] = lambda _: Non
             connection.rollback()
         tables = check_tables(node_tables)
         counters = check_delta_columns(config, tables)
+        check_counters_not_null(connections, tables, counters)
         for table in tables:
             spec = config.table_resolver(table.schema, table.name)
             if spec:

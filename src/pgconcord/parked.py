@@ -23,9 +23,10 @@ from pgconcord.apply.errors import first_line, is_data_problem, is_target_proble
 from pgconcord.apply.plan import TablePlan
 from pgconcord.apply.setwise import apply_table
 from pgconcord.apply.stage import open_target
-from pgconcord.config import NodeConfig
-from pgconcord.conflict import change_object
-from pgconcord.errors import SchemaError
+from pgconcord.config import ClusterConfig, NodeConfig
+from pgconcord.conflict import change_object, recorded_conflicts
+from pgconcord.errors import NodeUnavailable, SchemaError
+from pgconcord.transport import connect
 
 Connection = psycopg.Connection[tuple[object, ...]]
 
@@ -70,6 +71,23 @@ def list_parked(connection: Connection, node_name: str) -> list[dict[str, Any]]:
             }
         )
     return records
+
+
+def conflicts_and_parked(config: ClusterConfig) -> tuple[list[dict[str, Any]], list[str]]:
+    """What `pgconcord conflicts --json` and the HTTP API list: every node's recorded conflicts
+    and parked changes, as JSON-ready objects; and a sentence per node that could not be read."""
+    records: list[dict[str, Any]] = []
+    unreachable = []
+    for node in config.nodes:
+        try:
+            with connect(node, autocommit=True) as connection:
+                records.extend(recorded_conflicts(connection, node.name))
+                records.extend(list_parked(connection, node.name))
+        except NodeUnavailable as error:
+            unreachable.append(str(error))
+        except psycopg.errors.UndefinedTable:
+            unreachable.append(f"node {node.name}: pgconcord is not set up (run pgconcord setup)")
+    return records, unreachable
 
 
 @dataclass

@@ -6,13 +6,14 @@ a purge that fails, a pair lagging beyond the threshold, membership trouble) is 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import psycopg
 
-from pgconcord import catalog, membership
+from pgconcord import capture, catalog, membership
 from pgconcord.config import ClusterConfig
 from pgconcord.errors import NodeUnavailable, NotSetUp
 from pgconcord.transport import connect, first_line
@@ -46,12 +47,14 @@ class NodeStatus:
     change_log_rows: int | None = None
     change_log_bytes: int | None = None
     conflicts: int | None = None
+    conflicts_by_type: dict[str, int] | None = None  # the same, per conflict type
     membership: str | None = None  # joining, active, evicted or parted (as the nodes record it)
     membership_changed_at: str | None = None
     parked_changes: int | None = None  # waiting for an operator (pgconcord conflicts)
     # Why the node's change log could not be purged, while it cannot (015_purge_failure.sql).
     purge_failure: str | None = None
     purge_failing_since: str | None = None
+    capture: str | None = None  # how the node captures its changes: "trigger" or "wal"
 
 
 @dataclass
@@ -133,7 +136,10 @@ def _node_status(connection: psycopg.Connection[tuple[object, ...]], name: str) 
                   pg_total_relation_size('pgconcord.change_log'),
                   (SELECT count(*) FROM pgconcord.conflict),
                   (SELECT count(*) FROM pgconcord.parked_change WHERE state = 'parked'),
-                  to_regclass('pgconcord.purge_failure') IS NOT NULL"""
+                  to_regclass('pgconcord.purge_failure') IS NOT NULL,
+                  (SELECT coalesce(jsonb_object_agg(conflict_type, n), '{}')
+                     FROM (SELECT conflict_type, count(*) AS n FROM pgconcord.conflict
+                            GROUP BY conflict_type) t)"""
     ).fetchone()
     assert row is not None
     tables, rows, size, conflicts, parked = (int(str(value)) for value in row[:5])
@@ -150,9 +156,13 @@ def _node_status(connection: psycopg.Connection[tuple[object, ...]], name: str) 
         change_log_rows=rows,
         change_log_bytes=size,
         conflicts=conflicts,
+        conflicts_by_type={str(k): int(v) for k, v in dict(row[6]).items()}
+        if isinstance(row[6], dict)
+        else {},
         parked_changes=parked,
         purge_failure=None if failure is None else str(failure[0]),
         purge_failing_since=None if failure is None else str(failure[1]),
+        capture=capture.installed_mode(connection),
     )
 
 
@@ -160,6 +170,7 @@ def _read_node_status(connection: psycopg.Connection[tuple[object, ...]], name: 
     try:
         return _node_status(connection, name)
     except psycopg.Error as error:  # reached, but pgconcord's tables cannot be read (rights)
+        connection.rollback()
         return NodeStatus(
             name=name, reachable=True, error=f"cannot read its status: {first_line(error)}"
         )
@@ -210,7 +221,9 @@ def cluster_status(
     try:
         for node in config.nodes:
             try:
-                connection = connect(node, autocommit=True)
+                # One read-only transaction per node, not one per statement: the agent's HTTP
+                # server reads the status every second while load balancers check it.
+                connection = connect(node)
             except NodeUnavailable as error:
                 status.nodes.append(NodeStatus(name=node.name, reachable=False, error=error.reason))
                 continue
@@ -286,5 +299,7 @@ def cluster_status(
                 )
     finally:
         for connection in connections.values():
+            with contextlib.suppress(psycopg.Error):
+                connection.rollback()
             connection.close()
     return status

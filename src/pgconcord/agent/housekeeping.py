@@ -10,6 +10,7 @@ from typing import Protocol
 import psycopg
 
 from pgconcord import catalog
+from pgconcord.agent.heartbeat import tick
 from pgconcord.agent.purging import (
     clear_purge_failure,
     purge_failure_reason,
@@ -45,6 +46,7 @@ def purge_loop(agent: Host) -> None:
     while True:
         config = agent.config
         for name in list(agent.nodes):
+            tick()  # a round's purges may each wait for a node's connection timeout
             if agent.stopping.is_set():
                 return
             try:
@@ -91,6 +93,7 @@ def capture_loop(agent: Host, node: NodeConfig, stop: threading.Event) -> None:
     left on the generic capture (see catalog.regenerate_capture); never on a peer's."""
     connection: psycopg.Connection[tuple[object, ...]] | None = None
     while not (stop.wait(CAPTURE_SECONDS) or agent.stopping.is_set()):
+        tick()
         try:
             if connection is None or connection.closed:
                 connection = connect(node)

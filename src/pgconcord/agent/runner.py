@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import psycopg
 
 from pgconcord import membership, transport
-from pgconcord.agent.housekeeping import capture_loop, purge_loop
+from pgconcord.agent.heartbeat import Heartbeats, tick
+from pgconcord.agent.housekeeping import CAPTURE_SECONDS, PURGE_SECONDS, capture_loop, purge_loop
 from pgconcord.agent.pair import PairState, pairs
 from pgconcord.agent.readiness import is_set_up
 from pgconcord.apply import Puller, PullResult
@@ -104,6 +105,7 @@ class Agent:
         # The loops one node has, whatever its pairs: ("watch" | "capture", node) -> its stop.
         self._node_loops: dict[tuple[str, str], tuple[NodeConfig, threading.Event]] = {}
         self._threads: list[threading.Thread] = []
+        self.heartbeats = Heartbeats()  # the loops' liveness, for the HTTP server's /health
         self._reconfiguring = threading.Lock()
         # Nodes last seen unreachable, with the reason: one log line when one goes, one when
         # it comes back, however many pairs notice.
@@ -125,7 +127,7 @@ class Agent:
     def start(self) -> Agent:
         with self._reconfiguring:
             self._arrange(self.config)
-        self._spawn("purge", purge_loop, self)
+        self._spawn("purge", PURGE_SECONDS, purge_loop, self)
         return self
 
     def reconfigure(self, config: ClusterConfig) -> list[str]:
@@ -168,7 +170,12 @@ class Agent:
         self._pairs = current
         self.states = {key: pair.state for key, pair in current.items()}
         for pair in started:
-            self._spawn(f"pull {pair.origin.name}->{pair.target.name}", self._pair_loop, pair)
+            self._spawn(
+                f"pull {pair.origin.name}->{pair.target.name}",
+                max(self.poll_seconds, MAX_BACKOFF_SECONDS),
+                self._pair_loop,
+                pair,
+            )
         loops: dict[tuple[str, str], NodeConfig] = {
             ("watch", origin.name): origin for origin, _ in wanted.values()
         }
@@ -183,14 +190,29 @@ class Agent:
                 stop = threading.Event()
                 running[key] = (node, stop)
                 if key[0] == "watch":
-                    self._spawn(f"{key[0]} {node.name}", self._watch_loop, node, stop)
+                    self._spawn(
+                        f"{key[0]} {node.name}",
+                        UNAVAILABLE_BACKOFF_SECONDS,
+                        self._watch_loop,
+                        node,
+                        stop,
+                    )
                 else:  # housekeeping.capture_loop, on this agent's own nodes
-                    self._spawn(f"{key[0]} {node.name}", capture_loop, self, node, stop)
+                    self._spawn(
+                        f"{key[0]} {node.name}", CAPTURE_SECONDS, capture_loop, self, node, stop
+                    )
         self._node_loops = running
         return changes
 
-    def _spawn(self, name: str, function: Callable[..., None], *arguments: object) -> None:
-        thread = threading.Thread(target=function, args=arguments, name=name, daemon=True)
+    def _spawn(
+        self, name: str, round_seconds: float, function: Callable[..., None], *arguments: object
+    ) -> None:
+        thread = threading.Thread(
+            target=self.heartbeats.run,
+            args=(name, round_seconds, function, *arguments),
+            name=name,
+            daemon=True,
+        )
         thread.start()
         self._threads.append(thread)
 
@@ -299,6 +321,8 @@ class Agent:
             return pair.stopped(self)
 
         def on_progress(progress: PullResult) -> None:
+            tick()
+            state.last_progress_at = time.time()
             state.sentence = (
                 f"applying changes from {origin.name}: {progress.changes} so far"
                 f" in {progress.transactions} transactions"
@@ -306,9 +330,11 @@ class Agent:
 
         try:
             while not stopped():
+                tick()
                 pair.wake.clear()
                 pair.retry.clear()
                 pulled_at = time.monotonic()
+                started_at = time.time()
                 try:
                     # One window per wake: a commit after its snapshot is seen by the watch
                     # loop, which sets the wake again (the timer covers a missed one), so
@@ -348,7 +374,10 @@ class Agent:
                         self._reachable(target.name)
                     backoff = 0.0
                     state.healthy = True
-                    state.last_pull_at = time.time()
+                    state.last_pull_at = state.last_progress_at = time.time()
+                    behind_since = state.behind_since
+                    if behind_since is not None and behind_since <= started_at:
+                        state.behind_since = None  # this pull's snapshot had it
                     state.applied_changes += result.changes
                     state.conflicts += result.conflicts
                     if result.changes:
@@ -385,12 +414,16 @@ class Agent:
         if log_it if log_it is not None else (state.healthy or state.sentence != sentence):
             log.warning("%s -> %s: %s", state.origin, state.target, sentence)
         state.healthy = False
-        state.sentence = sentence
+        state.sentence = state.last_error = sentence
+        state.last_error_at = time.time()
         return min(cap, max(0.5, backoff * 2))
 
     def _wake_pairs_from(self, origin: str) -> None:
+        now = time.time()
         for pair in self._pairs.values():
             if pair.origin.name == origin:
+                if pair.state.behind_since is None:
+                    pair.state.behind_since = now
                 pair.wake.set()
 
     def _watch_loop(self, origin: NodeConfig, stop: threading.Event) -> None:
@@ -406,6 +439,7 @@ class Agent:
         query per interval costs the origin the same whatever its write rate."""
         backoff = 0.5
         while not (self.stopping.is_set() or stop.is_set()):
+            tick()
             try:
                 with connect(origin, autocommit=True) as connection:
                     connection.execute(f"LISTEN {CHANNEL}")
@@ -417,6 +451,7 @@ class Agent:
                     seen = _snapshot(connection)
                     interval = WATCH_BUSY_SECONDS
                     while not (self.stopping.is_set() or stop.is_set()):
+                        tick()
                         news = woken = False
                         for notify in connection.notifies(timeout=interval, stop_after=1):
                             if notify.payload == membership.MEMBERSHIP_NEWS:

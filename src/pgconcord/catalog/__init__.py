@@ -45,6 +45,7 @@ from pgconcord.catalog.tables import (
     discover_tables,
     fingerprint,
     foreign_keys,
+    nullable_columns,
     registered_tables,
     resolvers_of,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "latest_version",
     "local_node_name",
     "migrate",
+    "nullable_columns",
     "read_sql",
     "regenerate_capture",
     "registered_tables",

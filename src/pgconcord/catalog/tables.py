@@ -4,6 +4,7 @@ counter columns, resolvers, the fingerprint of it all)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import psycopg
@@ -157,6 +158,19 @@ def _with_registered_keys(
         else replace(table, key_columns=registered.get((table.schema, table.name), ()))
         for table in tables
     ]
+
+
+def nullable_columns(
+    connection: psycopg.Connection[tuple[object, ...]], table: Table, columns: Sequence[str]
+) -> list[str]:
+    """Those of the columns that may hold NULL on this node."""
+    row = connection.execute(
+        "SELECT coalesce(array_agg(a.attname::text ORDER BY a.attnum), '{}') FROM pg_attribute a"
+        " WHERE a.attrelid = %s::regclass AND a.attname = ANY (%s) AND NOT a.attnotnull",
+        (table.identifier.as_string(connection), list(columns)),
+    ).fetchone()
+    assert row is not None and isinstance(row[0], list)
+    return [str(name) for name in row[0]]
 
 
 def check_declared_key(connection: psycopg.Connection[tuple[object, ...]], table: Table) -> None:

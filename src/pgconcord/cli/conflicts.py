@@ -8,12 +8,11 @@ import sys
 from typing import Any
 
 import click
-import psycopg
 from rich.table import Table as RichTable
 
 from pgconcord.cli.options import _load, _print_json, config_option, console, json_option
 from pgconcord.config import ClusterConfig, NodeConfig
-from pgconcord.errors import NodeUnavailable, PgconcordError
+from pgconcord.errors import PgconcordError
 
 
 @click.group(invoke_without_command=True)
@@ -26,22 +25,9 @@ def conflicts(context: click.Context, config_path: str | None, as_json: bool) ->
     context.obj["config_path"] = config_path
     if context.invoked_subcommand is not None:
         return
-    from pgconcord.conflict import recorded_conflicts
-    from pgconcord.parked import list_parked
-    from pgconcord.transport import connect
+    from pgconcord.parked import conflicts_and_parked
 
-    config = _load(config_path)
-    records: list[dict[str, Any]] = []
-    unreachable = []
-    for node in config.nodes:
-        try:
-            with connect(node, autocommit=True) as connection:
-                records.extend(recorded_conflicts(connection, node.name))
-                records.extend(list_parked(connection, node.name))
-        except NodeUnavailable as error:
-            unreachable.append(str(error))
-        except psycopg.errors.UndefinedTable:
-            unreachable.append(f"node {node.name}: pgconcord is not set up (run pgconcord setup)")
+    records, unreachable = conflicts_and_parked(_load(config_path))
     for line in unreachable:
         click.echo(line, err=True)
     if as_json:

@@ -42,11 +42,24 @@ def setup(config_path: str | None) -> None:
 @click.command()
 @config_option
 @click.option("--node", "node_name", metavar="NAME", help="Replicate into this node only.")
-def run(config_path: str | None, node_name: str | None) -> None:
+@click.option(
+    "--http",
+    "http_listen",
+    metavar="HOST:PORT",
+    help="Serve health, readiness, metrics, the API and the console here ([http] listen).",
+)
+def run(config_path: str | None, node_name: str | None, http_listen: str | None) -> None:
     """Replicate continuously until SIGTERM or SIGINT; SIGHUP reloads the config file."""
     from pgconcord.agent import Agent, nodes_not_set_up
+    from pgconcord.config import parse_listen
 
     config = _load(config_path)
+    if http_listen is not None:
+        try:
+            parse_listen(http_listen)
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="--http") from None
+    listen = http_listen or config.http.listen
     nodes = [config.node_by_name(node_name).name] if node_name else None
     # A node that is down now is waited for; one that is up without pgconcord's catalog would
     # only fail the same way for ever.
@@ -74,25 +87,38 @@ def run(config_path: str | None, node_name: str | None) -> None:
     signal.signal(signal.SIGINT, request_stop)
     if hasattr(signal, "SIGHUP"):  # not on Windows: there a restart takes a new config
         signal.signal(signal.SIGHUP, request_reload)
-    agent.start()
-    log.info("replicating into %s", ", ".join(agent.nodes))
-    while not agent.stopping.wait(0.5):
-        if reload_requested.is_set():
-            reload_requested.clear()
-            _reload(agent, config_path)
-    agent.stop()
+    # Bound before replication starts: an address in use stops `run` with one line.
+    server = None
+    if listen:
+        from pgconcord.web import start_http_server
+
+        server = start_http_server(agent, listen)
+    try:
+        agent.start()
+        log.info("replicating into %s", ", ".join(agent.nodes))
+        while not agent.stopping.wait(0.5):
+            if reload_requested.is_set():
+                reload_requested.clear()
+                _reload(agent, config_path)
+    finally:
+        if server is not None:  # first: a load balancer sees the node go at once
+            server.stop()
+        agent.stop()
 
 
 def _reload(agent: Agent, config_path: str | None) -> None:
     """Give the running agent the config file as it is now; a config that cannot be used is
     logged and the agent goes on with the one it has."""
     log = logging.getLogger(__name__)
+    listen = agent.config.http.listen
     try:
         config = _load(config_path)
         changes = agent.reconfigure(config)
     except PgconcordError as error:
         log.error("config not reloaded, replicating on with the previous one: %s", error)
         return
+    if config.http.listen != listen:  # the token file is read at each request: no restart
+        log.warning("http: a changed [http] listen takes effect when the agent is restarted")
     log.info("config reloaded: %s", "; ".join(changes) if changes else "the same pairs replicate")
 
 

@@ -12,10 +12,12 @@ from pgconcord.config.model import (
     ClusterSection,
     ConflictConfig,
     ConflictPolicy,
+    HttpConfig,
     NodeConfig,
     ReplicationConfig,
     TableConflictConfig,
     parse_duration,
+    parse_listen,
 )
 
 __all__ = [
@@ -24,11 +26,13 @@ __all__ = [
     "ClusterSection",
     "ConflictConfig",
     "ConflictPolicy",
+    "HttpConfig",
     "NodeConfig",
     "ReplicationConfig",
     "TableConflictConfig",
     "load_config",
     "parse_config",
     "parse_duration",
+    "parse_listen",
     "redacted_dsn",
 ]

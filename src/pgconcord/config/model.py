@@ -160,6 +160,9 @@ class ReplicationConfig(_Section):
     # A node that has not applied a node's changes for this long is evicted from its backlog
     # (it no longer holds back the purge) and must join again; None: never.
     evict_after: Duration | None = None
+    # How each node captures its changes (pgconcord.capture): "wal" by logical decoding,
+    # "trigger" by row triggers, "auto" the best the node allows.
+    capture: Literal["auto", "trigger", "wal"] = "auto"
 
     @property
     def evict_after_seconds(self) -> float | None:
@@ -239,6 +242,53 @@ class ConflictConfig(_Section):
         return parse_duration(self.keep)
 
 
+_LISTEN_RULE = 'HOST:PORT, such as "127.0.0.1:8585" or "[::1]:8585" (an IPv6 address in brackets)'
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """The (host, port) of a listen address "HOST:PORT" or "[IPV6]:PORT"; ValueError saying
+    what is expected."""
+    host, colon, port = text.strip().rpartition(":")
+    if not colon or not host or not port:
+        raise ValueError(f"{text!r} is not {_LISTEN_RULE}")
+    if host.startswith("["):
+        if not host.endswith("]") or len(host) < 3:
+            raise ValueError(f"{text!r} is not {_LISTEN_RULE}")
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{text!r}: write an IPv6 address in brackets, as in [::1]:8585")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{text!r}: the port must be a number from 1 to 65535")
+    if any(character.isspace() for character in host):
+        raise ValueError(f"{text!r} is not {_LISTEN_RULE}")
+    return host, int(port)
+
+
+def _check_listen(text: str) -> str:
+    try:
+        parse_listen(text)
+    except ValueError as error:
+        raise _invalid(str(error)) from None
+    return text
+
+
+Listen = Annotated[str, AfterValidator(_check_listen)]
+
+
+class HttpConfig(_Section):
+    """`[http]`: the agent's HTTP server (health, readiness, metrics, JSON API, console); off
+    while `listen` is not set (`pgconcord run --http HOST:PORT` sets it too)."""
+
+    listen: Listen | None = None
+    # A file holding the token the console and every POST need (PGCONCORD_TOKEN wins); a
+    # relative path is read from the config file's directory.
+    token_file: Text | None = None
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return None if self.listen is None else parse_listen(self.listen)
+
+
 class ClusterConfig(_Section):
     """The whole cluster file."""
 
@@ -246,6 +296,7 @@ class ClusterConfig(_Section):
     node: list[NodeConfig]
     replication: ReplicationConfig = Field(default_factory=ReplicationConfig)
     conflict: ConflictConfig = Field(default_factory=ConflictConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
     # Set by load_config, never read from the file: excluded fields are not accepted as keys.
     source_path: Path | None = Field(default=None, exclude=True)
 

@@ -1,0 +1,222 @@
+"""What capture costs the writer, for the capture designs of issue 9: pgbench (tpcb-like) on one
+server, in databases that differ only in what runs inside the user's transaction:
+
+  bare              nothing (the reference);
+  today             pgconcord's capture as `setup` installs it (row triggers that upsert
+                    pgconcord.row_version and append to pgconcord.change_log);
+  today_wall_clock  the same with a clock_now() that reads no table (the wall clock alone);
+  append_row        a prototype: a row trigger per table that only appends the raw change (key,
+                    row, changed columns, a node-wide hybrid clock) to one log table, no read
+                    of any other table and no upsert: row versions would be derived later,
+                    off the user's transaction;
+  append_statement  the same append, once per statement, from transition tables.
+
+No agent runs: this is the writer's side alone (the apply and the deferred stamping are not
+in it). Reported per database: TPS (median of rounds, the order rotating) and the CPU seconds
+the client backends spent per 1,000 transactions, each as a ratio to bare.
+
+    python bench/capture_options.py [--rounds N] [--seconds S] [--clients C]
+"""
+
+from __future__ import annotations
+
+import sys
+
+import common
+from common import APP_BACKENDS, CpuSampler, progress
+
+BARE, TODAY, APPEND_ROW, APPEND_STATEMENT = "bare", "today", "append_row", "append_statement"
+TODAY_WALL_CLOCK = "today_wall_clock"
+SYSTEMS = (BARE, TODAY, TODAY_WALL_CLOCK, APPEND_ROW, APPEND_STATEMENT)
+# pgbench's tables with their keys; pgbench_history's key is the hid added by pgbench_database.
+TABLES = {
+    "pgbench_accounts": "aid",
+    "pgbench_tellers": "tid",
+    "pgbench_branches": "bid",
+    "pgbench_history": "hid",
+}
+
+_LOG = """
+CREATE SCHEMA proto;
+CREATE TABLE proto.raw_change (
+    id bigserial NOT NULL,
+    txid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    table_id integer NOT NULL,
+    operation "char" NOT NULL,
+    row_key jsonb NOT NULL,
+    clock bigint NOT NULL,
+    new_row jsonb,
+    changed text[]
+);
+CREATE INDEX raw_change_txid ON proto.raw_change (txid);
+-- The node-wide hybrid clock: applying a peer's change would push it past that change's clock.
+CREATE SEQUENCE proto.hybrid_clock;
+CREATE FUNCTION proto.clock_now() RETURNS bigint LANGUAGE sql VOLATILE AS $$
+    SELECT greatest((extract(epoch FROM clock_timestamp()) * 1000000)::bigint,
+                    pg_sequence_last_value('proto.hybrid_clock'::regclass) + 1)
+$$;
+"""
+
+
+def _changed(columns: list[str], key: str) -> str:
+    """The array of the names of columns an update changed (OLD/NEW of a row trigger)."""
+    tests = [f"CASE WHEN o.{c} IS DISTINCT FROM n.{c} THEN '{c}' END" for c in columns if c != key]
+    return f"array_remove(ARRAY[{', '.join(tests)}]::text[], NULL)"
+
+
+def _append_row(table_id: int, table: str, key: str, columns: list[str]) -> str:
+    changed = _changed(columns, key).replace("o.", "OLD.").replace("n.", "NEW.")
+    return f"""
+CREATE FUNCTION proto.capture_{table}() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        INSERT INTO proto.raw_change (table_id, operation, row_key, clock)
+        VALUES ({table_id}, 'D', jsonb_build_object('{key}', OLD.{key}), proto.clock_now());
+    ELSIF TG_OP = 'UPDATE' THEN
+        INSERT INTO proto.raw_change (table_id, operation, row_key, clock, new_row, changed)
+        VALUES ({table_id}, 'U', jsonb_build_object('{key}', NEW.{key}), proto.clock_now(),
+                to_jsonb(NEW), {changed});
+    ELSE
+        INSERT INTO proto.raw_change (table_id, operation, row_key, clock, new_row)
+        VALUES ({table_id}, 'I', jsonb_build_object('{key}', NEW.{key}), proto.clock_now(),
+                to_jsonb(NEW));
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER capture AFTER INSERT OR UPDATE OR DELETE ON {table}
+    FOR EACH ROW EXECUTE FUNCTION proto.capture_{table}();
+"""
+
+
+def _append_statement(table_id: int, table: str, key: str, columns: list[str]) -> str:
+    def function(operation: str, body: str) -> str:
+        return f"""
+CREATE FUNCTION proto.capture_{operation}_{table}() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    {body};
+    RETURN NULL;
+END $$;
+"""
+
+    insert = (
+        "INSERT INTO proto.raw_change (table_id, operation, row_key, clock, new_row)"
+        f" SELECT {table_id}, 'I', jsonb_build_object('{key}', n.{key}), proto.clock_now(),"
+        " to_jsonb(n) FROM new_rows n"
+    )
+    update = (
+        "INSERT INTO proto.raw_change (table_id, operation, row_key, clock, new_row, changed)"
+        f" SELECT {table_id}, 'U', jsonb_build_object('{key}', n.{key}), proto.clock_now(),"
+        f" to_jsonb(n), {_changed(columns, key)} FROM new_rows n JOIN old_rows o USING ({key})"
+    )
+    delete = (
+        "INSERT INTO proto.raw_change (table_id, operation, row_key, clock)"
+        f" SELECT {table_id}, 'D', jsonb_build_object('{key}', o.{key}), proto.clock_now()"
+        " FROM old_rows o"
+    )
+    return (
+        function("insert", insert)
+        + function("update", update)
+        + function("delete", delete)
+        + f"""
+CREATE TRIGGER capture_insert AFTER INSERT ON {table} REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION proto.capture_insert_{table}();
+CREATE TRIGGER capture_update AFTER UPDATE ON {table}
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION proto.capture_update_{table}();
+CREATE TRIGGER capture_delete AFTER DELETE ON {table} REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION proto.capture_delete_{table}();
+"""
+    )
+
+
+def _install_prototype(dsn: str, make: object) -> None:
+    assert callable(make)
+    statements = [_LOG]
+    for table_id, (table, key) in enumerate(TABLES.items(), start=1):
+        columns = [
+            str(row[0])
+            for row in common.connect(dsn)
+            .execute(
+                "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0"
+                " AND NOT attisdropped ORDER BY attnum",
+                (table,),
+            )
+            .fetchall()
+        ]
+        statements.append(make(table_id, table, key, columns))
+    common.execute(dsn, *statements)
+
+
+def main() -> int:
+    parser = common.base_arguments(__doc__ or "")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--clients", type=int, default=2)
+    parser.add_argument("--scale", type=int, default=10)
+    arguments = parser.parse_args()
+    load_at_start = common.load_note()
+    progress("starting a server (fsync on)")
+    (server,) = common.start_servers(["capture-options"], fsync=True)
+    try:
+        common.pgbench_database(server, "template_bench", arguments.scale)
+        for system in (*SYSTEMS, f"{TODAY}_peer", f"{TODAY_WALL_CLOCK}_peer"):
+            server.create_database(system, template="template_bench")
+        # pgconcord's capture as for a cluster of two databases; no agent ever runs.
+        for system in (TODAY, TODAY_WALL_CLOCK):
+            common.concord_setup(
+                common.concord_config_text(
+                    [("a", server.dsn(system)), ("b", server.dsn(f"{system}_peer"))]
+                )
+            )
+        common.execute(
+            server.dsn(TODAY_WALL_CLOCK),
+            "CREATE OR REPLACE FUNCTION pgconcord.clock_now() RETURNS bigint LANGUAGE sql"
+            " VOLATILE AS $$ SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint $$",
+        )
+        _install_prototype(server.dsn(APPEND_ROW), _append_row)
+        _install_prototype(server.dsn(APPEND_STATEMENT), _append_statement)
+        tps: dict[str, list[float]] = {system: [] for system in SYSTEMS}
+        cpu: dict[str, list[float]] = {system: [] for system in SYSTEMS}
+        with CpuSampler() as sampler:
+            sampler.add_server("server", server)
+            for round_number in range(arguments.rounds):
+                shift = round_number % len(SYSTEMS)
+                order = SYSTEMS[shift:] + SYSTEMS[:shift]
+                for system in order:
+                    common.execute(server.dsn(system), *[f"VACUUM {table}" for table in TABLES])
+                    common.checkpoint(server)
+                    before = sampler.snapshot()
+                    result = common.pgbench_run(
+                        server, system, clients=arguments.clients, seconds=arguments.seconds
+                    )
+                    spent = (sampler.snapshot() - before).get("server", APP_BACKENDS)
+                    tps[system].append(result.tps)
+                    cpu[system].append(1000 * spent / max(1, result.transactions))
+                    progress(
+                        f"round {round_number + 1} {system}: {result.tps:.0f} tps,"
+                        f" {cpu[system][-1]:.3f} CPU s per 1,000 transactions"
+                    )
+        bare_tps, bare_cpu = common.median(tps[BARE]), common.median(cpu[BARE])
+        common.print_table(
+            f"Capture cost on the writer (pgbench -c {arguments.clients}, scale {arguments.scale},"
+            f" {arguments.rounds} x {arguments.seconds:g} s; {load_at_start})",
+            ["database", "TPS", "/ bare", "backend CPU s per 1,000 tx", "/ bare"],
+            [
+                [
+                    system,
+                    f"{common.median(tps[system]):.0f}",
+                    f"{common.median(tps[system]) / bare_tps:.2f}",
+                    f"{common.median(cpu[system]):.3f}",
+                    f"{common.median(cpu[system]) / bare_cpu:.2f}",
+                ]
+                for system in SYSTEMS
+            ],
+        )
+        print(f"load at the end: {common.load_note()}")
+    finally:
+        server.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
