@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg
 from flask import Flask, Response, redirect, request
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 
 from pgconcord.errors import ConfigError, NodeUnavailable
 from pgconcord.parked import conflicts_and_parked, discard, retry_parked
@@ -118,7 +118,9 @@ def create_app(live: Live, timeline: Timeline) -> Flask:
 
     @app.get("/metrics")
     def metrics() -> Response:
-        return Response(generate_latest(registry), mimetype=None, content_type=CONTENT_TYPE_LATEST)
+        # Prometheus' text format, or OpenMetrics when the scraper asks for it.
+        encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return Response(encode(registry), content_type=content_type)
 
     @app.get("/api/v1/status")
     def status() -> Response:
