@@ -334,6 +334,10 @@ def test_the_endpoints_of_a_running_agent(system_cluster: Cluster, tmp_path: Pat
         assert into_north["agent_sentence"]
         assert pair_of(live, "north", "east")["agent_running"] is False
         assert live["agent"]["nodes"] == ["north"]
+        strict = agent.get("/api/v1/status?lag=0.000001").json  # as `status --lag`
+        assert strict["lag_threshold_seconds"] == 0.000001
+        assert any(p.startswith("east lags") for p in strict["problems"]), strict["problems"]
+        assert agent.get("/api/v1/status?lag=-1").status == 400
 
         # /metrics: the figures of `status --json`.
         text = agent.get("/metrics").text

@@ -124,11 +124,18 @@ def create_app(live: Live, timeline: Timeline) -> Flask:
 
     @app.get("/api/v1/status")
     def status() -> Response:
+        text = request.args.get("lag")  # as `status --lag SECONDS`: the threshold of problems
+        try:
+            threshold = None if text is None else float(text)
+            if threshold is not None and not threshold >= 0:
+                raise ValueError
+        except ValueError:
+            return _error(f"lag={text!r}: not seconds >= 0", 400)
         try:
             reading = live.reading()
         except StatusUnavailable as error:
             return _error(str(error), 503)
-        return _json(live.status_json(reading))
+        return _json(live.status_json(reading, lag_threshold_seconds=threshold))
 
     @app.get("/api/v1/timeline")
     def timeline_view() -> Response:

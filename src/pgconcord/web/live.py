@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import psycopg
@@ -170,12 +170,18 @@ class Live:
             "heartbeat_lag_seconds": heartbeat_lag(state, now),
         }
 
-    def status_json(self, reading: Reading) -> dict[str, Any]:
-        """`status --json` of the reading, each pair with its heartbeat; a pair of this agent
-        that is not live, or a node it cannot reach, is a problem (and the cluster not
-        healthy) at once, not when the lag threshold is passed."""
+    def status_json(
+        self, reading: Reading, *, lag_threshold_seconds: float | None = None
+    ) -> dict[str, Any]:
+        """`status --json` of the reading (with `--lag lag_threshold_seconds` when given), each
+        pair with its heartbeat; a pair of this agent that is not live, or a node it cannot
+        reach, is a problem (and the cluster not healthy) at once, not when the lag threshold
+        is passed."""
         now = time.time()
-        data = reading.status.to_json()
+        status = reading.status
+        if lag_threshold_seconds is not None:
+            status = replace(status, lag_threshold_seconds=lag_threshold_seconds)
+        data = status.to_json()
         reachable = {node.name: node.reachable for node in reading.status.nodes}
         states = self.agent.states
         problems: list[str] = []
