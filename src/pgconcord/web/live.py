@@ -131,10 +131,10 @@ class Live:
         if last == 0.0:
             running = now - self.started_at
             if running > self.stale_after_seconds:
-                return f"{pair}: no successful pull in the {running:.0f} s the agent has run"
+                return f"{pair}: no pull finished in the {running:.0f} s the agent has run"
             return None
-        if now - last > self.stale_after_seconds:
-            return f"{pair}: no successful pull for {now - last:.0f} s"
+        if now - last > self.stale_after_seconds:  # a pull stuck, or one long under way
+            return f"{pair}: no pull finished for {now - last:.0f} s ({state.sentence})"
         return None
 
     def heartbeat(self, state: PairState | None, now: float) -> dict[str, Any]:
