@@ -22,9 +22,11 @@ from harness import Cluster, wait_for
 
 from pgconcord.agent import Agent
 from pgconcord.agent.heartbeat import Heartbeats
-from pgconcord.config import parse_config
+from pgconcord.config import load_config, parse_config
 from pgconcord.errors import ConfigError
 from pgconcord.web import start_http_server
+from pgconcord.web.live import Live
+from pgconcord.web.readiness import readiness
 
 TOKEN = "s3cret-token-for-tests"
 SCHEMA = "CREATE TABLE stock (id int PRIMARY KEY, item text, quantity int)"
@@ -252,6 +254,36 @@ def test_health_is_503_once_a_loop_of_a_running_agent_died(system_cluster: Clust
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
 
+def test_a_node_that_does_not_answer_does_not_hold_up_the_checks(
+    system_cluster: Cluster, tmp_path: Path
+) -> None:
+    cluster = system_cluster
+    cluster.setup()
+    # A host that takes the connection and never answers (as one cut off by a firewall): each
+    # reading of the status waits for its connection timeout.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        nodes = "".join(
+            f'[[node]]\nname = "{name}"\ndsn = "{dsn}"\n\n' for name, dsn in cluster.dsns.items()
+        )
+        silent_node = f'[[node]]\nname = "west"\ndsn = "host=127.0.0.1 port={port} dbname=x"\n'
+        path = tmp_path / "silent.toml"
+        path.write_text(f'[cluster]\nname = "test"\n\n{nodes}{silent_node}')
+        live = Live(Agent(load_config(path)))
+        began = time.monotonic()
+        first = live.reading()  # nothing at hand yet: waited for
+        assert time.monotonic() - began >= 4
+        west = next(node for node in first.status.nodes if node.name == "west")
+        assert not west.reachable and "timeout" in str(west.error)
+        time.sleep(live.cache_seconds)
+        began = time.monotonic()
+        assert live.reading() is first  # the new reading is under way: the last one meanwhile
+        assert time.monotonic() - began < 2
+        assert readiness(first.status, "north", 10.0).ready
+
+
 # -- a running agent -------------------------------------------------------------------------
 
 
@@ -302,6 +334,10 @@ def test_the_endpoints_of_a_running_agent(system_cluster: Cluster, tmp_path: Pat
         assert into_north["agent_sentence"]
         assert pair_of(live, "north", "east")["agent_running"] is False
         assert live["agent"]["nodes"] == ["north"]
+        strict = agent.get("/api/v1/status?lag=0.000001").json  # as `status --lag`
+        assert strict["lag_threshold_seconds"] == 0.000001
+        assert any(p.startswith("east lags") for p in strict["problems"]), strict["problems"]
+        assert agent.get("/api/v1/status?lag=-1").status == 400
 
         # /metrics: the figures of `status --json`.
         text = agent.get("/metrics").text

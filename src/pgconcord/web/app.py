@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg
 from flask import Flask, Response, redirect, request
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 
 from pgconcord.errors import ConfigError, NodeUnavailable
 from pgconcord.parked import conflicts_and_parked, discard, retry_parked
@@ -118,15 +118,24 @@ def create_app(live: Live, timeline: Timeline) -> Flask:
 
     @app.get("/metrics")
     def metrics() -> Response:
-        return Response(generate_latest(registry), mimetype=None, content_type=CONTENT_TYPE_LATEST)
+        # Prometheus' text format, or OpenMetrics when the scraper asks for it.
+        encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return Response(encode(registry), content_type=content_type)
 
     @app.get("/api/v1/status")
     def status() -> Response:
+        text = request.args.get("lag")  # as `status --lag SECONDS`: the threshold of problems
+        try:
+            threshold = None if text is None else float(text)
+            if threshold is not None and not threshold >= 0:
+                raise ValueError
+        except ValueError:
+            return _error(f"lag={text!r}: not seconds >= 0", 400)
         try:
             reading = live.reading()
         except StatusUnavailable as error:
             return _error(str(error), 503)
-        return _json(live.status_json(reading))
+        return _json(live.status_json(reading, lag_threshold_seconds=threshold))
 
     @app.get("/api/v1/timeline")
     def timeline_view() -> Response:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import psycopg
@@ -19,6 +19,8 @@ from pgconcord.status import DEFAULT_LAG_SECONDS, ClusterStatus, cluster_status
 from pgconcord.transport import first_line
 
 CACHE_SECONDS = 1.0
+WAIT_SECONDS = 0.5
+STALE_SECONDS = 10.0
 # A healthy pair looks at its origin at least once a poll (Agent.poll_seconds): one that has
 # not pulled for this many polls is stuck, whatever its last sentence says.
 STALE_POLLS = 3
@@ -42,35 +44,64 @@ class Live:
         self.agent = agent
         self.cache_seconds = cache_seconds
         self.started_at = time.time()
-        self._lock = threading.Lock()  # one reading at a time; the others wait for it
+        self._lock = threading.Lock()
         self._reading: Reading | None = None
-        self._read_at_monotonic = 0.0
+        self._read_at_monotonic = 0.0  # when the reading at hand began
+        self._attempted_at_monotonic = -cache_seconds  # when the last one (or a failed one) did
+        self._refresh: threading.Thread | None = None  # the reading under way: one at a time
+        self._error: str | None = None  # why the last reading failed
         self.status_reads = 0
 
     # -- the databases, once a second at most -----------------------------------------------
 
     def reading(self) -> Reading:
-        """The status, read now unless a reading younger than cache_seconds is at hand."""
+        """The status: the reading at hand while it is younger than cache_seconds, else a new
+        one. A request waits for a new reading WAIT_SECONDS at most while the one at hand is
+        younger than STALE_SECONDS (a node whose host does not answer makes a reading wait for
+        the connection timeout; a load balancer's check must not); else until it is done."""
         with self._lock:
-            if (
-                self._reading is not None
-                and time.monotonic() - self._read_at_monotonic < self.cache_seconds
-            ):
+            previous = self._reading
+            now = time.monotonic()
+            age = now - self._read_at_monotonic
+            if previous is not None and age < self.cache_seconds:
+                return previous
+            if self._refresh is None and now - self._attempted_at_monotonic >= self.cache_seconds:
+                self._attempted_at_monotonic = now
+                self._refresh = threading.Thread(target=self._read, name="http status", daemon=True)
+                self._refresh.start()
+            refresh = self._refresh
+            usable = previous is not None and age < STALE_SECONDS
+        if refresh is not None:
+            refresh.join(WAIT_SECONDS if usable else None)
+        with self._lock:
+            if self._reading is not None and self._reading is not previous:
                 return self._reading
-            began, began_monotonic = time.time(), time.monotonic()
-            try:
-                status = cluster_status(
-                    self.agent.config, lag_threshold_seconds=DEFAULT_LAG_SECONDS
-                )
-            except (psycopg.Error, PgconcordError) as error:
-                # A node that went away between two statements of the reading: said as such,
-                # and the next request reads again.
-                message = first_line(error) if isinstance(error, psycopg.Error) else str(error)
-                raise StatusUnavailable(f"the status could not be read: {message}") from None
-            self._reading = Reading(status, began, time.monotonic() - began_monotonic)
-            self._read_at_monotonic = began_monotonic
-            self.status_reads += 1
-            return self._reading
+            if usable and previous is not None:
+                return previous
+            raise StatusUnavailable(self._error or "the status could not be read yet")
+
+    def _read(self) -> None:
+        began, began_monotonic = time.time(), time.monotonic()
+        reading = None
+        error_text = "the status could not be read: an unexpected error (see the agent's log)"
+        try:
+            status = cluster_status(self.agent.config, lag_threshold_seconds=DEFAULT_LAG_SECONDS)
+            reading = Reading(status, began, time.monotonic() - began_monotonic)
+        except (psycopg.Error, PgconcordError) as error:
+            # A node that went away between two statements of the reading: said as such, and
+            # the next request reads again.
+            message = first_line(error) if isinstance(error, psycopg.Error) else str(error)
+            error_text = f"the status could not be read: {message}"
+        finally:
+            with self._lock:  # all at once: a request never sees the reading done but not kept
+                self._refresh = None
+                if reading is None:
+                    self._error = error_text
+                else:
+                    self._reading = reading
+                    self._read_at_monotonic = began_monotonic
+                    self._error = None
+                    self.status_reads += 1
 
     def recent_reading(self, max_age_seconds: float) -> Reading | None:
         """The last reading if it is younger than max_age_seconds; never reads."""
@@ -100,10 +131,10 @@ class Live:
         if last == 0.0:
             running = now - self.started_at
             if running > self.stale_after_seconds:
-                return f"{pair}: no successful pull in the {running:.0f} s the agent has run"
+                return f"{pair}: no pull finished in the {running:.0f} s the agent has run"
             return None
-        if now - last > self.stale_after_seconds:
-            return f"{pair}: no successful pull for {now - last:.0f} s"
+        if now - last > self.stale_after_seconds:  # a pull stuck, or one long under way
+            return f"{pair}: no pull finished for {now - last:.0f} s ({state.sentence})"
         return None
 
     def heartbeat(self, state: PairState | None, now: float) -> dict[str, Any]:
@@ -139,12 +170,18 @@ class Live:
             "heartbeat_lag_seconds": heartbeat_lag(state, now),
         }
 
-    def status_json(self, reading: Reading) -> dict[str, Any]:
-        """`status --json` of the reading, each pair with its heartbeat; a pair of this agent
-        that is not live, or a node it cannot reach, is a problem (and the cluster not
-        healthy) at once, not when the lag threshold is passed."""
+    def status_json(
+        self, reading: Reading, *, lag_threshold_seconds: float | None = None
+    ) -> dict[str, Any]:
+        """`status --json` of the reading (with `--lag lag_threshold_seconds` when given), each
+        pair with its heartbeat; a pair of this agent that is not live, or a node it cannot
+        reach, is a problem (and the cluster not healthy) at once, not when the lag threshold
+        is passed."""
         now = time.time()
-        data = reading.status.to_json()
+        status = reading.status
+        if lag_threshold_seconds is not None:
+            status = replace(status, lag_threshold_seconds=lag_threshold_seconds)
+        data = status.to_json()
         reachable = {node.name: node.reachable for node in reading.status.nodes}
         states = self.agent.states
         problems: list[str] = []

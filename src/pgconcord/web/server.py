@@ -112,6 +112,8 @@ class HttpServer:
         try:
             while not self.stopping.is_set():
                 wasyncore.loop(timeout=_LOOP_SECONDS, map=self._map, use_poll=use_poll, count=1)
+        except Exception:  # replication goes on; a load balancer sees the node refuse
+            log.exception("pgconcord: http: the server on %s stopped by an error", self.listen)
         finally:
             self._server.task_dispatcher.shutdown(timeout=5)
             wasyncore.close_all(self._map)
