@@ -124,7 +124,12 @@ def test_a_column_merge_is_recorded_as_merged(system_cluster: Cluster) -> None:
     write(cluster, "north", "a", "INSERT INTO accounts VALUES (2, 'bob', 10, 'Rome')")
     cluster.sync()
     write(cluster, "north", "a", "UPDATE accounts SET owner = 'robert' WHERE id = 2")
-    write(cluster, "south", "b", "UPDATE accounts SET city = 'Milan' WHERE id = 2")
+    # An administrator acting as the application's role: both are named.
+    cluster.admin_execute(
+        "south",
+        "SET application_name = 'b'; SET ROLE app;"
+        " UPDATE accounts SET city = 'Milan' WHERE id = 2",
+    )
     cluster.sync()
     for name in cluster.names:
         assert cluster.query(name, "SELECT owner, city FROM accounts") == [("robert", "Milan")]
@@ -132,6 +137,10 @@ def test_a_column_merge_is_recorded_as_merged(system_cluster: Cluster) -> None:
     by_origin = {change["origin"]: change for change in updates}
     merged = next(o for o in by_origin["north"]["outcomes"] if o["node"] == "south")
     assert merged["event"] == "merged" and merged["columns"] == ["owner"]
+    administrator = cluster.admin_value("south", "SELECT session_user")
+    assert by_origin["south"]["by"]["user"] == administrator != "app"
+    assert by_origin["south"]["by"]["role"] == "app"
+    assert by_origin["north"]["by"]["role"] is None
     merged = next(o for o in by_origin["south"]["outcomes"] if o["node"] == "north")
     assert merged["event"] == "merged" and merged["columns"] == ["city"]
     assert "merged with a local write, took owner" in cluster.cli("history", "accounts", "2").stdout

@@ -156,6 +156,10 @@ def read_story(config: ClusterConfig, table: str, key_text: str) -> Story:
         changes.values(),
         key=lambda change: (change["clock"] is None, change["clock"] or 0, change["at"] or ""),
     )
+    for change in story.changes:
+        # Audited nodes that say nothing of a change: not received yet (or audited since).
+        told = {change["origin"]} | {outcome["node"] for outcome in change["outcomes"]}
+        change["not_recorded_on"] = [node for node in story.audited_on if node not in told]
     return story
 
 
@@ -166,7 +170,11 @@ def _read(
         with connect(node, autocommit=True) as connection:
             return _read_node(connection, schema, name, given)
     except psycopg.errors.UndefinedTable:
-        raise NodeUnavailable(node.name, "pgconcord is not set up (run pgconcord setup)") from None
+        raise NodeUnavailable(
+            node.name,
+            "pgconcord is not set up there, or set up before row history existed"
+            " (run pgconcord setup)",
+        ) from None
     except psycopg.OperationalError as error:
         raise NodeUnavailable(node.name, str(error).strip().splitlines()[0]) from None
 
@@ -325,6 +333,8 @@ def render_text(story: Story) -> str:
                     )
         for outcome in change["outcomes"]:
             lines.append(f"     {outcome['node']}: {_outcome_text(outcome, change['origin'])}")
+        for node in change.get("not_recorded_on", []):
+            lines.append(f"     {node}: nothing recorded (not received yet)")
     for problem in story.unreachable:
         lines.append(f"not read: {problem}")
     return "\n".join(lines)
