@@ -127,8 +127,7 @@ def test_a_column_merge_is_recorded_as_merged(system_cluster: Cluster) -> None:
     # An administrator acting as the application's role: both are named.
     cluster.admin_execute(
         "south",
-        "SET application_name = 'b'; SET ROLE app;"
-        " UPDATE accounts SET city = 'Milan' WHERE id = 2",
+        "SET application_name = 'b'; SET ROLE app; UPDATE accounts SET city = 'Milan' WHERE id = 2",
     )
     cluster.sync()
     for name in cluster.names:
