@@ -80,7 +80,7 @@ def run_bulk(server: Server, system: str, start: int, rows: int) -> float:
     with common.connect(server.dsn(system)) as connection:
         started = time.perf_counter()
         connection.execute(
-            "INSERT INTO items SELECT g, 'item ' || g, (g % 1000)::int"
+            "INSERT INTO items SELECT g, 'item ' || g, (g %% 1000)::int"
             " FROM generate_series(%s::bigint, %s::bigint) AS g",
             (start, start + rows - 1),
         )

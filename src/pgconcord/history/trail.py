@@ -16,6 +16,12 @@ log = logging.getLogger(__name__)
 Connection = psycopg.Connection[tuple[object, ...]]
 
 TRIGGER = "pgconcord_history"
+# A trigger with transition tables takes one event: one trigger per event, one function.
+_TRIGGERS = (
+    ("insert", "INSERT", "NEW TABLE AS new_rows"),
+    ("update", "UPDATE", "OLD TABLE AS old_rows NEW TABLE AS new_rows"),
+    ("delete", "DELETE", "OLD TABLE AS old_rows"),
+)
 
 
 def _key_of(table: Table, values: str) -> sql.Composable:
@@ -39,19 +45,21 @@ def install_audit(connection: Connection, table: Table, table_id: int, node_name
             table_id=sql.Literal(table_id),
             node_name=sql.Literal(node_name),
             settings=_fixed_settings(table),
-            old_key=_key_of(table, "old_values"),
-            new_key=_key_of(table, "new_values"),
+            old_key=_key_of(table, "r.row_values"),
+            new_key=_key_of(table, "r.row_values"),
         )
     )
-    connection.execute(
-        sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(TRIGGER), table.identifier)
-    )
-    connection.execute(
-        sql.SQL(
-            "CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {}"
-            " FOR EACH ROW EXECUTE FUNCTION pgconcord.{}()"
-        ).format(sql.Identifier(TRIGGER), table.identifier, function_name)
-    )
+    for suffix, event, transition in _TRIGGERS:
+        name = sql.Identifier(f"{TRIGGER}_{suffix}")
+        connection.execute(
+            sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(name, table.identifier)
+        )
+        connection.execute(
+            sql.SQL(
+                "CREATE TRIGGER {} AFTER {} ON {} REFERENCING {}"
+                " FOR EACH STATEMENT EXECUTE FUNCTION pgconcord.{}()"
+            ).format(name, sql.SQL(event), table.identifier, sql.SQL(transition), function_name)
+        )
     connection.execute(
         "UPDATE pgconcord.replicated_table SET audited = true WHERE id = %s", (table_id,)
     )
@@ -65,8 +73,8 @@ def remove_audit(connection: Connection, keep: set[int]) -> list[str]:
         "SELECT t.id, (SELECT c.oid::regclass::text FROM pg_class c WHERE c.oid = t.relation)"
         " FROM pgconcord.replicated_table t"
         " WHERE t.audited OR EXISTS (SELECT 1 FROM pg_trigger g"
-        "   WHERE g.tgrelid = t.relation AND g.tgname = %s)",
-        (TRIGGER,),
+        "   WHERE g.tgrelid = t.relation AND g.tgname = ANY (%s))",
+        ([f"{TRIGGER}_{suffix}" for suffix, _, _ in _TRIGGERS],),
     ).fetchall()
     removed = []
     for table_id, relation in rows:
@@ -75,11 +83,12 @@ def remove_audit(connection: Connection, keep: set[int]) -> list[str]:
             continue
         if relation is not None:
             # relation is regclass text: already quoted where needed.
-            connection.execute(
-                sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
-                    sql.Identifier(TRIGGER), sql.SQL(str(relation))
+            for suffix, _, _ in _TRIGGERS:
+                connection.execute(
+                    sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
+                        sql.Identifier(f"{TRIGGER}_{suffix}"), sql.SQL(str(relation))
+                    )
                 )
-            )
             removed.append(str(relation))
         connection.execute(
             sql.SQL("DROP FUNCTION IF EXISTS pgconcord.{}()").format(
