@@ -183,6 +183,13 @@ def test_a_parked_change_is_recorded_as_parked_then_applied(system_cluster: Clus
     south = [o for o in change["outcomes"] if o["node"] == "south"]
     assert [o["event"] for o in south] == ["parked", "applied"]
     assert south[0]["parked"]["state"] == "retried"
+    # A node that cannot be read is named; the others' story is told, and the exit is 1.
+    with cluster.config_path.open("a") as config:
+        config.write('[[node]]\nname = "west"\ndsn = "host=127.0.0.1 port=1 dbname=shop"\n')
+    result = cluster.cli("history", "accounts", "3")
+    assert result.returncode == 1
+    assert "node west" in result.stderr and "node west" in result.stdout
+    assert "insert on north by app" in result.stdout and "south: parked as south:" in result.stdout
 
 
 def test_history_is_purged_after_keep_and_removed_from_tables_no_longer_listed(

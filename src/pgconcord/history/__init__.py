@@ -16,7 +16,11 @@ from pgconcord.history.trail import (
     remove_audit,
 )
 
+# The catalog version that has the trail (017_audit.sql).
+AUDIT_VERSION = 17
+
 __all__ = [
+    "AUDIT_VERSION",
     "TRIGGER",
     "audited_tables",
     "check_audited",
