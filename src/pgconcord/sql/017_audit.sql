@@ -1,7 +1,7 @@
 -- pgconcord catalog, version 17: row history (the audit trail) of the tables under [audit].
 --
 -- One table holds every node's own story of an audited row: each local write (who, when, the
--- old and the new row, its clock; written by the table's audit trigger, history.capture) and
+-- old and the new row, its clock; written by the table's audit triggers, history.trail) and
 -- what the apply did with each change from a peer (applied, merged, lost, parked; written
 -- set-wise with the apply's decisions, conflict.outcomes). `pgconcord history` reads every
 -- node's rows of one key and tells them as one story, matched by (origin, clock).
