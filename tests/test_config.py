@@ -195,7 +195,7 @@ def test_unknown_top_level_key_lists_the_allowed_keys() -> None:
 
     assert message == (
         "shops.toml: unknown key 'replicaton' "
-        "(expected one of: cluster, node, replication, conflict, http)"
+        "(expected one of: cluster, node, replication, conflict, http, audit)"
     )
 
 

@@ -408,7 +408,7 @@ def test_the_endpoints_of_a_running_agent(system_cluster: Cluster, tmp_path: Pat
         cookie = first.headers["Set-Cookie"]
         assert "pgconcord_token=" in cookie and "HttpOnly" in cookie
         page = agent.get("/", headers={"Cookie": cookie.split(";")[0]})
-        assert page.status == 200 and "<title>pgconcord</title>" in page.text
+        assert page.status == 200 and "<title>pgconcord console</title>" in page.text
         # The cookie goes with a request another site's page makes too: no POST from there.
         elsewhere = {"Cookie": cookie.split(";")[0], "Origin": "http://elsewhere.example"}
         assert agent.post("/api/v1/conflicts/north:1/retry", headers=elsewhere).status == 401

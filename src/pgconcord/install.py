@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 
 import psycopg
 
-from pgconcord import capture, catalog, resolver, rights
+from pgconcord import capture, catalog, history, resolver, rights
 from pgconcord.apply import first_line
 from pgconcord.catalog import Table
 from pgconcord.config import ClusterConfig
@@ -177,6 +177,7 @@ def setup(config: ClusterConfig, progress: Callable[[str], None] = lambda _: Non
         tables = check_tables(node_tables)
         counters = check_delta_columns(config, tables)
         check_counters_not_null(connections, tables, counters)
+        history.check_audited(config, tables)
         for table in tables:
             spec = config.table_resolver(table.schema, table.name)
             if spec:
@@ -235,9 +236,10 @@ def _install_node(
         catalog.claim_identity(connection, node_name, config.cluster.name)
         catalog.store_scope(connection, config.replication.schemas, config.replication.exclude)
         catalog.install_generic_capture(connection)
+        audited: set[int] = set()
         for table in tables:
             policy, priority = config.table_policy(table.schema, table.name)
-            catalog.install_capture(
+            table_id = catalog.install_capture(
                 connection,
                 table,
                 node_name,
@@ -246,6 +248,10 @@ def _install_node(
                 priority,
                 config.table_resolver(table.schema, table.name),
             )
+            if table.qualified_name in config.audit.tables:
+                history.install_audit(connection, table, table_id, node_name)
+                audited.add(table_id)
+        history.remove_audit(connection, audited)
         catalog.ensure_positions(
             connection, [peer for peer in config.node_names if peer != node_name]
         )

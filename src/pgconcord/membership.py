@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 import psycopg
 from psycopg import sql
 
-from pgconcord import catalog
+from pgconcord import catalog, history
 from pgconcord.apply import Puller
 from pgconcord.config import ClusterConfig, NodeConfig
 from pgconcord.errors import ConfigError, NodeUnavailable, PgconcordError
@@ -153,6 +153,9 @@ def drop_capture(connection: Connection) -> None:
                     sql.Identifier(trigger), sql.Identifier(schema, name)
                 )
             )
+    if catalog.installed_version(connection) >= history.AUDIT_VERSION:
+        # Nor are they audited: the trail tells a member's story.
+        history.remove_audit(connection, set())
 
 
 def quiet_schema_changes(connection: Connection) -> None:

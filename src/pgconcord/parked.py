@@ -27,6 +27,7 @@ from pgconcord.config import ClusterConfig, NodeConfig
 from pgconcord.conflict import change_object, recorded_conflicts
 from pgconcord.conflict.records import PARKED_TYPE, RecordFilter
 from pgconcord.errors import NodeUnavailable, SchemaError
+from pgconcord.history.trail import audited_tables
 from pgconcord.transport import connect
 
 Connection = psycopg.Connection[tuple[object, ...]]
@@ -248,4 +249,5 @@ def _plan_for_row(target: Connection, schema: str, name: str, row: object) -> Ta
         columns=tuple(c for c in stored if c in carried),
         delta_columns=catalog.delta_columns_of(target).get((schema, name), ()),
         resolver=catalog.resolvers_of(target).get((schema, name)),
+        audited=(schema, name) in audited_tables(target),
     )

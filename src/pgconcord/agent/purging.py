@@ -10,7 +10,7 @@ from typing import LiteralString
 
 import psycopg
 
-from pgconcord import membership
+from pgconcord import history, membership
 from pgconcord.agent.readiness import is_set_up
 from pgconcord.config import ClusterConfig, NodeConfig
 from pgconcord.errors import NodeUnavailable
@@ -30,6 +30,7 @@ class PurgeReport:
     learned: list[str] = field(default_factory=list)  # membership news taken from the peers
     problems: list[str] = field(default_factory=list)  # config and membership disagree
     conflicts_deleted: int = 0  # conflict records older than conflict.keep
+    audit_deleted: int = 0  # row history older than audit.keep
 
 
 def purge(config: ClusterConfig, node: NodeConfig) -> int:
@@ -59,10 +60,14 @@ def purge_node(config: ClusterConfig, node: NodeConfig) -> PurgeReport:
     goes). On the way: take the membership news the peers have, evict a member silent for
     longer than replication.evict_after, and forget copy horizons the positions have passed.
     A joining member, or one that cannot be read and is not evicted, keeps everything.
-    First, conflict records older than conflict.keep go (whatever the members)."""
+    First, conflict records older than conflict.keep and row history older than audit.keep go
+    (whatever the members)."""
     report = PurgeReport(node.name)
     with connect(node) as connection:
         report.conflicts_deleted = _purge_conflicts(config, node, connection)
+        report.audit_deleted = history.purge_audit(
+            connection, node.name, config.audit.keep_seconds, config.audit.keep
+        )
         if not membership.installed(connection):
             connection.rollback()
             report.deleted = _purge_without_members(config, node, connection)

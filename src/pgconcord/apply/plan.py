@@ -16,6 +16,7 @@ from pgconcord import catalog
 from pgconcord.apply import parking
 from pgconcord.catalog import Table
 from pgconcord.errors import SchemaError
+from pgconcord.history.trail import audited_tables
 from pgconcord.transport import Origin
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class TablePlan:
     # origin that is parked here (its table or column is missing until that one is applied).
     held: str | None = None
     foreign_keys: tuple[catalog.ForeignKey, ...] = ()  # checked after applying, and recorded
+    audited: bool = False  # what the apply does with each change is recorded (row history)
 
 
 def carried_columns(
@@ -79,6 +81,7 @@ def build_plans(
     registered = catalog.registered_tables(target)
     counters = catalog.delta_columns_of(target)
     resolvers = catalog.resolvers_of(target)
+    audited = audited_tables(target)
     at_target = {
         (t.schema, t.name): t
         for t in catalog.discover_tables(target, sorted({s for s, _ in names}), set())
@@ -143,6 +146,7 @@ def build_plans(
             delta_columns=counters.get(name, ()),
             resolver=resolvers.get(name),
             foreign_keys=catalog.foreign_keys(target, destination),
+            audited=name in audited,
         )
     return plans
 

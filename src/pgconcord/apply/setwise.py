@@ -56,7 +56,9 @@ def apply_table(
             {"schema": plan.table.schema, "table": plan.table.name},
         )
         return 0
-    statements = conflict.table_statements(plan.table, plan.columns, plan.delta_columns)
+    statements = conflict.table_statements(
+        plan.table, plan.columns, plan.delta_columns, plan.audited
+    )
     parameters = {
         "schema": plan.table.schema,
         "table": plan.table.name,
@@ -83,7 +85,7 @@ def apply_table(
             f"{plan.table.qualified_name}: a local write created a row version while it was"
             " being merged"
         )
-    recorded = target.execute(statements.record_conflicts, parameters).rowcount
+    recorded = target.execute(statements.record(selection, parked_waiting), parameters).rowcount
     write_winners(target, plan, statements, parameters)
     if verdicts is not None and verdicts.keep:
         resolver.write_kept_rows(target, plan.table, plan.columns, verdicts)

@@ -88,7 +88,7 @@ def apply_pipelined(
             target.execute("DELETE FROM pgconcord_winner")
             target.execute(statements.decide(_SELECTION, False), parameters)
             raced.append(target.execute(statements.choose_winners, parameters))
-            recorded.append(target.execute(statements.record_conflicts, parameters))
+            recorded.append(target.execute(statements.record(_SELECTION, False), parameters))
             write_winners(target, plan, statements, parameters)
         moved = advance(target, pair.origin, window, after, last_order, final=True)
     found = mode.fetchone()
@@ -111,6 +111,8 @@ def _statements_of(plan: TablePlan) -> conflict.TableStatements:
         return kept[1]
     if len(_statements) > 1_000:
         _statements.clear()
-    statements = conflict.table_statements(plan.table, plan.columns, plan.delta_columns)
+    statements = conflict.table_statements(
+        plan.table, plan.columns, plan.delta_columns, plan.audited
+    )
     _statements[id(plan)] = (plan, statements)
     return statements

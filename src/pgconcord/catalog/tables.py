@@ -205,12 +205,14 @@ def check_declared_key(connection: psycopg.Connection[tuple[object, ...]], table
         )
 
 
+# (audited is read from the row's jsonb: a catalog older than version 17 has no such column.)
 FINGERPRINT_QUERY = """
 SELECT coalesce(sum(hashtext(concat_ws(':', a.attrelid, a.attnum, a.attname, a.atttypid,
                                        a.atttypmod, a.attisdropped, a.attgenerated,
                                        a.attidentity))), 0)
        + (SELECT coalesce(sum(hashtext(concat_ws(':', t.id, t.schema_name, t.table_name,
-                                                 t.key_columns, t.delta_columns, t.policy))), 0)
+                                                 t.key_columns, t.delta_columns, t.policy,
+                                                 to_jsonb(t) -> 'audited'))), 0)
             FROM pgconcord.replicated_table t)
        + (SELECT coalesce(sum(hashtext(concat_ws(':', i.indrelid, i.indkey::text))), 0)
             FROM pg_index i

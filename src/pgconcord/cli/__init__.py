@@ -9,7 +9,7 @@ import click
 import psycopg
 
 from pgconcord import __version__
-from pgconcord.cli import conflicts, demo, membership, replication
+from pgconcord.cli import conflicts, demo, history, membership, replication
 from pgconcord.cli.options import error_console, global_options
 from pgconcord.errors import PgconcordError
 
@@ -31,6 +31,7 @@ main_group.add_command(replication.sync)
 main_group.add_command(replication.status)
 main_group.add_command(replication.verify)
 main_group.add_command(conflicts.conflicts)
+main_group.add_command(history.history)
 main_group.add_command(membership.join_command)
 main_group.add_command(membership.part)
 main_group.add_command(replication.grant)

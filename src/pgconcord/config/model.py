@@ -289,6 +289,17 @@ class HttpConfig(_Section):
         return None if self.listen is None else parse_listen(self.listen)
 
 
+class AuditConfig(_Section):
+    """`[audit]`: the tables whose row history is kept (pgconcord history), and how long."""
+
+    tables: list[TableName] = Field(default_factory=list)
+    keep: Duration = "90d"
+
+    @property
+    def keep_seconds(self) -> float:
+        return parse_duration(self.keep)
+
+
 class ClusterConfig(_Section):
     """The whole cluster file."""
 
@@ -297,6 +308,7 @@ class ClusterConfig(_Section):
     replication: ReplicationConfig = Field(default_factory=ReplicationConfig)
     conflict: ConflictConfig = Field(default_factory=ConflictConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     # Set by load_config, never read from the file: excluded fields are not accepted as keys.
     source_path: Path | None = Field(default=None, exclude=True)
 
@@ -312,7 +324,21 @@ class ClusterConfig(_Section):
         self._check_nodes_are_distinct()
         self._check_conflict_tables()
         self._check_policies_available()
+        self._check_audited_tables()
         return self
+
+    def _check_audited_tables(self) -> None:
+        # A table that is not replicated has no history to keep: a typo, most likely.
+        for index, qualified_name in enumerate(self.audit.tables):
+            schema, table = _split_table_name(qualified_name) or ("", "")
+            if not self.is_replicated(schema, table):
+                raise _invalid(
+                    f"{qualified_name!r} is not replicated (replication.schemas:"
+                    f" {', '.join(self.replication.schemas)}; see also replication.exclude)",
+                    "audit",
+                    "tables",
+                    index,
+                )
 
     def _check_policies_available(self) -> None:
         if self.conflict.default == "node-priority":

@@ -13,6 +13,7 @@ from psycopg import sql
 
 from pgconcord.catalog import ForeignKey, Table
 from pgconcord.conflict.decision import _CHOOSE_WINNERS, _DECIDE, _NOT_HELD, _RECORD_CONFLICTS
+from pgconcord.conflict.outcomes import record_with_outcomes
 
 # may set: the upsert then inserts them again with OVERRIDING SYSTEM VALUE.
 _DELETE_ROWS = """
@@ -69,12 +70,22 @@ class TableStatements:
     merge_rows: sql.Composed | None
     add_deltas: sql.Composed | None
     delta: sql.Composable
+    audited: bool = False  # the table's row history is kept (conflict/outcomes.py)
 
     def decide(self, selection: sql.Composable, parked_waiting: bool) -> sql.Composed:
         return self.decide_template.format(
             selection=selection,
             parked_filter=sql.SQL(_NOT_HELD if parked_waiting else ""),
             delta=self.delta,
+        )
+
+    def record(self, selection: sql.Composable, parked_waiting: bool) -> sql.Composed:
+        """The statement recording the piece's conflicts (its row count is theirs), and for an
+        audited table what the apply did with each change."""
+        if not self.audited:
+            return self.record_conflicts
+        return record_with_outcomes(
+            self.record_conflicts, selection, sql.SQL(_NOT_HELD if parked_waiting else "")
         )
 
 
@@ -170,7 +181,10 @@ def insert_only_statement(
 
 @lru_cache(maxsize=512)
 def table_statements(
-    table: Table, columns: tuple[str, ...], delta_columns: tuple[str, ...] = ()
+    table: Table,
+    columns: tuple[str, ...],
+    delta_columns: tuple[str, ...] = (),
+    audited: bool = False,
 ) -> TableStatements:
     """The set-wise statements that apply one piece of changes to one table."""
     identifier = table.identifier
@@ -224,6 +238,7 @@ def table_statements(
         add_deltas=_add_deltas(table, columns, delta_columns, record_column),
         merge_rows=_merge_rows(table, columns, delta_columns, record_column),
         delta=_delta_expression(delta_columns),
+        audited=audited,
     )
 
 
