@@ -19,11 +19,12 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import psycopg
 
 from pgconcord.agent.heartbeat import tick
+from pgconcord.agent.pair import PairState
 from pgconcord.errors import PgconcordError
 from pgconcord.transport import connect
 
@@ -100,7 +101,7 @@ class Reporter:
         with self._lock:
             self.lost.setdefault(node, time.time())
 
-    def _follow_nodes(self, states: Mapping[tuple[str, str], Any]) -> None:
+    def _follow_nodes(self, states: Mapping[tuple[str, str], PairState]) -> None:
         with self._lock:
             lost = dict(self.lost)
         down_now = set(self.agent._down.copy())  # the runner's own record of lost nodes
@@ -112,11 +113,10 @@ class Reporter:
                 with self._lock:
                     self.lost.pop(name, None)  # no pair with it any more (a reload)
                 continue
-            # Caught up: every pair with it pulled since it was lost, and found nothing more.
+            # Caught up: every pair with it pulled since it was lost, to the end of what its
+            # origin had committed (behind_since: nothing ended there since that pull began).
             if all(
-                state.healthy
-                and state.sentence.startswith("up to date")
-                and state.last_pull_at >= lost_at
+                state.healthy and state.behind_since is None and state.last_pull_at >= lost_at
                 for state in involved
             ):
                 with self._lock:
@@ -132,7 +132,7 @@ class Reporter:
 
     # -- conflicts, one line each ------------------------------------------------------------
 
-    def _log_conflicts(self, states: Mapping[tuple[str, str], Any]) -> None:
+    def _log_conflicts(self, states: Mapping[tuple[str, str], PairState]) -> None:
         totals: dict[str, int] = {}
         for (_, target), state in states.items():
             totals[target] = totals.get(target, 0) + state.conflicts
@@ -176,7 +176,7 @@ class Reporter:
 
     # -- a line per pair per minute ----------------------------------------------------------
 
-    def _log_minute(self, states: Mapping[tuple[str, str], Any]) -> None:
+    def _log_minute(self, states: Mapping[tuple[str, str], PairState]) -> None:
         lags = self._lags()
         elapsed = time.monotonic() - self.minute_started
         for key, state in sorted(states.items()):
