@@ -9,11 +9,17 @@ server, in databases that differ only in what runs inside the user's transaction
                     row, changed columns, a node-wide hybrid clock) to one log table, no read
                     of any other table and no upsert: row versions would be derived later,
                     off the user's transaction;
+  append_row_stamped  append_row, plus what it defers: a session (as an agent would)
+                    that every 20 ms (--stamp-interval) derives, set-wise for the changes
+                    committed since its last round, each change's clock and the version it
+                    replaced, and upserts the rows' versions (clock, deleted, column map); its
+                    CPU is added to the writer's, since on one machine it is paid all the same;
   append_statement  the same append, once per statement, from transition tables.
 
-No agent runs: this is the writer's side alone (the apply and the deferred stamping are not
-in it). Reported per database: TPS (median of rounds, the order rotating) and the CPU seconds
-the client backends spent per 1,000 transactions, each as a ratio to bare.
+No agent runs: this is the writer's side alone (no apply; the deferred stamping only in
+append_row_stamped). Reported per database: TPS (median of rounds, the order rotating) and
+the CPU seconds the client backends (and the stamper) spent per 1,000 transactions, each as a
+ratio to bare.
 
     python bench/capture_options.py [--rounds N] [--seconds S] [--clients C]
 """
@@ -21,13 +27,15 @@ the client backends spent per 1,000 transactions, each as a ratio to bare.
 from __future__ import annotations
 
 import sys
+import threading
 
 import common
-from common import APP_BACKENDS, CpuSampler, progress
+import psycopg
+from common import APP_BACKENDS, PGCONCORD_SESSIONS, CpuSampler, progress
 
 BARE, TODAY, APPEND_ROW, APPEND_STATEMENT = "bare", "today", "append_row", "append_statement"
-TODAY_WALL_CLOCK = "today_wall_clock"
-SYSTEMS = (BARE, TODAY, TODAY_WALL_CLOCK, APPEND_ROW, APPEND_STATEMENT)
+TODAY_WALL_CLOCK, STAMPED = "today_wall_clock", "append_row_stamped"
+SYSTEMS = (BARE, TODAY, TODAY_WALL_CLOCK, APPEND_ROW, STAMPED, APPEND_STATEMENT)
 # pgbench's tables with their keys; pgbench_history's key is the hid added by pgbench_database.
 TABLES = {
     "pgbench_accounts": "aid",
@@ -56,6 +64,87 @@ CREATE FUNCTION proto.clock_now() RETURNS bigint LANGUAGE sql VOLATILE AS $$
                     pg_sequence_last_value('proto.hybrid_clock'::regclass) + 1)
 $$;
 """
+
+
+# The deferred half of a cheap capture, set-wise: for the changes committed since the last
+# round (a snapshot window, as the reader's), each change's final clock (one past the row's
+# latest version, as the trigger's hybrid clock does today: c_i = max(raw_i, c_(i-1) + 1),
+# which is i + max over j <= i of (raw_j - j)), the version it replaced, and the rows' new
+# versions with their column maps. What it leaves out: per-change column maps inside a batch
+# (only each row's last change gets one) and order keys.
+_STAMPER = """
+CREATE TABLE proto.row_version (
+    table_id integer NOT NULL, row_key jsonb NOT NULL, clock bigint NOT NULL,
+    deleted boolean NOT NULL, column_versions jsonb, last_clock bigint,
+    PRIMARY KEY (table_id, row_key));
+CREATE TABLE proto.stamp (change_id bigint PRIMARY KEY, clock bigint NOT NULL,
+                          previous_clock bigint);
+CREATE TABLE proto.stamped (singleton boolean PRIMARY KEY, through pg_snapshot NOT NULL);
+INSERT INTO proto.stamped VALUES (true, pg_current_snapshot());
+CREATE FUNCTION proto.stamp() RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    previous pg_snapshot;
+    now_snapshot pg_snapshot := pg_current_snapshot();
+    stamped bigint;
+BEGIN
+    SELECT through INTO previous FROM proto.stamped FOR UPDATE;
+    WITH batch AS MATERIALIZED (
+        SELECT c.id, c.table_id, c.row_key, c.operation, c.clock, c.changed,
+               row_number() OVER w AS n
+          FROM proto.raw_change c
+         WHERE c.txid >= pg_snapshot_xmin(previous) AND c.txid < pg_snapshot_xmax(now_snapshot)
+           AND pg_visible_in_snapshot(c.txid, now_snapshot)
+           AND NOT pg_visible_in_snapshot(c.txid, previous)
+        WINDOW w AS (PARTITION BY c.table_id, c.row_key ORDER BY c.id)),
+    versioned AS MATERIALIZED (
+        SELECT b.*, coalesce(v.last_clock, v.clock) AS version_clock,
+               greatest(max(b.clock - b.n) OVER w + b.n,
+                        coalesce(v.last_clock, v.clock, 0) + b.n) AS final_clock
+          FROM batch b
+          LEFT JOIN proto.row_version v ON v.table_id = b.table_id AND v.row_key = b.row_key
+        WINDOW w AS (PARTITION BY b.table_id, b.row_key ORDER BY b.id
+                     ROWS UNBOUNDED PRECEDING)),
+    stamps AS (
+        INSERT INTO proto.stamp
+        SELECT id, final_clock, coalesce(lag(final_clock) OVER w, version_clock)
+          FROM versioned WINDOW w AS (PARTITION BY table_id, row_key ORDER BY id)
+        RETURNING 1),
+    last AS (
+        SELECT DISTINCT ON (table_id, row_key) table_id, row_key, operation, final_clock,
+               (SELECT jsonb_object_agg(columns.name, columns.version)
+                  FROM (SELECT changed.name,
+                               max(lpad(to_hex(x.final_clock), 16, '0') || 'a') AS version
+                          FROM versioned x, unnest(x.changed) AS changed(name)
+                         WHERE x.table_id = l.table_id AND x.row_key = l.row_key
+                         GROUP BY changed.name) AS columns) AS column_versions
+          FROM versioned l ORDER BY table_id, row_key, id DESC),
+    upserted AS (
+        INSERT INTO proto.row_version AS v
+            (table_id, row_key, clock, deleted, column_versions, last_clock)
+        SELECT table_id, row_key, final_clock, operation = 'D', column_versions, final_clock
+          FROM last
+        ON CONFLICT (table_id, row_key) DO UPDATE
+           SET clock = CASE WHEN v.deleted OR excluded.deleted THEN excluded.clock
+                            ELSE v.clock END,
+               deleted = excluded.deleted, last_clock = excluded.last_clock,
+               column_versions = CASE WHEN excluded.deleted THEN NULL
+                                      ELSE coalesce(v.column_versions, '{}')
+                                           || coalesce(excluded.column_versions, '{}') END
+        RETURNING 1)
+    SELECT (SELECT count(*) FROM stamps) + 0 * (SELECT count(*) FROM upserted) INTO stamped;
+    UPDATE proto.stamped SET through = now_snapshot;
+    RETURN stamped;
+END $$;
+"""
+
+
+def _stamp_until(dsn: str, stop: threading.Event, interval: float) -> None:
+    """The deferred half beside pgbench, as an agent's session (application_name pgconcord,
+    so the CPU sampler counts it apart), then once more for what the last round left."""
+    with psycopg.connect(dsn, autocommit=True, application_name="pgconcord") as connection:
+        while not stop.wait(interval):
+            connection.execute("SELECT proto.stamp()")
+        connection.execute("SELECT proto.stamp()")
 
 
 def _changed(columns: list[str], key: str) -> str:
@@ -153,6 +242,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--scale", type=int, default=10)
+    parser.add_argument(
+        "--stamp-interval",
+        type=float,
+        default=0.02,
+        help="seconds between the stamper's rounds in append_row_stamped (default 0.02)",
+    )
     arguments = parser.parse_args()
     load_at_start = common.load_note()
     progress("starting a server (fsync on)")
@@ -175,6 +270,8 @@ def main() -> int:
         )
         _install_prototype(server.dsn(APPEND_ROW), _append_row)
         _install_prototype(server.dsn(APPEND_STATEMENT), _append_statement)
+        _install_prototype(server.dsn(STAMPED), _append_row)
+        common.execute(server.dsn(STAMPED), _STAMPER)
         tps: dict[str, list[float]] = {system: [] for system in SYSTEMS}
         cpu: dict[str, list[float]] = {system: [] for system in SYSTEMS}
         with CpuSampler() as sampler:
@@ -186,10 +283,24 @@ def main() -> int:
                     common.execute(server.dsn(system), *[f"VACUUM {table}" for table in TABLES])
                     common.checkpoint(server)
                     before = sampler.snapshot()
+                    stop = threading.Event()
+                    stamper = threading.Thread(
+                        target=_stamp_until,
+                        args=(server.dsn(system), stop, arguments.stamp_interval),
+                        daemon=True,
+                    )
+                    if system == STAMPED:
+                        stamper.start()
                     result = common.pgbench_run(
                         server, system, clients=arguments.clients, seconds=arguments.seconds
                     )
-                    spent = (sampler.snapshot() - before).get("server", APP_BACKENDS)
+                    stop.set()
+                    if system == STAMPED:
+                        stamper.join()
+                    delta = sampler.snapshot() - before
+                    spent = delta.get("server", APP_BACKENDS) + delta.get(
+                        "server", PGCONCORD_SESSIONS
+                    )
                     tps[system].append(result.tps)
                     cpu[system].append(1000 * spent / max(1, result.transactions))
                     progress(
@@ -211,6 +322,14 @@ def main() -> int:
                 ]
                 for system in SYSTEMS
             ],
+        )
+        stamps, changes = (
+            common.scalar(server.dsn(STAMPED), f"SELECT count(*) FROM proto.{name}")
+            for name in ("stamp", "raw_change")
+        )
+        print(
+            f"{STAMPED}: {stamps:,} of {changes:,} changes stamped (stamper every"
+            f" {arguments.stamp_interval:g} s)"
         )
         print(f"load at the end: {common.load_note()}")
     finally:
