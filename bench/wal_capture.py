@@ -577,6 +577,7 @@ class Run:
     lags_ms: list[float]
     catch_up: float
     unseen: int
+    wal_bytes_per_transaction: float = float("nan")
     stats: dict[str, Any] = field(default_factory=dict)
     rows_checked: str = ""
 
@@ -600,6 +601,10 @@ def history_inserts_logged(dsn: str) -> int:
             " AND operation = 'I'",
         )
     )
+
+
+def wal_position(server: Server) -> int:
+    return int(common.scalar(server.dsn(), "SELECT (pg_current_wal_insert_lsn() - '0/0')::bigint"))
 
 
 def history_count(dsn: str) -> int:
@@ -646,6 +651,7 @@ def run_one(
     ids = iter(marker_ids)
     committed: dict[int, tuple[float, float]] = {}
     before = sampler.snapshot()
+    wal_before = wal_position(a)
     pgbench = common.pgbench_popen(a, system, clients=clients, seconds=seconds + 1)
     try:
         common.wait_pgbench_connected(a, system, clients)
@@ -696,6 +702,7 @@ def run_one(
                 else:
                     unseen += 1
         after = sampler.snapshot()
+        wal_written = wal_position(a) - wal_before
     finally:
         if pgbench.poll() is None:
             pgbench.kill()
@@ -705,6 +712,9 @@ def run_one(
     per = 1000 / max(1, result.transactions)
     cpu = {name: delta.get(label, category) * per for name, label, category in CPU_PARTS}
     run = Run(system, result.tps, result.transactions, cpu, lags, catch_up, unseen)
+    # The whole server's WAL (markers and the drainer's wal_log rows included) per pgbench
+    # transaction: what draining into a change log on A writes a second time.
+    run.wal_bytes_per_transaction = wal_written / max(1, result.transactions)
     if system == LOGICAL:
         common.drop_logical_replication(a, system, b, system, name="bench")
     elif drain is not None:
@@ -826,6 +836,7 @@ def report(runs: dict[str, list[Run]], rounds: int, arguments: argparse.Namespac
         "/ bare",
         *[name for name, _, _ in CPU_PARTS],
         "all",
+        "WAL B/tx",
         "lag p50 ms",
         "p95",
         "max",
@@ -844,6 +855,7 @@ def report(runs: dict[str, list[Run]], rounds: int, arguments: argparse.Namespac
                 f"{med(ratios):.2f}",
                 *[f"{p:.3f}" for p in parts],
                 f"{med(sum(r.cpu.values()) for r in found):.3f}",
+                f"{med(r.wal_bytes_per_transaction for r in found):.0f}",
                 *(
                     [
                         f"{common.percentile(lags, 0.5):.1f}",
