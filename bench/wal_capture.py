@@ -49,7 +49,9 @@ from typing import Any
 import common
 import lag
 import psycopg
-from common import APP_BACKENDS, EXITED, OTHER_PROCESSES, CpuSampler, Server, progress
+from common import APP_BACKENDS, EXITED, OTHER_PROCESSES, CpuSampler, progress
+
+from pgconcord.sandbox import Server
 
 BARE, LOGICAL, STREAM, STREAM_ASYNC = "bare", "logical", "stream", "stream_async"
 SQL_INTERVALS_MS = (10, 100, 1000)
@@ -202,7 +204,7 @@ class Decoder:
         )
         self.changes += 1
         if relation.name == "markers" and kind == 0x49:
-            self.markers.append(int(values[0]))  # type: ignore[arg-type]
+            self.markers.append(int(str(values[0])))
 
 
 def _string(buffer: memoryview, position: int) -> tuple[str, int]:
@@ -558,6 +560,10 @@ class _Watch(common._ServerWatch):
 
 
 class Sampler(CpuSampler):
+    def __enter__(self) -> Sampler:
+        self.start()
+        return self
+
     def add_server(self, label: str, server: Server) -> CpuSampler:
         watch = _Watch(label, server)
         with self._lock:
