@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import select
+import shutil
 import signal
 import struct
 import subprocess
@@ -520,8 +521,11 @@ class DrainProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        self.read_markers()
         path = self.directory / "stats.json"
-        return json.loads(path.read_text()) if path.exists() else {"error": "no stats written"}
+        stats = json.loads(path.read_text()) if path.exists() else {"error": "no stats written"}
+        shutil.rmtree(self.directory, ignore_errors=True)
+        return stats
 
 
 # -- CPU accounting ----------------------------------------------------------------------------
