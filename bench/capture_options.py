@@ -109,15 +109,19 @@ BEGIN
         SELECT id, final_clock, coalesce(lag(final_clock) OVER w, version_clock)
           FROM versioned WINDOW w AS (PARTITION BY table_id, row_key ORDER BY id)
         RETURNING 1),
+    column_maps AS (
+        SELECT table_id, row_key, jsonb_object_agg(name, version) AS column_versions
+          FROM (SELECT x.table_id, x.row_key, changed.name,
+                       max(lpad(to_hex(x.final_clock), 16, '0') || 'a') AS version
+                  FROM versioned x, unnest(x.changed) AS changed(name)
+                 GROUP BY x.table_id, x.row_key, changed.name) AS columns
+         GROUP BY table_id, row_key),
     last AS (
-        SELECT DISTINCT ON (table_id, row_key) table_id, row_key, operation, final_clock,
-               (SELECT jsonb_object_agg(columns.name, columns.version)
-                  FROM (SELECT changed.name,
-                               max(lpad(to_hex(x.final_clock), 16, '0') || 'a') AS version
-                          FROM versioned x, unnest(x.changed) AS changed(name)
-                         WHERE x.table_id = l.table_id AND x.row_key = l.row_key
-                         GROUP BY changed.name) AS columns) AS column_versions
-          FROM versioned l ORDER BY table_id, row_key, id DESC),
+        SELECT DISTINCT ON (l.table_id, l.row_key) l.table_id, l.row_key, l.operation,
+               l.final_clock, m.column_versions
+          FROM versioned l
+          LEFT JOIN column_maps m ON m.table_id = l.table_id AND m.row_key = l.row_key
+         ORDER BY l.table_id, l.row_key, l.id DESC),
     upserted AS (
         INSERT INTO proto.row_version AS v
             (table_id, row_key, clock, deleted, column_versions, last_clock)
