@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -11,6 +13,14 @@ import pytest
 from harness import Cluster
 
 from pgconcord.sandbox import PostgresBinaries, Server, embedded_binaries, system_binaries
+from pgconcord.sandbox.server import PORT_SLICE_VARIABLE
+
+# pytest-xdist's workers (gw0, gw1, ...) choose their servers' ports from slices of their own.
+_worker = re.fullmatch(r"gw(\d+)", os.environ.get("PYTEST_XDIST_WORKER", ""))
+if _worker is not None:
+    os.environ[PORT_SLICE_VARIABLE] = (
+        f"{_worker.group(1)}/{os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1')}"
+    )
 
 
 @functools.cache

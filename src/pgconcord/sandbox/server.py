@@ -37,6 +37,22 @@ PASSWORD_LOGIN_ROLE = "password_login"
 # Ports below Linux's default ephemeral range (32768-60999), so that the kernel does not hand our
 # port to some client socket between choosing it and a (re)start of the server.
 _PORT_RANGE = range(20000, 32768)
+# Several processes making sandboxes at once (the test suite's workers) each take their own
+# slice "INDEX/COUNT" of the range: a port is only reserved within one process, and a server
+# stopped for a while keeps its port for its restart.
+PORT_SLICE_VARIABLE = "PGCONCORD_SANDBOX_PORT_SLICE"
+
+
+def _port_range() -> range:
+    text = os.environ.get(PORT_SLICE_VARIABLE, "")
+    index, slash, count = text.partition("/")
+    if not (slash and index.isdigit() and count.isdigit() and int(index) < int(count)):
+        return _PORT_RANGE
+    width = len(_PORT_RANGE) // int(count)
+    start = _PORT_RANGE.start + int(index) * width
+    return range(start, start + width)
+
+
 _PORT_ATTEMPTS = 200
 _LOG_TAIL_LINES = 30
 _SERVER_TIMEOUT_SECONDS = 60
@@ -69,8 +85,9 @@ _ports_in_use: set[int] = set()
 
 def _choose_free_port() -> int:
     with _ports_lock:
+        ports = _port_range()
         for _ in range(_PORT_ATTEMPTS):
-            port = random.choice(_PORT_RANGE)
+            port = random.choice(ports)
             if port in _ports_in_use:
                 continue
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -80,7 +97,7 @@ def _choose_free_port() -> int:
                     continue
             _ports_in_use.add(port)
             return port
-    raise FatalError(f"no free TCP port on 127.0.0.1 in {_PORT_RANGE.start}-{_PORT_RANGE.stop - 1}")
+    raise FatalError(f"no free TCP port on 127.0.0.1 in {ports.start}-{ports.stop - 1}")
 
 
 def _release_port(port: int) -> None:
