@@ -117,6 +117,17 @@ class RetryReport:
     still_parked: dict[int, str] = field(default_factory=dict)
 
 
+def parse_reference(config: ClusterConfig, reference: str) -> tuple[NodeConfig, int]:
+    """The node and id of a parked change named NODE:ID (as `pgconcord conflicts` prints it);
+    ValueError for another shape, ConfigError for a node the config does not have."""
+    node_name, separator, number = reference.partition(":")
+    if not separator or not number.isdigit():
+        raise ValueError(
+            f"{reference!r}: a parked change is named NODE:ID, as `pgconcord conflicts` shows it"
+        )
+    return config.node_by_name(node_name), int(number)
+
+
 def discard(connection: Connection, parked_id: int) -> bool:
     """Drop a parked change for good; its record stays, marked discarded."""
     with connection.transaction():

@@ -192,12 +192,12 @@ def _print_conflicts(records: list[dict[str, Any]], unique_values: dict[str, str
 
 
 def _parked_reference(config: ClusterConfig, reference: str) -> tuple[NodeConfig, int]:
-    node_name, separator, number = reference.partition(":")
-    if not separator or not number.isdigit():
-        raise click.BadParameter(
-            f"{reference!r}: a parked change is named NODE:ID, as `pgconcord conflicts` shows it"
-        )
-    return config.node_by_name(node_name), int(number)
+    from pgconcord.parked import parse_reference
+
+    try:
+        return parse_reference(config, reference)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
 
 
 @conflicts.command()

@@ -35,7 +35,7 @@ from typing import IO
 
 from pgconcord.errors import FatalError
 from pgconcord.sandbox.binaries import SANDBOX_PARENT, _server_account, _server_environment
-from pgconcord.sandbox.server import _choose_free_port, _release_port
+from pgconcord.sandbox.server import _choose_free_port, _release_port, end_watchdog
 
 HAPROXY_PROGRAM = Path("/usr/sbin/haproxy")
 PGBOUNCER_PROGRAM = Path("/usr/sbin/pgbouncer")
@@ -237,16 +237,8 @@ class Program:
         try:
             self.stop()
         finally:
-            if self._watchdog_pipe is not None:
-                self._watchdog_pipe.close()
-                self._watchdog_pipe = None
-            if self._watchdog is not None:
-                try:
-                    self._watchdog.wait(timeout=_STOP_TIMEOUT_SECONDS)
-                except subprocess.TimeoutExpired:
-                    self._watchdog.kill()
-                    self._watchdog.wait()
-                self._watchdog = None
+            end_watchdog(self._watchdog, self._watchdog_pipe, _STOP_TIMEOUT_SECONDS)
+            self._watchdog = self._watchdog_pipe = None
             shutil.rmtree(self.directory, ignore_errors=True)
 
 

@@ -105,6 +105,21 @@ def _release_port(port: int) -> None:
         _ports_in_use.discard(port)
 
 
+def end_watchdog(
+    watchdog: subprocess.Popen[bytes] | None, pipe: IO[bytes] | None, timeout: float
+) -> None:
+    """Close a watchdog's pipe, which makes it do its cleanup, and wait for it (killed after
+    timeout seconds)."""
+    if pipe is not None:
+        pipe.close()
+    if watchdog is not None:
+        try:
+            watchdog.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            watchdog.kill()
+            watchdog.wait()
+
+
 def _config_value(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
@@ -339,16 +354,8 @@ class Server:
         self._watchdog_pipe = self._watchdog.stdin
 
     def _stop_watchdog(self) -> None:
-        if self._watchdog_pipe is not None:
-            self._watchdog_pipe.close()
-            self._watchdog_pipe = None
-        if self._watchdog is not None:
-            try:
-                self._watchdog.wait(timeout=_SERVER_TIMEOUT_SECONDS)
-            except subprocess.TimeoutExpired:
-                self._watchdog.kill()
-                self._watchdog.wait()
-            self._watchdog = None
+        end_watchdog(self._watchdog, self._watchdog_pipe, _SERVER_TIMEOUT_SECONDS)
+        self._watchdog = self._watchdog_pipe = None
 
     def _write_configuration(self) -> None:
         lines = [

@@ -18,7 +18,7 @@ from flask import Flask, Response, redirect, request
 from prometheus_client.exposition import choose_encoder
 
 from pgconcord.errors import ConfigError, NodeUnavailable
-from pgconcord.parked import conflicts_and_parked, discard, retry_parked
+from pgconcord.parked import conflicts_and_parked, discard, parse_reference, retry_parked
 from pgconcord.transport import connect, first_line
 from pgconcord.web.auth import COOKIE_NAME, read_token, token_matches
 from pgconcord.web.live import Live, StatusUnavailable
@@ -156,14 +156,10 @@ def create_app(live: Live, timeline: Timeline) -> Flask:
         return response
 
     def parked_reference(reference: str) -> tuple[Any, int] | Response:
-        name, separator, number = reference.partition(":")
-        if not separator or not number.isdigit():
-            return _error(
-                f"{reference!r}: a parked change is named NODE:ID, as pgconcord conflicts shows it",
-                404,
-            )
         try:
-            return live.agent.config.node_by_name(name), int(number)
+            return parse_reference(live.agent.config, reference)
+        except ValueError as error:
+            return _error(str(error), 404)
         except ConfigError as error:
             return _error(f"{reference}: {error}", 404)
 
