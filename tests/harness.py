@@ -214,6 +214,17 @@ class Cluster:
     def table_rows(self, name: str, table: str) -> list[tuple[Any, ...]]:
         return self.query(name, f"SELECT * FROM {table} ORDER BY 1")
 
+    def logged_changes(self, name: str) -> int:
+        """The changes a node has captured and not purged: in its change log, or captured and
+        not stamped yet (stamp_captured.sql)."""
+        return int(
+            self.admin_value(
+                name,
+                "SELECT (SELECT count(*) FROM pgconcord.change_log)"
+                " + (SELECT count(*) FROM pgconcord.captured_change)",
+            )
+        )
+
     def applied_changes(self, target: str, origin: str) -> int:
         return int(
             self.admin_value(

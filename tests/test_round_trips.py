@@ -20,12 +20,12 @@ from pgconcord.agent.runner import transaction_ended
 from pgconcord.apply import Puller
 
 # The budgets: an idle poll asks the origin once and the target never; a window of ordinary
-# changes takes the origin's poll and COPY (plus, where the origin's commits are asynchronous,
-# as on these test servers, a flush check and a flush) and, on the target, the turn, the COPY,
-# the staged window's summary, the pipelined apply and its commit (and the BEGIN psycopg syncs
-# on its own).
+# changes takes the origin's poll, which stamps what capture appended, and the poll that sees
+# what it stamped, the COPY (plus, where the origin's commits are asynchronous, as on these
+# test servers, a flush check and a flush) and, on the target, the turn, the COPY, the staged
+# window's summary, the pipelined apply and its commit (and the BEGIN psycopg syncs on its own).
 IDLE_ORIGIN, IDLE_TARGET = 1, 0
-WINDOW_ORIGIN, WINDOW_TARGET = 5, 6
+WINDOW_ORIGIN, WINDOW_TARGET = 6, 6
 
 
 @contextmanager

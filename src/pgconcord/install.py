@@ -242,7 +242,6 @@ def _install_node(
             table_id = catalog.install_capture(
                 connection,
                 table,
-                node_name,
                 counters.get(table.qualified_name, ()),
                 policy,
                 priority,

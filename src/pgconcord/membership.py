@@ -358,6 +358,7 @@ def _hand_over(
                 record(leaving, name, PARTED, now(), "parted by pgconcord part")
             leaving.execute("DELETE FROM pgconcord.position")
             leaving.execute("DELETE FROM pgconcord.change_log")
+            leaving.execute("DELETE FROM pgconcord.captured_change")
             leaving.execute("DELETE FROM pgconcord.copy_horizon")
         report.reached = True
         delivered = sum(report.handed_over.values())

@@ -176,11 +176,19 @@ def _read_node_status(connection: psycopg.Connection[tuple[object, ...]], name: 
         )
 
 
+# What the target has not applied: the origin's change log past the target's position, and
+# what capture appended there that is not stamped yet (stamp_captured.sql), which no target has.
 _PENDING = """
-SELECT count(*), min(c.clock), coalesce(sum(pg_column_size(c.*)), 0)
-  FROM pgconcord.change_log c
- WHERE c.txid >= pg_snapshot_xmin(%(applied)s::pg_snapshot)
-   AND NOT pg_visible_in_snapshot(c.txid, %(applied)s::pg_snapshot)
+SELECT sum(n), min(oldest), sum(size)
+  FROM (SELECT count(*) AS n, min(c.clock) AS oldest,
+               coalesce(sum(pg_column_size(c.*)), 0) AS size
+          FROM pgconcord.change_log c
+         WHERE c.txid >= pg_snapshot_xmin(%(applied)s::pg_snapshot)
+           AND NOT pg_visible_in_snapshot(c.txid, %(applied)s::pg_snapshot)
+        UNION ALL
+        SELECT count(*), min(q.wall_clock + n.clock_offset_us),
+               coalesce(sum(pg_column_size(q.*)), 0)
+          FROM pgconcord.captured_change q, pgconcord.local_node n) AS both_logs
 """
 
 

@@ -37,7 +37,11 @@ from pgconcord.apply.position import (
     finish_empty_window,
     position_of,
 )
-from pgconcord.apply.setwise import apply_window_table, describe_target_problem
+from pgconcord.apply.setwise import (
+    STAMP_LOCAL_CHANGES,
+    apply_window_table,
+    describe_target_problem,
+)
 from pgconcord.apply.stage import (
     HORIZONS_QUERY,
     Staged,
@@ -468,6 +472,7 @@ class Puller:
         try:
             with target.transaction():
                 check_position(target, pair.origin, pair.target, expected)
+                target.execute(STAMP_LOCAL_CHANGES)
                 hold_followers(pair, target, piece)
                 conflicts = sum(
                     apply_window_table(

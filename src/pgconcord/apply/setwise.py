@@ -24,6 +24,21 @@ from pgconcord.apply.plan import TablePlan
 
 Connection = psycopg.Connection[tuple[object, ...]]
 
+# This node's own changes are stamped (stamp_captured.sql) before its rows are judged: a row's
+# version must say what was last written to it here. The stamp lock this takes is held until
+# the applying transaction ends, so it comes first in each (Puller._apply_piece,
+# steady.apply_pipelined); here it stamps what committed since, if anything did.
+STAMP_LOCAL_CHANGES = "SELECT pgconcord.stamp_captured(true)"
+
+# A local write that committed after the stamp and before the apply wrote its row is still
+# captured, not stamped: the apply overwrote it without judging it. The piece is applied again
+# (RacedWithLocalWrite), which stamps it first.
+RACED_LOCAL_WRITE = """
+SELECT EXISTS (SELECT 1 FROM pgconcord.captured_change q
+                 JOIN pgconcord_decision d ON d.row_key = q.row_key
+                WHERE q.table_id = %(table_id)s)
+"""
+
 
 def apply_table(
     target: Connection,
@@ -65,6 +80,7 @@ def apply_table(
         "table_id": plan.table_id,
         "origin": origin,
     }
+    target.execute(STAMP_LOCAL_CHANGES)
     # DELETE, not TRUNCATE: truncating gives the temporary tables new files and costs
     # catalog work each time, too much for the small pieces of a busy steady state.
     target.execute("DELETE FROM pgconcord_decision")
@@ -90,6 +106,11 @@ def apply_table(
     if verdicts is not None and verdicts.keep:
         resolver.write_kept_rows(target, plan.table, plan.columns, verdicts)
         resolver.mark_resolved(target, plan.table, verdicts)
+    raced_local = target.execute(RACED_LOCAL_WRITE, parameters).fetchone()
+    if raced_local and raced_local[0]:
+        raise RacedWithLocalWrite(
+            f"{plan.table.qualified_name}: a local write committed while its row was applied"
+        )
     if filled.rowcount > 10_000:
         # A big piece: give the space back now rather than leave it for later DELETEs.
         target.execute("TRUNCATE pgconcord_decision, pgconcord_winner")

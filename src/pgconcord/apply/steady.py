@@ -20,7 +20,7 @@ from pgconcord.apply.errors import RacedWithLocalWrite
 from pgconcord.apply.pair import PairState
 from pgconcord.apply.plan import TablePlan
 from pgconcord.apply.position import Position, advance, require_replica_mode
-from pgconcord.apply.setwise import write_winners
+from pgconcord.apply.setwise import RACED_LOCAL_WRITE, STAMP_LOCAL_CHANGES, write_winners
 from pgconcord.transport import Window
 
 Connection = psycopg.Connection[tuple[object, ...]]
@@ -68,6 +68,7 @@ def apply_pipelined(
     with target.pipeline():
         # Every applying transaction reads the mode it runs in (position.POSITION_QUERY).
         mode = target.execute("SELECT current_setting('session_replication_role')")
+        target.execute(STAMP_LOCAL_CHANGES)
         for plan in plans.values():
             pair.parents.note(plan)
             parameters = {
@@ -84,21 +85,21 @@ def apply_pipelined(
                 )
                 continue
             statements = _statements_of(plan)
+            target.execute(STAMP_LOCAL_CHANGES)
             target.execute("DELETE FROM pgconcord_decision")
             target.execute("DELETE FROM pgconcord_winner")
             target.execute(statements.decide(_SELECTION, False), parameters)
             raced.append(target.execute(statements.choose_winners, parameters))
             recorded.append(target.execute(statements.record(_SELECTION, False), parameters))
             write_winners(target, plan, statements, parameters)
+            raced.append(target.execute(RACED_LOCAL_WRITE, parameters))
         moved = advance(target, pair.origin, window, after, last_order, final=True)
     found = mode.fetchone()
     require_replica_mode(found[0] if found else None, pair.target)
     for cursor in raced:
         row = cursor.fetchone()
-        if row and int(str(row[0])):
-            raise RacedWithLocalWrite(
-                "a local write created a row version while it was being merged"
-            )
+        if row and row[0]:
+            raise RacedWithLocalWrite("a local write raced with the apply of its row")
     conflicts = sum(max(cursor.rowcount, 0) for cursor in recorded)
     conflicts += pair.parents.record_missing(target, pair.origin, last_order, True)
     target.commit()

@@ -7,7 +7,7 @@ table's capture function, generated from its Table, and the generic capture) and
 schema_changes (event triggers, scope, the regeneration of capture after a schema change).
 """
 
-from pgconcord.catalog.capture import install_capture, install_generic_capture
+from pgconcord.catalog.capture import STAMP_LOCK, install_capture, install_generic_capture
 from pgconcord.catalog.migrations import (
     SCHEMA,
     installed_version,
@@ -56,6 +56,7 @@ __all__ = [
     "KEY_CAPACITY",
     "REGENERATE_LOCK_TIMEOUT",
     "SCHEMA",
+    "STAMP_LOCK",
     "Column",
     "ForeignKey",
     "Table",

@@ -10,6 +10,9 @@ from psycopg import sql
 from pgconcord.catalog.migrations import read_sql
 from pgconcord.catalog.tables import Column, Table
 
+# The key of the transaction lock stampers take (stamp_captured.sql): 'pgcc', 'stmp'.
+STAMP_LOCK = "1885823843, 1937006960"
+
 # Session settings a capture function runs under when its logged text depends on them.
 _PINNED = sql.SQL(
     "SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD' SET IntervalStyle = 'postgres'"
@@ -20,7 +23,6 @@ _PINNED = sql.SQL(
 def install_capture(
     connection: psycopg.Connection[tuple[object, ...]],
     table: Table,
-    node_name: str,
     delta_columns: tuple[str, ...] = (),
     policy: str = "last-writer-wins",
     priority: tuple[str, ...] = (),
@@ -73,17 +75,17 @@ def install_capture(
         function = sql.SQL(read_sql("capture_trigger.sql")).format(
             function_name=function_name,
             table_id=sql.Literal(table_id),
-            node_name=sql.Literal(node_name),
             new_key=key_object("NEW"),
             old_key=key_object("OLD"),
             new_row=_new_row(table),
             settings=_fixed_settings(table),
             old_values=_old_values(delta_columns),
-            merges=sql.Literal(policy != "node-priority"),
-            changed_columns=_changed_columns(table, delta_columns),
+            # Under node-priority every write starts a generation: nothing is merged.
+            changed_columns=_changed_columns(table, delta_columns)
+            if policy != "node-priority"
+            else sql.SQL("'{}'::text[]"),
             declarations=sql.SQL(""),
             prologue=sql.SQL(""),
-            **_order_keys(policy, priority, node_name),
         )
     connection.execute(function)
     triggers = [
@@ -112,47 +114,6 @@ def install_capture(
             )
         )
     return table_id
-
-
-def _order_keys(
-    policy: str, priority: tuple[str, ...], node_name: str
-) -> dict[str, sql.Composable]:
-    """Expressions for a write's order key (see 004_conflict_policies.sql), as the capture
-    trigger's placeholders; a constant under last-writer-wins, which costs nothing per write."""
-    if policy == "last-writer-wins":
-        empty = sql.SQL("'{}'::bigint[]")
-        return {
-            name: empty
-            for name in (
-                "order_key_first_delete",
-                "order_key_next_delete",
-                "order_key_first_write",
-                "order_key_next_write",
-            )
-        }
-    level = priority.index(node_name) + 1 if node_name in priority else 0
-
-    def call(previous: str, operation: str, clock: str) -> sql.Composable:
-        return sql.SQL("pgconcord.next_order_key({}, {}, {}, {}, {}, {})").format(
-            sql.Literal(policy),
-            sql.Literal(level),
-            sql.Literal(len(priority)),
-            sql.SQL(previous),
-            sql.SQL(operation),
-            sql.SQL(clock),
-        )
-
-    write = 'left(TG_OP, 1)::"char"'
-    return {
-        "order_key_first_delete": call("NULL, NULL", "'D'", "now_clock"),
-        "order_key_next_delete": call(
-            "v.order_key, v.deleted", "'D'", "greatest(now_clock, v.clock + 1)"
-        ),
-        "order_key_first_write": call("NULL, NULL", write, "now_clock"),
-        "order_key_next_write": call(
-            "v.order_key, v.deleted", write, "greatest(now_clock, v.clock + 1)"
-        ),
-    }
 
 
 def _fixed_settings(table: Table) -> sql.Composable:
@@ -250,14 +211,13 @@ def _old_values(delta_columns: tuple[str, ...]) -> sql.Composable:
 
 # What the generic capture reads about its table when it runs (see capture_trigger.sql).
 _GENERIC_PROLOGUE = """
-    SELECT t.id, t.key_columns, t.delta_columns, t.policy, t.priority, n.name AS node,
-           coalesce(array_position(t.priority, n.name), 0) AS level,
+    SELECT t.id, t.key_columns, t.delta_columns, t.policy,
            t.key_columns || t.delta_columns
              || coalesce((SELECT array_agg(a.attname::text) FROM pg_attribute a
                            WHERE a.attrelid = TG_RELID AND a.attgenerated <> ''), '{}')
              AS unmerged
       INTO registered
-      FROM pgconcord.replicated_table t, pgconcord.local_node n
+      FROM pgconcord.replicated_table t
      WHERE t.relation = TG_RELID;
     IF TG_OP = 'UPDATE' THEN
         old_logged := pgconcord.logged_row(TG_RELID, OLD);
@@ -274,18 +234,10 @@ def install_generic_capture(connection: psycopg.Connection[tuple[object, ...]]) 
             "(SELECT jsonb_object_agg(k, to_jsonb({}) -> k) FROM unnest(registered.key_columns) k)"
         ).format(sql.SQL(record))
 
-    def order_key(previous: str, operation: str, clock: str) -> sql.Composable:
-        return sql.SQL(
-            "pgconcord.next_order_key(registered.policy, registered.level,"
-            " cardinality(registered.priority), {}, {}, {})"
-        ).format(sql.SQL(previous), sql.SQL(operation), sql.SQL(clock))
-
-    write = 'left(TG_OP, 1)::"char"'
     connection.execute(
         sql.SQL(read_sql("capture_trigger.sql")).format(
             function_name=sql.Identifier("capture_generic"),
             table_id=sql.SQL("registered.id"),
-            node_name=sql.SQL("registered.node"),
             new_key=key_of("NEW"),
             old_key=key_of("OLD"),
             new_row=sql.SQL("pgconcord.logged_row(TG_RELID, NEW)"),
@@ -294,22 +246,14 @@ def install_generic_capture(connection: psycopg.Connection[tuple[object, ...]]) 
                 "(SELECT jsonb_object_agg(c, to_jsonb(OLD) -> c)"
                 " FROM unnest(registered.delta_columns) c)"
             ),
-            merges=sql.SQL("(registered.policy <> 'node-priority')"),
             changed_columns=sql.SQL(
-                "ARRAY(SELECT n.key FROM jsonb_each(logged) AS n"
+                "CASE WHEN registered.policy = 'node-priority' THEN '{}'::text[] ELSE"
+                " ARRAY(SELECT n.key FROM jsonb_each(logged) AS n"
                 " WHERE n.value IS DISTINCT FROM old_logged -> n.key"
-                " AND n.key <> ALL (registered.unmerged))"
+                " AND n.key <> ALL (registered.unmerged)) END"
             ),
             declarations=sql.SQL("registered record;"),
             prologue=sql.SQL(_GENERIC_PROLOGUE),
-            order_key_first_delete=order_key("NULL, NULL", "'D'", "now_clock"),
-            order_key_next_delete=order_key(
-                "v.order_key, v.deleted", "'D'", "greatest(now_clock, v.clock + 1)"
-            ),
-            order_key_first_write=order_key("NULL, NULL", write, "now_clock"),
-            order_key_next_write=order_key(
-                "v.order_key, v.deleted", write, "greatest(now_clock, v.clock + 1)"
-            ),
         )
     )
     connection.execute(

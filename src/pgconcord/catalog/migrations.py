@@ -12,6 +12,7 @@ SCHEMA = "pgconcord"
 _MIGRATION_FILE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 # Serializes concurrent setups of one database (two operators, or setup racing an agent).
 _SETUP_LOCK = 0x70676363  # "pgcc"
+_FUNCTIONS = ("stamp_captured.sql",)  # see migrate
 
 
 def read_sql(name: str) -> str:
@@ -55,4 +56,8 @@ def migrate(connection: psycopg.Connection[tuple[object, ...]]) -> int:
             (version,),
         )
         current = version
+    # Functions kept in one file each, whatever the version they came in, made anew by every
+    # migration: their bodies live once, not in every migration that changes them.
+    for file_name in _FUNCTIONS:
+        connection.execute(read_sql(file_name).encode())
     return current

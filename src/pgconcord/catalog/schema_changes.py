@@ -140,7 +140,6 @@ def regenerate_capture(
                 install_capture(
                     connection,
                     found[0],
-                    node_name,
                     tuple(delta) if isinstance(delta, list) else (),
                     str(policy),
                     tuple(priority) if isinstance(priority, list) else (),

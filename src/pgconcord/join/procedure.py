@@ -137,6 +137,7 @@ def _register(
         membership.drop_capture(joiner)
         for statement in (
             "DELETE FROM pgconcord.change_log",
+            "DELETE FROM pgconcord.captured_change",
             "DELETE FROM pgconcord.position",
             "DELETE FROM pgconcord.copy_horizon",
             "DELETE FROM pgconcord.join_table",

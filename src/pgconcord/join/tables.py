@@ -4,12 +4,15 @@ versions and its copy horizons (tablecopy moves the definitions and the rows).""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import psycopg
 from psycopg import sql
 
 from pgconcord import catalog, install, membership, tablecopy
 from pgconcord.apply import open_target
-from pgconcord.catalog import Table
+from pgconcord.catalog import STAMP_LOCK, Table
 from pgconcord.config import ClusterConfig, NodeConfig
 from pgconcord.errors import SchemaError
 from pgconcord.join.cluster import Connection, _Cluster
@@ -128,7 +131,8 @@ def _copy(
         joiner.execute(tablecopy.SESSION_SETTINGS)
         donor.commit()
         joiner.commit()
-        snapshot = reader.begin_snapshot(donor)
+        with _writes_fenced(donor_node):
+            snapshot = reader.begin_snapshot(donor)
         source = tablecopy.Donor(donor_node, donor)
         positions = _positions(cluster, donor, donor_node.name, snapshot)
         with connect(donor_node, autocommit=True) as flusher:
@@ -158,6 +162,38 @@ def _copy(
     finally:
         donor.close()
         joiner.close()
+
+
+@contextlib.contextmanager
+def _writes_fenced(donor_node: NodeConfig) -> Iterator[None]:
+    """While the copy's snapshot is taken, no write to a replicated table of the donor's is
+    left captured but not stamped (stamp_captured.sql): the copy holds a row's version with
+    its value, and the changes after the snapshot come with their own. Writers are held back
+    (SHARE locks, which wait for those in flight) only for as long as the stamping and the
+    snapshot take.
+
+    The stamp lock is taken before the tables': an apply here takes it before it writes and
+    keeps it to its end, so one that already writes finishes first, and none waits on the
+    fence while holding what the stamping needs."""
+    with connect(donor_node) as stamper, connect(donor_node) as fence:
+        stamper.execute("SET LOCAL lock_timeout = '30s'")
+        stamper.execute(f"SELECT pg_advisory_xact_lock({STAMP_LOCK})")
+        fence.execute("SET LOCAL lock_timeout = '30s'")
+        tables = [
+            sql.Identifier(str(schema_name), str(table_name))
+            for schema_name, table_name in fence.execute(
+                "SELECT t.schema_name, t.table_name FROM pgconcord.replicated_table t"
+                " JOIN pg_class c ON c.oid = t.relation"
+                " JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE n.nspname = t.schema_name AND c.relname = t.table_name ORDER BY 1, 2"
+            )
+        ]
+        if tables:
+            fence.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(sql.SQL(", ").join(tables)))
+        stamper.execute("SELECT pgconcord.stamp_captured(true)")
+        stamper.commit()
+        yield
+        fence.rollback()
 
 
 def _positions(

@@ -2,9 +2,9 @@
 -- formats the placeholders with quoted identifiers and literals). A trigger of its own, so
 -- that a table not audited pays nothing; per statement, with the rows it changed (transition
 -- tables), so that a statement of many rows records them in one set-wise insert rather than a
--- function call each. It fires after the statement's row triggers, the capture among them: each
--- row's clock is the one the capture just gave it (its row version). Applied changes do not
--- pass here (replica mode); the apply records what it did with them itself.
+-- function call each. A write's clock is not known yet (it is stamped later, off the writer's
+-- transaction): the stamper fills it in (stamp_captured.sql). Applied changes do not pass here
+-- (replica mode); the apply records what it did with them itself.
 --
 -- SECURITY DEFINER like the capture: the writer needs no right on pgconcord's schema and
 -- cannot write the trail but through its own writes. current_user is then the definer; the
@@ -20,24 +20,22 @@ BEGIN
         INSERT INTO pgconcord.audit
             (table_id, row_key, event, operation, clock, origin, db_user, acting_role,
              application_name, client_addr, xid, old_row, new_row)
-        SELECT {table_id}, n.row_key, 'write', 'I', coalesce(v.last_clock, v.clock),
+        SELECT {table_id}, n.row_key, 'write', 'I', NULL::bigint,
                {node_name}, session_user, nullif(current_setting('role'), 'none'),
                current_setting('application_name'), inet_client_addr(), pg_current_xact_id(),
                NULL, n.row_values
           FROM (SELECT {new_key} AS row_key, r.row_values
-                  FROM (SELECT to_jsonb(t) AS row_values FROM new_rows t) AS r) AS n
-          LEFT JOIN pgconcord.row_version v ON v.table_id = {table_id} AND v.row_key = n.row_key;
+                  FROM (SELECT to_jsonb(t) AS row_values FROM new_rows t) AS r) AS n;
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO pgconcord.audit
             (table_id, row_key, event, operation, clock, origin, db_user, acting_role,
              application_name, client_addr, xid, old_row, new_row)
-        SELECT {table_id}, o.row_key, 'write', 'D', coalesce(v.last_clock, v.clock),
+        SELECT {table_id}, o.row_key, 'write', 'D', NULL::bigint,
                {node_name}, session_user, nullif(current_setting('role'), 'none'),
                current_setting('application_name'), inet_client_addr(), pg_current_xact_id(),
                o.row_values, NULL
           FROM (SELECT {old_key} AS row_key, r.row_values
-                  FROM (SELECT to_jsonb(t) AS row_values FROM old_rows t) AS r) AS o
-          LEFT JOIN pgconcord.row_version v ON v.table_id = {table_id} AND v.row_key = o.row_key;
+                  FROM (SELECT to_jsonb(t) AS row_values FROM old_rows t) AS r) AS o;
     ELSE
         INSERT INTO pgconcord.audit
             (table_id, row_key, event, operation, clock, origin, db_user, acting_role,
@@ -45,7 +43,7 @@ BEGIN
         SELECT {table_id}, c.row_key, 'write',
                CASE WHEN c.old_values IS NULL THEN 'I' WHEN c.new_values IS NULL THEN 'D'
                     ELSE 'U' END,
-               coalesce(v.last_clock, v.clock), {node_name}, session_user,
+               NULL::bigint, {node_name}, session_user,
                nullif(current_setting('role'), 'none'), current_setting('application_name'),
                inet_client_addr(), pg_current_xact_id(), c.old_values, c.new_values
           FROM (SELECT row_key, o.row_values AS old_values, n.row_values AS new_values
@@ -53,8 +51,7 @@ BEGIN
                           FROM (SELECT to_jsonb(t) AS row_values FROM old_rows t) AS r) AS o
                   FULL JOIN (SELECT {new_key} AS row_key, r.row_values
                                FROM (SELECT to_jsonb(t) AS row_values FROM new_rows t) AS r) AS n
-                 USING (row_key)) AS c
-          LEFT JOIN pgconcord.row_version v ON v.table_id = {table_id} AND v.row_key = c.row_key;
+                 USING (row_key)) AS c;
     END IF;
     RETURN NULL;
 END

@@ -1,12 +1,11 @@
 -- Row trigger function generated for a replicated table without a key (catalog.install_capture):
 -- its rows cannot be told apart, so only inserts are replicated (logs, history), and an update
 -- or delete is refused at once rather than left to make the nodes differ. The row itself
--- stands in as the change's key.
+-- stands in as the change's key (captured with no key; stamp_captured.sql).
 CREATE OR REPLACE FUNCTION pgconcord.{function_name}() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp {settings}
 AS $body$
 DECLARE
-    logged_row jsonb;
     {declarations}
 BEGIN
     {prologue}
@@ -17,9 +16,8 @@ BEGIN
                   HINT = 'Add a primary key, or declare a key under [replication.keys] in the'
                          ' pgconcord config, then run pgconcord setup.';
     END IF;
-    logged_row := {new_row};
-    INSERT INTO pgconcord.change_log (table_id, operation, row_key, clock, new_row)
-    VALUES ({table_id}, 'I', logged_row, pgconcord.clock_now(), logged_row);
+    INSERT INTO pgconcord.captured_change (table_id, operation, new_row)
+    VALUES ({table_id}, 'I', {new_row});
     RETURN NULL;
 END
 $body$;

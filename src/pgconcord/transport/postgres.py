@@ -51,7 +51,9 @@ COPY (
     SELECT w.transaction_order, w.id, t.schema_name, t.table_name, w.operation, w.row_key,
            w.clock, w.previous_clock, w.previous_origin, w.new_row, w.old_values,
            w.order_key, w.generation_clock, w.generation_origin, w.column_versions
-      FROM (SELECT max(c.id) OVER (PARTITION BY c.txid) AS transaction_order, c.*
+      -- A change's own transaction (transaction_id); its txid is the stamping one's.
+      FROM (SELECT max(c.id) OVER (PARTITION BY coalesce(c.transaction_id, c.txid))
+                       AS transaction_order, c.*
               FROM pgconcord.change_log c
              WHERE """
     + _WINDOW_FILTER
@@ -79,15 +81,19 @@ _NOT_COPIED = """
 
 # An origin poll in one statement (one round trip, no transaction of its own beyond it): the
 # snapshot a new window would end at, whether the window holds changes, the catalog
-# fingerprint then (for the plans), and where the origin's WAL is written and flushed.
+# fingerprint then (for the plans), and where the origin's WAL is written and flushed. On the
+# way it stamps what capture appended since (unless another session is stamping): those
+# changes are in the change log for the next statement, not for this one's snapshot.
 _POLL = (
     """
+WITH stamped AS MATERIALIZED (SELECT pgconcord.stamp_captured(false) AS changes)
 SELECT current.snapshot::text, w.has_changes,
        CASE WHEN w.has_changes THEN ("""
     + FINGERPRINT_QUERY.strip()
     + """) END,
-       pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn() >= pg_current_wal_insert_lsn()
-  FROM (SELECT pg_current_snapshot() AS snapshot) AS current,
+       pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn() >= pg_current_wal_insert_lsn(),
+       stamped.changes
+  FROM stamped, (SELECT pg_current_snapshot() AS snapshot) AS current,
        LATERAL (SELECT EXISTS (SELECT 1 FROM pgconcord.change_log c WHERE """
     + _WINDOW_FILTER.replace("{window}::pg_snapshot", "current.snapshot")
     + """)) AS w(has_changes)
@@ -96,10 +102,15 @@ SELECT current.snapshot::text, w.has_changes,
 
 
 def poll(origin: psycopg.Connection[tuple[object, ...]], applied_snapshot: str) -> Poll:
-    """Look at the origin in one round trip (origin is an autocommit session, open_origin)."""
+    """Look at the origin in one round trip, or two when that one stamped captured changes,
+    which only the next statement sees (origin is an autocommit session,
+    open_origin_session)."""
     query = sql.SQL(_POLL).format(applied=sql.Literal(applied_snapshot))
     row = origin.execute(query).fetchone()
     assert row is not None
+    if int(str(row[5])) > 0:
+        row = origin.execute(query).fetchone()
+        assert row is not None
     return Poll(
         applied_snapshot,
         str(row[0]),
@@ -173,13 +184,11 @@ def open_origin(node: NodeConfig) -> psycopg.Connection[tuple[object, ...]]:
 
 
 def open_origin_session(node: NodeConfig) -> psycopg.Connection[tuple[object, ...]]:
-    """A read-only autocommit session for reading an origin's change log. A window is defined
-    by its snapshots, not by a transaction: any later statement sees every transaction the
-    window's snapshot calls committed (purge keeps what a position has not passed), so each
-    look at the origin is one statement."""
-    connection = connect(node, autocommit=True)
-    connection.execute("SET default_transaction_read_only = on")
-    return connection
+    """An autocommit session for reading an origin's change log. A window is defined by its
+    snapshots, not by a transaction: any later statement sees every transaction the window's
+    snapshot calls committed (purge keeps what a position has not passed), so each look at the
+    origin is one statement. Not read-only: a poll stamps what capture appended (poll)."""
+    return connect(node, autocommit=True)
 
 
 def stream_window(
