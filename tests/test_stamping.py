@@ -1,0 +1,162 @@
+"""The stamper (stamp_captured.sql) stamps most changes in one set-wise statement and the rest
+one by one, in capture order. Both ways must give every change the same version: the same
+captured changes over the same row versions, stamped each way, leave the same change log and
+the same row versions behind, whatever the mix of inserts, updates, deletes, repeated keys,
+tombstones and clocks that lag or lead."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from harness import Cluster
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+KEYS = st.integers(min_value=1, max_value=5)
+CLOCK = st.integers(min_value=-5, max_value=5)  # how far a write's wall clock strays
+COLUMNS = st.lists(st.sampled_from(["a", "b"]), unique=True)
+
+change = st.one_of(
+    st.tuples(st.just("I"), KEYS, st.none(), CLOCK),
+    st.tuples(st.just("D"), KEYS, st.none(), CLOCK),
+    st.tuples(st.just("U"), KEYS, COLUMNS, CLOCK),  # an update of the same key
+    st.tuples(st.just("U"), KEYS, st.none(), CLOCK),  # the new key of a moved row
+    st.tuples(st.just("K"), KEYS, st.none(), CLOCK),  # a row of the keyless table
+)
+# A row's version before the changes: none, live (with or without column stamps), a tombstone.
+state = st.tuples(KEYS, st.sampled_from(["live", "stamped", "deleted"]), CLOCK)
+schedules = st.tuples(
+    st.lists(state, max_size=4, unique_by=lambda s: s[0]),
+    st.lists(st.lists(change, min_size=1, max_size=6), min_size=1, max_size=4),
+)
+
+BASE_CLOCK = 1_000_000_000_000
+OUTCOME = {
+    "change_log": "SELECT id, transaction_id::text, table_id, operation, row_key, clock,"
+    " previous_clock, previous_origin, new_row, old_values, order_key, generation_clock,"
+    " generation_origin, column_versions FROM pgconcord.change_log ORDER BY id",
+    "row_version": "SELECT table_id, row_key, clock, origin, deleted, previous_clock,"
+    " previous_origin, order_key, column_versions, last_clock, last_origin"
+    " FROM pgconcord.row_version ORDER BY table_id, row_key",
+}
+
+
+@pytest.fixture
+def one_node(system_cluster: Cluster) -> Cluster:
+    cluster = system_cluster
+    for name in cluster.names:
+        cluster.execute(name, "CREATE TABLE items (id int PRIMARY KEY, a text, b text)")
+        cluster.execute(name, "CREATE TABLE lines (note text)")
+    cluster.setup()
+    return cluster
+
+
+def _table_ids(cluster: Cluster, node: str) -> dict[str, int]:
+    return {
+        str(name): int(table_id)
+        for name, table_id in cluster.admin_query(
+            node, "SELECT table_name, id FROM pgconcord.replicated_table"
+        )
+    }
+
+
+def _stamp_each_way(cluster: Cluster, schedule: Any) -> dict[bool, dict[str, Any]]:
+    node = cluster.names[0]
+    ids = _table_ids(cluster, node)
+    states, transactions = schedule
+    outcomes: dict[bool, dict[str, Any]] = {}
+    for setwise in (False, True):
+        with cluster.admin_connect(node) as connection:
+            for table in ("change_log", "row_version", "captured_change"):
+                connection.execute(f"DELETE FROM pgconcord.{table}")
+            for key, kind, skew in states:
+                connection.execute(
+                    "INSERT INTO pgconcord.row_version (table_id, row_key, clock, origin,"
+                    " deleted, column_versions, last_clock, last_origin)"
+                    " VALUES (%s, jsonb_build_object('id', %s), %s, 'other', %s, %s, %s, %s)",
+                    (
+                        ids["items"],
+                        key,
+                        BASE_CLOCK + 10 * skew,
+                        kind == "deleted",
+                        '{"a": "00000000000000ffother"}' if kind == "stamped" else None,
+                        BASE_CLOCK + 10 * skew + 3 if kind == "stamped" else None,
+                        "other" if kind == "stamped" else None,
+                    ),
+                )
+            connection.commit()
+            number = 0
+            for changes in transactions:
+                for operation, key, columns, skew in changes:
+                    number += 1
+                    keyless = operation == "K"
+                    connection.execute(
+                        "INSERT INTO pgconcord.captured_change (table_id, operation, row_key,"
+                        " new_row, changed_columns, wall_clock) VALUES (%s, %s, %s, %s, %s, %s)",
+                        (
+                            ids["lines" if keyless else "items"],
+                            "I" if keyless else operation,
+                            None if keyless else f'{{"id": {key}}}',
+                            None if operation == "D" else f'{{"id": {key}, "n": {number}}}',
+                            columns,
+                            BASE_CLOCK + number + skew,
+                        ),
+                    )
+                connection.commit()
+            stamped = connection.execute(
+                "SELECT pgconcord.stamp_captured(true, %s)", (setwise,)
+            ).fetchone()
+            connection.commit()
+            assert stamped == (number,)
+            # Ids count from where the sequence stands: compare them from the first.
+            first = connection.execute(
+                "SELECT coalesce(min(id), 0) FROM pgconcord.change_log"
+            ).fetchone()
+            assert first is not None
+            outcomes[setwise] = {
+                name: [_relative(name, row, int(first[0])) for row in connection.execute(query)]
+                for name, query in OUTCOME.items()
+            }
+            # The source transactions, by their order: the same grouping both ways.
+            outcomes[setwise]["transactions"] = connection.execute(
+                "SELECT array_agg(id - %s ORDER BY id) FROM pgconcord.change_log"
+                " GROUP BY transaction_id ORDER BY min(id)",
+                (int(first[0]),),
+            ).fetchall()
+    return outcomes
+
+
+def _relative(name: str, row: tuple[Any, ...], first: int) -> tuple[Any, ...]:
+    if name != "change_log":
+        return tuple(row)
+    return (row[0] - first, *row[2:])  # the transaction ids differ too
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(schedule=schedules)
+def test_the_setwise_stamp_agrees_with_the_one_by_one(one_node: Cluster, schedule: Any) -> None:
+    outcomes = _stamp_each_way(one_node, schedule)
+    assert outcomes[True] == outcomes[False]
+
+
+def test_a_write_is_stamped_one_past_the_version_it_replaced(one_node: Cluster) -> None:
+    """The hybrid clock survives deferred stamping: a node whose wall clock lags far behind
+    still gives its edit of a row a clock past the version the row had."""
+    cluster = one_node
+    node = cluster.names[0]
+    cluster.execute(node, "INSERT INTO items VALUES (1, 'x', 'y')")
+    cluster.admin_value(node, "SELECT pgconcord.stamp_captured()")
+    first = cluster.admin_value(node, "SELECT clock FROM pgconcord.row_version")
+    cluster.admin_execute(node, "UPDATE pgconcord.local_node SET clock_offset_us = -60000000")
+    cluster.execute(node, "UPDATE items SET a = 'z' WHERE id = 1")
+    cluster.admin_value(node, "SELECT pgconcord.stamp_captured()")
+    clock, previous = cluster.admin_query(
+        node, "SELECT clock, previous_clock FROM pgconcord.change_log ORDER BY id DESC LIMIT 1"
+    )[0]
+    assert previous == first
+    assert clock == first + 1
