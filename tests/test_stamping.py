@@ -1,11 +1,16 @@
 """The stamper (stamp_captured.sql) stamps most changes in one set-wise statement and the rest
-one by one, in capture order. Both ways must give every change the same version: the same
-captured changes over the same row versions, stamped each way, leave the same change log and
-the same row versions behind, whatever the mix of inserts, updates, deletes, repeated keys,
-tombstones and clocks that lag or lead."""
+row by row, each row's changes in capture order from its version read once. Both must give
+every change the version the capture trigger once gave it inside the writer's transaction,
+which tests/stamp_one_by_one.sql does (one row-version upsert per change): the same captured
+changes over the same row versions, stamped each way, leave the same change log and the same
+row versions behind, whatever the mix of inserts, updates, deletes, repeated keys, tombstones
+and clocks that lag or lead."""
 
 from __future__ import annotations
 
+import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -61,13 +66,22 @@ def _table_ids(cluster: Cluster, node: str) -> dict[str, int]:
     }
 
 
-def _stamp_each_way(cluster: Cluster, schedule: Any) -> dict[bool, dict[str, Any]]:
+ONE_BY_ONE = (Path(__file__).parent / "stamp_one_by_one.sql").read_text()
+WAYS = {
+    "one by one": "SELECT pg_temp.stamp_one_by_one()",
+    "row by row": "SELECT pgconcord.stamp_captured(true, false)",
+    "set-wise": "SELECT pgconcord.stamp_captured(true, true)",
+}
+
+
+def _stamp_each_way(cluster: Cluster, schedule: Any) -> dict[str, dict[str, Any]]:
     node = cluster.names[0]
     ids = _table_ids(cluster, node)
     states, transactions = schedule
-    outcomes: dict[bool, dict[str, Any]] = {}
-    for setwise in (False, True):
+    outcomes: dict[str, dict[str, Any]] = {}
+    for way, stamp in WAYS.items():
         with cluster.admin_connect(node) as connection:
+            connection.execute(ONE_BY_ONE)
             for table in ("change_log", "row_version", "captured_change"):
                 connection.execute(f"DELETE FROM pgconcord.{table}")
             for key, kind, skew in states:
@@ -104,9 +118,7 @@ def _stamp_each_way(cluster: Cluster, schedule: Any) -> dict[bool, dict[str, Any
                         ),
                     )
                 connection.commit()
-            stamped = connection.execute(
-                "SELECT pgconcord.stamp_captured(true, %s)", (setwise,)
-            ).fetchone()
+            stamped = connection.execute(stamp).fetchone()
             connection.commit()
             assert stamped == (number,)
             # Ids count from where the sequence stands: compare them from the first.
@@ -114,12 +126,12 @@ def _stamp_each_way(cluster: Cluster, schedule: Any) -> dict[bool, dict[str, Any
                 "SELECT coalesce(min(id), 0) FROM pgconcord.change_log"
             ).fetchone()
             assert first is not None
-            outcomes[setwise] = {
+            outcomes[way] = {
                 name: [_relative(name, row, int(first[0])) for row in connection.execute(query)]
                 for name, query in OUTCOME.items()
             }
             # The source transactions, by their order: the same grouping both ways.
-            outcomes[setwise]["transactions"] = connection.execute(
+            outcomes[way]["transactions"] = connection.execute(
                 "SELECT array_agg(id - %s ORDER BY id) FROM pgconcord.change_log"
                 " GROUP BY transaction_id ORDER BY min(id)",
                 (int(first[0]),),
@@ -139,9 +151,12 @@ def _relative(name: str, row: tuple[Any, ...], first: int) -> tuple[Any, ...]:
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(schedule=schedules)
-def test_the_setwise_stamp_agrees_with_the_one_by_one(one_node: Cluster, schedule: Any) -> None:
+def test_every_way_of_stamping_gives_the_versions_capture_gave(
+    one_node: Cluster, schedule: Any
+) -> None:
     outcomes = _stamp_each_way(one_node, schedule)
-    assert outcomes[True] == outcomes[False]
+    assert outcomes["row by row"] == outcomes["one by one"]
+    assert outcomes["set-wise"] == outcomes["one by one"]
 
 
 def test_a_write_is_stamped_one_past_the_version_it_replaced(one_node: Cluster) -> None:
@@ -160,3 +175,60 @@ def test_a_write_is_stamped_one_past_the_version_it_replaced(one_node: Cluster) 
     )[0]
     assert previous == first
     assert clock == first + 1
+
+
+def test_a_local_row_not_stamped_yet_wins_a_unique_collision_it_should(cluster: Cluster) -> None:
+    """south's later insert of the same e-mail is still captured, not stamped, when north's
+    arrives: the collision is judged with south's version all the same (the later one wins
+    everywhere)."""
+    for name in cluster.names:
+        cluster.execute(
+            name, "CREATE TABLE users (id text PRIMARY KEY, email text UNIQUE, name text)"
+        )
+    cluster.setup()
+    cluster.execute("north", "INSERT INTO users VALUES ('n1', 'ann@example.com', 'Ann N')")
+    time.sleep(0.01)
+    cluster.execute("south", "INSERT INTO users VALUES ('s1', 'ann@example.com', 'Ann S')")
+    assert cluster.admin_value("south", "SELECT count(*) FROM pgconcord.captured_change") == 1
+    cluster.pull("north", "south")
+    cluster.sync()
+    for name in cluster.names:
+        assert cluster.query(name, "SELECT id, email FROM users") == [("s1", "ann@example.com")]
+
+
+def test_a_row_written_here_all_the_time_does_not_stall_its_pair(
+    system_cluster: Cluster,
+) -> None:
+    """A row the target writes every moment races with every apply of it; after the first
+    race the pair locks the rows it applies, and the stream goes on."""
+    cluster = system_cluster
+    origin, target = cluster.names[0], cluster.names[1]
+    for name in cluster.names:
+        cluster.execute(name, "CREATE TABLE hot (id int PRIMARY KEY, value int, note text)")
+    cluster.setup()
+    cluster.execute(origin, "INSERT INTO hot SELECT g, 0, '' FROM generate_series(1, 20) g")
+    cluster.pull(origin, target)
+    stop = threading.Event()
+
+    def write_hot_row() -> None:
+        with cluster.connect(target) as connection:
+            number = 0
+            while not stop.is_set():
+                number += 1
+                connection.execute("UPDATE hot SET note = %s WHERE id = 1", (str(number),))
+                time.sleep(0.002)
+
+    writer = threading.Thread(target=write_hot_row)
+    writer.start()
+    try:
+        for round_number in range(1, 11):
+            cluster.execute(origin, "UPDATE hot SET value = %s", (round_number,))
+            cluster.pull(origin, target)
+            assert cluster.query(target, "SELECT min(value) FROM hot") == [(round_number,)]
+    finally:
+        stop.set()
+        writer.join()
+    cluster.sync()
+    rows = {name: cluster.query(name, "SELECT * FROM hot ORDER BY id") for name in cluster.names}
+    assert rows[origin] == rows[target]
+    assert rows[origin][0][1] == 10

@@ -351,9 +351,13 @@ def _hand_over(
         # capture is switched off and a second pass takes whatever was committed meanwhile.
         _deliver(parting, targets, report)
         switch_off_capture(leaving)
+        with leaving.transaction():
+            if installed(leaving):
+                leaving.execute("SELECT pgconcord.stamp_captured(true)")
         _deliver(parting, targets, report)
         with leaving.transaction():
             if installed(leaving):
+                _nothing_left_to_stamp(leaving, name)
                 lock(leaving)
                 record(leaving, name, PARTED, now(), "parted by pgconcord part")
             leaving.execute("DELETE FROM pgconcord.position")
@@ -365,6 +369,17 @@ def _hand_over(
         progress(f"{name}: handed over its last {delivered} changes and stopped capturing")
     finally:
         leaving.close()
+
+
+def _nothing_left_to_stamp(leaving: Connection, name: str) -> None:
+    """Every change the parting node captured is in its change log, delivered: none is lost
+    with the log."""
+    left = leaving.execute("SELECT count(*) FROM pgconcord.captured_change").fetchone()
+    if left and int(str(left[0])):
+        raise PgconcordError(
+            f"node {name}: {left[0]} changes it captured were not stamped yet as it parted;"
+            f" run `pgconcord part {name}` again"
+        )
 
 
 def _deliver(origin: NodeConfig, targets: list[NodeConfig], report: PartReport) -> None:

@@ -19,9 +19,14 @@ from pgconcord import catalog, resolver, schema
 
 # The apply parks changes (apply/parking.py); retry applies them again with the apply's one
 # set-wise step (apply/setwise.py), never the Puller, and the apply never imports this module.
-from pgconcord.apply.errors import first_line, is_data_problem, is_target_problem
+from pgconcord.apply.errors import (
+    RacedWithLocalWrite,
+    first_line,
+    is_data_problem,
+    is_target_problem,
+)
 from pgconcord.apply.plan import TablePlan
-from pgconcord.apply.setwise import apply_table
+from pgconcord.apply.setwise import STAMP_LOCAL_CHANGES, apply_table
 from pgconcord.apply.stage import open_target
 from pgconcord.config import ClusterConfig, NodeConfig
 from pgconcord.conflict import change_object, recorded_conflicts
@@ -31,6 +36,9 @@ from pgconcord.history.trail import audited_tables
 from pgconcord.transport import connect
 
 Connection = psycopg.Connection[tuple[object, ...]]
+
+# How often a retry starts again when a local write raced with it.
+RACED_ATTEMPTS = 5
 
 
 def list_parked(
@@ -165,7 +173,7 @@ def retry_parked(node: NodeConfig, parked_id: int | None = None) -> RetryReport:
                 groups.append([int(str(identifier))])
             previous = source
         for group in groups:
-            reason = _retry_group(target, group)
+            reason = _retry_group_again(target, group)
             if reason is None:
                 report.retried.extend(group)
             else:
@@ -173,6 +181,19 @@ def retry_parked(node: NodeConfig, parked_id: int | None = None) -> RetryReport:
     finally:
         target.close()
     return report
+
+
+def _retry_group_again(target: Connection, identifiers: list[int]) -> str | None:
+    """_retry_group, again when a local write raced with it (it then sees that write)."""
+    for _ in range(RACED_ATTEMPTS - 1):
+        try:
+            return _retry_group(target, identifiers)
+        except RacedWithLocalWrite:
+            continue
+    try:
+        return _retry_group(target, identifiers)
+    except RacedWithLocalWrite as raced:
+        return f"{raced} (tried {RACED_ATTEMPTS} times)"
 
 
 def _retry_group(target: Connection, identifiers: list[int]) -> str | None:
@@ -201,6 +222,8 @@ def _retry_group(target: Connection, identifiers: list[int]) -> str | None:
             (identifiers,),
         )
         target.execute("TRUNCATE pgconcord_stage")
+        # Before the savepoint: the stamp lock stays held through its rollback.
+        target.execute(STAMP_LOCAL_CHANGES)
         target.execute(
             "INSERT INTO pgconcord_stage SELECT 0, id, schema_name, table_name, operation,"
             " row_key, clock, previous_clock, previous_origin, new_row, old_values, order_key,"

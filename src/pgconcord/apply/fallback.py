@@ -25,7 +25,7 @@ from pgconcord.apply.errors import (
 from pgconcord.apply.pair import PairState
 from pgconcord.apply.plan import TablePlan
 from pgconcord.apply.position import Position, advance, check_position
-from pgconcord.apply.setwise import apply_window_table
+from pgconcord.apply.setwise import STAMP_LOCAL_CHANGES, apply_window_table
 from pgconcord.transport import Window
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,8 @@ def apply_one_by_one(
     conflicts = 0
     with target.transaction():
         check_position(target, pair.origin, pair.target, expected)
+        # Before any savepoint: the stamp lock stays held through their rollbacks.
+        target.execute(STAMP_LOCAL_CHANGES)
         # Each change is picked by its id: without an index that is quadratic.
         target.execute("CREATE INDEX IF NOT EXISTS pgconcord_stage_id ON pgconcord_stage (id)")
         target.execute("ANALYZE pgconcord_stage")
@@ -190,9 +192,14 @@ def _apply_change(pair: PairState, target: Connection, plan: TablePlan, change_i
     # apply_one_by_one): nothing to hold here.
     try:
         with target.transaction():
-            return apply_window_table(target, plan, pair.origin, selection, False, pair.parents)
+            return apply_window_table(
+                target, plan, pair.origin, selection, False, pair.parents, pair.lock_rows
+            )
     except pg_errors.UniqueViolation:
         with target.transaction():
+            # The local holders' versions must be stamped before they are judged (the
+            # savepoint rolled back what the apply had stamped).
+            target.execute(STAMP_LOCAL_CHANGES)
             apply_now = conflict.resolve_unique_collision(
                 target, plan.table, plan.table_id, pair.origin, change_id
             )
@@ -200,4 +207,6 @@ def _apply_change(pair: PairState, target: Connection, plan: TablePlan, change_i
                 raise
             if not apply_now:
                 return 1
-            return 1 + apply_window_table(target, plan, pair.origin, selection, False, pair.parents)
+            return 1 + apply_window_table(
+                target, plan, pair.origin, selection, False, pair.parents, pair.lock_rows
+            )

@@ -170,9 +170,11 @@ class Puller:
                         self.target.name,
                     )
                     continue
-                except (pg_errors.DeadlockDetected, RacedWithLocalWrite):
+                except (pg_errors.DeadlockDetected, RacedWithLocalWrite) as again:
                     self._rollback()
                     self._position = None
+                    if isinstance(again, RacedWithLocalWrite):
+                        self._pair.raced()
                     continue
                 except _StepByStep:
                     # The pipelined apply met something it leaves to the step-by-step way,
@@ -476,7 +478,13 @@ class Puller:
                 hold_followers(pair, target, piece)
                 conflicts = sum(
                     apply_window_table(
-                        target, plan, pair.origin, piece, pair.parked_waiting, pair.parents
+                        target,
+                        plan,
+                        pair.origin,
+                        piece,
+                        pair.parked_waiting,
+                        pair.parents,
+                        pair.lock_rows,
                     )
                     for plan in plans.values()
                 )

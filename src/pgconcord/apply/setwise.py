@@ -32,10 +32,12 @@ STAMP_LOCAL_CHANGES = "SELECT pgconcord.stamp_captured(true)"
 
 # A local write that committed after the stamp and before the apply wrote its row is still
 # captured, not stamped: the apply overwrote it without judging it. The piece is applied again
-# (RacedWithLocalWrite), which stamps it first.
+# (RacedWithLocalWrite), which stamps it first; and for a while the pair locks the rows that
+# are here before it stamps for the last time and judges them (TableStatements.lock_rows), so
+# that only a new row inserted meanwhile can race again.
 RACED_LOCAL_WRITE = """
 SELECT EXISTS (SELECT 1 FROM pgconcord.captured_change q
-                 JOIN pgconcord_decision d ON d.row_key = q.row_key
+                 JOIN pgconcord_winner w ON w.row_key = q.row_key
                 WHERE q.table_id = %(table_id)s)
 """
 
@@ -46,11 +48,13 @@ def apply_table(
     origin: str,
     selection: sql.Composable,
     parked_waiting: bool,
+    lock_rows: bool = False,
 ) -> int:
     """Apply the staged changes the selection picks for one table; the number of conflicts.
     Runs inside the caller's transaction. With parked_waiting, the changes of transactions
-    parking.hold_followers held are left out. Rows applied to a table with foreign keys are
-    noted for ParentCheck.record_missing (parents.py)."""
+    parking.hold_followers held are left out; with lock_rows, the rows here are locked before
+    they are judged (RACED_LOCAL_WRITE). Rows applied to a table with foreign keys are noted
+    for ParentCheck.record_missing (parents.py)."""
     if plan.dropped or plan.held is not None:
         staged = target.execute(
             sql.SQL(
@@ -81,6 +85,9 @@ def apply_table(
         "origin": origin,
     }
     target.execute(STAMP_LOCAL_CHANGES)
+    if lock_rows:
+        target.execute(statements.lock_rows(selection), parameters)
+        target.execute(STAMP_LOCAL_CHANGES)
     # DELETE, not TRUNCATE: truncating gives the temporary tables new files and costs
     # catalog work each time, too much for the small pieces of a busy steady state.
     target.execute("DELETE FROM pgconcord_decision")
@@ -145,12 +152,13 @@ def apply_window_table(
     selection: sql.Composable,
     held: bool,
     parents: ParentCheck,
+    lock_rows: bool = False,
 ) -> int:
     """apply_table, noting the tables whose rows wait for the check of their parents, and
     telling a refusal of this node (a right, a table) from a change that cannot be applied."""
     parents.note(plan)
     try:
-        return apply_table(target, plan, origin, selection, held)
+        return apply_table(target, plan, origin, selection, held, lock_rows)
     except psycopg.DatabaseError as error:
         if is_target_problem(error):
             raise TargetProblem(error, plan) from error

@@ -86,6 +86,9 @@ def apply_pipelined(
                 continue
             statements = _statements_of(plan)
             target.execute(STAMP_LOCAL_CHANGES)
+            if pair.lock_rows:
+                target.execute(statements.lock_rows(_SELECTION), parameters)
+                target.execute(STAMP_LOCAL_CHANGES)
             target.execute("DELETE FROM pgconcord_decision")
             target.execute("DELETE FROM pgconcord_winner")
             target.execute(statements.decide(_SELECTION, False), parameters)

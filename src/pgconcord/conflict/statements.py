@@ -60,6 +60,22 @@ UPDATE {table} AS t SET {assignments}
 """
 
 
+# The rows of the piece that are here, locked (in key order) before this node's own changes
+# are stamped for the last time and the rows judged: a local write to one of them then waits
+# for the apply instead of racing it (apply.setwise, when a pair met such a race).
+_LOCK_ROWS = """
+SELECT count(*) FROM (
+    SELECT 1
+      FROM (SELECT DISTINCT s.row_key FROM pgconcord_stage s
+             WHERE s.schema_name = %(schema)s AND s.table_name = %(table)s
+               AND ({selection})) AS s
+     CROSS JOIN LATERAL jsonb_populate_record(NULL::{table}, s.row_key) k
+      JOIN {table} t ON {key_match}
+     ORDER BY s.row_key
+       FOR UPDATE OF t) AS locked
+"""
+
+
 @dataclass(frozen=True)
 class TableStatements:
     decide_template: sql.SQL
@@ -70,7 +86,14 @@ class TableStatements:
     merge_rows: sql.Composed | None
     add_deltas: sql.Composed | None
     delta: sql.Composable
+    identifier: sql.Composable  # the table
+    key_match: sql.Composable  # t's key = k's key
     audited: bool = False  # the table's row history is kept (conflict/outcomes.py)
+
+    def lock_rows(self, selection: sql.Composable) -> sql.Composed:
+        return sql.SQL(_LOCK_ROWS).format(
+            table=self.identifier, key_match=self.key_match, selection=selection
+        )
 
     def decide(self, selection: sql.Composable, parked_waiting: bool) -> sql.Composed:
         return self.decide_template.format(
@@ -238,6 +261,8 @@ def table_statements(
         add_deltas=_add_deltas(table, columns, delta_columns, record_column),
         merge_rows=_merge_rows(table, columns, delta_columns, record_column),
         delta=_delta_expression(delta_columns),
+        identifier=identifier,
+        key_match=key_match,
         audited=audited,
     )
 

@@ -5,6 +5,7 @@ versions and its copy horizons (tablecopy moves the definitions and the rows).""
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 
 import psycopg
@@ -14,7 +15,7 @@ from pgconcord import catalog, install, membership, tablecopy
 from pgconcord.apply import open_target
 from pgconcord.catalog import STAMP_LOCK, Table
 from pgconcord.config import ClusterConfig, NodeConfig
-from pgconcord.errors import SchemaError
+from pgconcord.errors import PgconcordError, SchemaError
 from pgconcord.join.cluster import Connection, _Cluster
 from pgconcord.join.report import JoinObserver, JoinReport
 from pgconcord.transport import connect
@@ -164,6 +165,13 @@ def _copy(
         joiner.close()
 
 
+# The fence waits this long for the donor's tables at a time (writers queue behind it while it
+# waits; a deadlock with one of them ends as the fence giving up, not as the writer failing),
+# this many times.
+FENCE_LOCK_TIMEOUT = "200ms"
+FENCE_ATTEMPTS = 50
+
+
 @contextlib.contextmanager
 def _writes_fenced(donor_node: NodeConfig) -> Iterator[None]:
     """While the copy's snapshot is taken, no write to a replicated table of the donor's is
@@ -175,25 +183,44 @@ def _writes_fenced(donor_node: NodeConfig) -> Iterator[None]:
     The stamp lock is taken before the tables': an apply here takes it before it writes and
     keeps it to its end, so one that already writes finishes first, and none waits on the
     fence while holding what the stamping needs."""
-    with connect(donor_node) as stamper, connect(donor_node) as fence:
-        stamper.execute("SET LOCAL lock_timeout = '30s'")
-        stamper.execute(f"SELECT pg_advisory_xact_lock({STAMP_LOCK})")
-        fence.execute("SET LOCAL lock_timeout = '30s'")
-        tables = [
-            sql.Identifier(str(schema_name), str(table_name))
-            for schema_name, table_name in fence.execute(
-                "SELECT t.schema_name, t.table_name FROM pgconcord.replicated_table t"
-                " JOIN pg_class c ON c.oid = t.relation"
-                " JOIN pg_namespace n ON n.oid = c.relnamespace"
-                " WHERE n.nspname = t.schema_name AND c.relname = t.table_name ORDER BY 1, 2"
-            )
-        ]
-        if tables:
+    for attempt in range(FENCE_ATTEMPTS):
+        with connect(donor_node) as stamper, connect(donor_node) as fence:
+            if _fence(stamper, fence):
+                yield
+                fence.rollback()
+                return
+        time.sleep(min(1.0, 0.05 * (attempt + 1)))
+    raise PgconcordError(
+        f"node {donor_node.name}: its replicated tables stayed busy while the copy's snapshot"
+        " was to be taken (writes are held back for a moment then); run the join again"
+    )
+
+
+def _fence(stamper: Connection, fence: Connection) -> bool:
+    """Hold back writes to the donor's replicated tables and stamp what was captured there
+    (both transactions stay open for the snapshot); False when the tables are busy."""
+    stamper.execute("SET LOCAL lock_timeout = '30s'")
+    stamper.execute(f"SELECT pg_advisory_xact_lock({STAMP_LOCK})")
+    tables = [
+        sql.Identifier(str(schema_name), str(table_name))
+        for schema_name, table_name in fence.execute(
+            "SELECT t.schema_name, t.table_name FROM pgconcord.replicated_table t"
+            " JOIN pg_class c ON c.oid = t.relation"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = t.schema_name AND c.relname = t.table_name ORDER BY 1, 2"
+        )
+    ]
+    fence.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(FENCE_LOCK_TIMEOUT)))
+    if tables:
+        try:
             fence.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(sql.SQL(", ").join(tables)))
-        stamper.execute("SELECT pgconcord.stamp_captured(true)")
-        stamper.commit()
-        yield
-        fence.rollback()
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected):
+            fence.rollback()
+            stamper.rollback()
+            return False
+    stamper.execute("SELECT pgconcord.stamp_captured(true)")
+    stamper.commit()
+    return True
 
 
 def _positions(

@@ -82,11 +82,11 @@ _NOT_COPIED = """
 # An origin poll in one statement (one round trip, no transaction of its own beyond it): the
 # snapshot a new window would end at, whether the window holds changes, the catalog
 # fingerprint then (for the plans), and where the origin's WAL is written and flushed. On the
-# way it stamps what capture appended since (unless another session is stamping): those
-# changes are in the change log for the next statement, not for this one's snapshot.
+# way it stamps what capture appended since: those changes are in the change log for the next
+# statement, not for this one's snapshot.
 _POLL = (
     """
-WITH stamped AS MATERIALIZED (SELECT pgconcord.stamp_captured(false) AS changes)
+WITH stamped AS MATERIALIZED (SELECT pgconcord.stamp_captured({wait}) AS changes)
 SELECT current.snapshot::text, w.has_changes,
        CASE WHEN w.has_changes THEN ("""
     + FINGERPRINT_QUERY.strip()
@@ -101,15 +101,20 @@ SELECT current.snapshot::text, w.has_changes,
 )
 
 
+def _poll_query(applied_snapshot: str, *, wait: bool) -> sql.Composed:
+    return sql.SQL(_POLL).format(applied=sql.Literal(applied_snapshot), wait=sql.Literal(wait))
+
+
 def poll(origin: psycopg.Connection[tuple[object, ...]], applied_snapshot: str) -> Poll:
     """Look at the origin in one round trip, or two when that one stamped captured changes,
-    which only the next statement sees (origin is an autocommit session,
-    open_origin_session)."""
-    query = sql.SQL(_POLL).format(applied=sql.Literal(applied_snapshot))
-    row = origin.execute(query).fetchone()
+    which only the next statement sees, or found another session stamping (an apply there),
+    whose end the second one waits for: a poll never says "nothing new" while captured
+    changes wait to be stamped (origin is an autocommit session, open_origin_session)."""
+    row = origin.execute(_poll_query(applied_snapshot, wait=False)).fetchone()
     assert row is not None
-    if int(str(row[5])) > 0:
-        row = origin.execute(query).fetchone()
+    stamped = int(str(row[5]))
+    if stamped != 0:
+        row = origin.execute(_poll_query(applied_snapshot, wait=stamped < 0)).fetchone()
         assert row is not None
     return Poll(
         applied_snapshot,
