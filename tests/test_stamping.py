@@ -1,10 +1,10 @@
-"""The stamper (stamp_captured.sql) stamps most changes in one set-wise statement and the rest
-row by row, each row's changes in capture order from its version read once. Both must give
-every change the version the capture trigger once gave it inside the writer's transaction,
-which tests/stamp_one_by_one.sql does (one row-version upsert per change): the same captured
-changes over the same row versions, stamped each way, leave the same change log and the same
-row versions behind, whatever the mix of inserts, updates, deletes, repeated keys, tombstones
-and clocks that lag or lead."""
+"""The stamper (stamp_captured.sql) stamps row by row, each row's changes in capture order from
+its version read once, and writes in batches. It must give every change the version the
+capture trigger once gave it inside the writer's transaction, which tests/stamp_one_by_one.sql
+does (one row-version upsert per change): the same captured changes over the same row
+versions, stamped both ways, leave the same change log and the same row versions behind,
+whatever the mix of inserts, updates, deletes, repeated keys, tombstones and clocks that lag
+or lead."""
 
 from __future__ import annotations
 
@@ -69,8 +69,7 @@ def _table_ids(cluster: Cluster, node: str) -> dict[str, int]:
 ONE_BY_ONE = (Path(__file__).parent / "stamp_one_by_one.sql").read_text()
 WAYS = {
     "one by one": "SELECT pg_temp.stamp_one_by_one()",
-    "row by row": "SELECT pgconcord.stamp_captured(true, false)",
-    "set-wise": "SELECT pgconcord.stamp_captured(true, true)",
+    "row by row": "SELECT pgconcord.stamp_captured(true)",
 }
 
 
@@ -156,7 +155,6 @@ def test_every_way_of_stamping_gives_the_versions_capture_gave(
 ) -> None:
     outcomes = _stamp_each_way(one_node, schedule)
     assert outcomes["row by row"] == outcomes["one by one"]
-    assert outcomes["set-wise"] == outcomes["one by one"]
 
 
 def test_a_write_is_stamped_one_past_the_version_it_replaced(one_node: Cluster) -> None:

@@ -1,5 +1,6 @@
 """The agent's loops beside its pairs': now and then the purge of each node's change log, and
-on its own node the regeneration of the capture a schema change left generic."""
+on its own node the regeneration of the capture a schema change left generic and the vacuum
+of what stamping left behind."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from pgconcord.transport import connect
 log = logging.getLogger(__name__)
 
 PURGE_SECONDS = 15.0
-CAPTURE_SECONDS = 2.0  # how often each node's own agent looks for capture to regenerate
+# How often each node's own agent looks for capture to regenerate, and at captured_change.
+CAPTURE_SECONDS = 2.0
 
 
 class Host(Protocol):
@@ -88,6 +90,30 @@ def purge_loop(agent: Host) -> None:
             return
 
 
+# Dead rows in captured_change (every stamp deletes what it stamped) above which the node's
+# own agent vacuums it: autovacuum looks at most once a minute, and until then every stamp
+# and poll reads the dead rows of thousands of writes a second.
+CAPTURED_DEAD_ROWS = 5_000
+
+
+def vacuum_captured(connection: psycopg.Connection[tuple[object, ...]]) -> None:
+    """Vacuum captured_change when stamping has left many dead rows in it (the connection
+    is idle, not in a transaction)."""
+    row = connection.execute(
+        "SELECT n_dead_tup FROM pg_stat_user_tables"
+        " WHERE relid = to_regclass('pgconcord.captured_change')"
+    ).fetchone()
+    connection.commit()
+    if not row or int(str(row[0])) < CAPTURED_DEAD_ROWS:
+        return
+    connection.autocommit = True
+    try:
+        # Pages stay for the next rows: truncating would take a lock the writers wait for.
+        connection.execute("VACUUM (SKIP_LOCKED, TRUNCATE false) pgconcord.captured_change")
+    finally:
+        connection.autocommit = False
+
+
 def capture_loop(agent: Host, node: NodeConfig, stop: threading.Event) -> None:
     """Regenerate, on this agent's own node only, the capture of tables a schema change
     left on the generic capture (see catalog.regenerate_capture); never on a peer's."""
@@ -99,6 +125,7 @@ def capture_loop(agent: Host, node: NodeConfig, stop: threading.Event) -> None:
                 connection = connect(node)
             for name in catalog.regenerate_capture(connection, node.name):
                 log.info("%s: capture of %s regenerated after a schema change", node.name, name)
+            vacuum_captured(connection)
         except (NodeUnavailable, psycopg.Error) as error:
             log.debug("%s: capture regeneration skipped: %s", node.name, error)
             if connection is not None:

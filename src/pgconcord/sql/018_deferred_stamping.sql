@@ -23,6 +23,10 @@ CREATE TABLE pgconcord.captured_change (
     wall_clock bigint NOT NULL DEFAULT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint
 );
 REVOKE ALL ON pgconcord.captured_change FROM PUBLIC;
+-- Every stamp deletes what it stamped: vacuum it whenever autovacuum looks (the node's agent
+-- also vacuums it when it has many dead rows, agent.housekeeping.vacuum_captured).
+ALTER TABLE pgconcord.captured_change
+    SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 5000);
 
 ALTER TABLE pgconcord.change_log ADD COLUMN transaction_id xid8;
 
