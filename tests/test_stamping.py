@@ -230,3 +230,12 @@ def test_a_row_written_here_all_the_time_does_not_stall_its_pair(
     rows = {name: cluster.query(name, "SELECT * FROM hot ORDER BY id") for name in cluster.names}
     assert rows[origin] == rows[target]
     assert rows[origin][0][1] == 10
+
+
+def test_a_poll_with_nothing_to_stamp_takes_no_transaction_id(one_node: Cluster) -> None:
+    """Agents watch each origin's snapshot for transactions that ended: a poll that took a
+    transaction id every time would wake them for ever."""
+    node = one_node.names[0]
+    assert one_node.admin_query(
+        node, "SELECT pgconcord.stamp_captured(false), pg_current_xact_id_if_assigned()"
+    ) == [(0, None)]

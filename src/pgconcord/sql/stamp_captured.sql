@@ -27,7 +27,7 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $body$
 DECLARE
     local_name text;
     clock_offset bigint;
-    stamping xid8 := pg_current_xact_id();
+    stamping xid8;
     captured record;
     keyed boolean;
     now_clock bigint;
@@ -61,6 +61,9 @@ BEGIN
         RETURN -1;
     END IF;
     SELECT n.name, n.clock_offset_us INTO local_name, clock_offset FROM pgconcord.local_node n;
+    -- Only now: a poll that finds nothing to stamp takes no transaction id (agents watch the
+    -- snapshot for ended transactions, agent.runner._watch_loop).
+    stamping := pg_current_xact_id();
     FOR captured IN
         WITH taken AS (DELETE FROM pgconcord.captured_change RETURNING *)
         SELECT c.*, t.policy, coalesce(t.audited, false) AS audited,
