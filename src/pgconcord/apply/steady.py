@@ -20,7 +20,7 @@ from pgconcord.apply.errors import RacedWithLocalWrite
 from pgconcord.apply.pair import PairState
 from pgconcord.apply.plan import TablePlan
 from pgconcord.apply.position import Position, advance, require_replica_mode
-from pgconcord.apply.setwise import RACED_LOCAL_WRITE, STAMP_LOCAL_CHANGES, write_winners
+from pgconcord.apply.setwise import STAMP_LOCAL_CHANGES, write_winners
 from pgconcord.transport import Window
 
 Connection = psycopg.Connection[tuple[object, ...]]
@@ -30,6 +30,16 @@ MAX_PIPELINED_ROWS = 10_000
 
 # The piece's changes by their bounds as parameters (see apply_pipelined).
 _SELECTION = sql.SQL("s.transaction_order > %(after)s AND s.transaction_order <= %(last)s")
+
+# setwise.RACED_LOCAL_WRITE for every table of the piece at once, by the staged keys.
+_RACED_IN_PIECE = """
+SELECT EXISTS (SELECT 1 FROM pgconcord.captured_change q
+                 JOIN pgconcord.replicated_table t ON t.id = q.table_id
+                 JOIN pgconcord_stage s
+                   ON s.schema_name = t.schema_name AND s.table_name = t.table_name
+                  AND s.row_key = q.row_key
+                WHERE s.transaction_order > %(after)s AND s.transaction_order <= %(last)s)
+"""
 
 # Composed statements by plan: composing them costs the agent more CPU than the rest of a
 # small piece (the plans are kept while the catalogs do not change: plan.PlanCache).
@@ -85,7 +95,6 @@ def apply_pipelined(
                 )
                 continue
             statements = _statements_of(plan)
-            target.execute(STAMP_LOCAL_CHANGES)
             if pair.lock_rows:
                 target.execute(statements.lock_rows(_SELECTION), parameters)
                 target.execute(STAMP_LOCAL_CHANGES)
@@ -95,7 +104,8 @@ def apply_pipelined(
             raced.append(target.execute(statements.choose_winners, parameters))
             recorded.append(target.execute(statements.record(_SELECTION, False), parameters))
             write_winners(target, plan, statements, parameters)
-            raced.append(target.execute(RACED_LOCAL_WRITE, parameters))
+        # One look for a local write that raced with the piece, for all its tables.
+        raced.append(target.execute(_RACED_IN_PIECE, bounds))
         moved = advance(target, pair.origin, window, after, last_order, final=True)
     found = mode.fetchone()
     require_replica_mode(found[0] if found else None, pair.target)
