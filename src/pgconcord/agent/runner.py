@@ -41,12 +41,37 @@ MAX_BACKOFF_SECONDS = 30.0
 UNAVAILABLE_BACKOFF_SECONDS = 2.0
 
 
-def _snapshot(connection: psycopg.Connection[tuple[object, ...]]) -> tuple[int, int, set[int]]:
-    """The node's current snapshot: (xmin, xmax, the transaction ids in progress)."""
-    row = connection.execute("SELECT pg_current_snapshot()::text").fetchone()
+Snapshot = tuple[int, int, set[int]]
+
+# The watch's look at an origin, which also stamps what capture appended there since (unless
+# someone else is stamping): the pulls it wakes find it in the change log, without stamping
+# it first themselves (stamp_captured.sql).
+_STAMP_AND_LOOK = """
+WITH stamped AS MATERIALIZED (SELECT pgconcord.stamp_captured(false) AS changes)
+SELECT pg_current_snapshot()::text, stamped.changes FROM stamped
+"""
+
+
+def _snapshot(
+    connection: psycopg.Connection[tuple[object, ...]], stamps: bool = False
+) -> tuple[Snapshot, bool]:
+    """The node's current snapshot: (xmin, xmax, the transaction ids in progress), and
+    whether changes were stamped on the way (with stamps, on a node set up for it)."""
+    if stamps:
+        row = connection.execute(_STAMP_AND_LOOK).fetchone()
+    else:
+        row = connection.execute("SELECT pg_current_snapshot()::text, 0").fetchone()
     assert row is not None
     xmin, xmax, in_progress = str(row[0]).split(":")
-    return int(xmin), int(xmax), {int(xid) for xid in in_progress.split(",") if xid}
+    snapshot = (int(xmin), int(xmax), {int(xid) for xid in in_progress.split(",") if xid})
+    return snapshot, int(str(row[1])) > 0
+
+
+def _can_stamp(connection: psycopg.Connection[tuple[object, ...]]) -> bool:
+    row = connection.execute(
+        "SELECT to_regprocedure('pgconcord.stamp_captured(boolean)') IS NOT NULL"
+    ).fetchone()
+    return bool(row and row[0])
 
 
 def transaction_ended(before: tuple[int, int, set[int]], after: tuple[int, int, set[int]]) -> bool:
@@ -452,7 +477,8 @@ class Agent:
                     self._learn_members(origin.name, connection)
                     # Anything committed before watching began is picked up by this wake.
                     self._wake_pairs_from(origin.name)
-                    seen = _snapshot(connection)
+                    stamps = _can_stamp(connection)
+                    seen, _ = _snapshot(connection, stamps)
                     interval = WATCH_BUSY_SECONDS
                     while not (self.stopping.is_set() or stop.is_set()):
                         tick()
@@ -465,8 +491,8 @@ class Agent:
                         if news:  # read outside the notifies() generator, which holds the lock
                             self._learn_members(origin.name, connection)
                             self._interrupt_pairs_of(origin.name)
-                        now = _snapshot(connection)
-                        if transaction_ended(seen, now) or woken:
+                        now, stamped = _snapshot(connection, stamps)
+                        if transaction_ended(seen, now) or woken or stamped:
                             interval = WATCH_BUSY_SECONDS
                             self._wake_pairs_from(origin.name)
                         else:
