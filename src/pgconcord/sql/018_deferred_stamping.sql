@@ -30,44 +30,4 @@ ALTER TABLE pgconcord.captured_change
 
 ALTER TABLE pgconcord.change_log ADD COLUMN transaction_id xid8;
 
--- A schema change goes through captured_change too, so that it keeps its place among the data
--- changes of its own transaction and of those before it.
-CREATE OR REPLACE FUNCTION pgconcord.log_schema_change(
-    command_tag text, statement text, caller_search_path text, caller_role text
-) RETURNS void
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $body$
-DECLARE
-    plain text;
-    marker text;
-BEGIN
-    -- One statement can raise several events (ALTER TABLE ... DROP COLUMN raises two).
-    marker := md5(statement) || ':' || statement_timestamp()::text;
-    IF current_setting('pgconcord.logged_statement', true) = marker THEN
-        RETURN;
-    END IF;
-    -- What a peer would run must be this statement alone: not a DO block or function that
-    -- also changes data, not several statements sent as one string.
-    plain := regexp_replace(statement, '\$([A-Za-z_0-9]*)\$.*?\$\1\$', ' ', 'g');
-    plain := regexp_replace(plain, '''([^'']|'''')*''', ' ', 'g');
-    plain := regexp_replace(plain, '"([^"]|"")*"', ' ', 'g');
-    plain := regexp_replace(plain, '--[^\n]*', ' ', 'g');
-    plain := regexp_replace(plain, '/\*.*?\*/', ' ', 'g');
-    plain := btrim(plain, E' \t\r\n;');
-    IF position(';' IN plain) > 0
-       OR upper(substring(plain FROM '^\s*([A-Za-z]+)')) <> split_part(command_tag, ' ', 1) THEN
-        RAISE EXCEPTION 'pgconcord: a schema change of replicated objects must be sent as one'
-                        ' plain statement to be replicated (this % came in: %)',
-                        command_tag, left(statement, 200)
-            USING ERRCODE = 'feature_not_supported',
-                  HINT = 'Run it on its own (not in a DO block, function or multi-statement'
-                         ' string), or set session_replication_role = replica and make the'
-                         ' same change on every node yourself.';
-    END IF;
-    PERFORM set_config('pgconcord.logged_statement', marker, true);
-    INSERT INTO pgconcord.captured_change (table_id, operation, row_key, new_row)
-    VALUES (0, 'S', '{}',
-            jsonb_build_object('statement', statement, 'command_tag', command_tag,
-                               'search_path', caller_search_path, 'role', caller_role));
-    PERFORM pg_notify('pgconcord_change', '');
-END
-$body$;
+-- pgconcord.log_schema_change() now logs into captured_change (log_schema_change.sql).
