@@ -69,9 +69,28 @@ def _snapshot(
 
 def _can_stamp(connection: psycopg.Connection[tuple[object, ...]]) -> bool:
     row = connection.execute(
-        "SELECT to_regprocedure('pgconcord.stamp_captured(boolean)') IS NOT NULL"
+        "SELECT coalesce(has_function_privilege("
+        "to_regprocedure('pgconcord.stamp_captured(boolean)'), 'EXECUTE'), false)"
     ).fetchone()
     return bool(row and row[0])
+
+
+def _watch_look(
+    connection: psycopg.Connection[tuple[object, ...]], stamps: bool, origin: str
+) -> tuple[Snapshot, bool, bool]:
+    """_snapshot, stamping while that works: a stamp that fails (a right taken away, a
+    catalog in the middle of an upgrade) leaves the polls to stamp, and the watch goes on
+    looking. Also whether it still stamps."""
+    if stamps:
+        try:
+            snapshot, stamped = _snapshot(connection, True)
+            return snapshot, stamped, True
+        except psycopg.DatabaseError as error:
+            if isinstance(error, psycopg.OperationalError):
+                raise
+            log.warning("watching %s: stamping there failed, left to the pulls: %s", origin, error)
+    snapshot, _ = _snapshot(connection, False)
+    return snapshot, False, False
 
 
 def transaction_ended(before: tuple[int, int, set[int]], after: tuple[int, int, set[int]]) -> bool:
@@ -478,7 +497,7 @@ class Agent:
                     # Anything committed before watching began is picked up by this wake.
                     self._wake_pairs_from(origin.name)
                     stamps = _can_stamp(connection)
-                    seen, _ = _snapshot(connection, stamps)
+                    seen, _, stamps = _watch_look(connection, stamps, origin.name)
                     interval = WATCH_BUSY_SECONDS
                     while not (self.stopping.is_set() or stop.is_set()):
                         tick()
@@ -491,7 +510,7 @@ class Agent:
                         if news:  # read outside the notifies() generator, which holds the lock
                             self._learn_members(origin.name, connection)
                             self._interrupt_pairs_of(origin.name)
-                        now, stamped = _snapshot(connection, stamps)
+                        now, stamped, stamps = _watch_look(connection, stamps, origin.name)
                         if transaction_ended(seen, now) or woken or stamped:
                             interval = WATCH_BUSY_SECONDS
                             self._wake_pairs_from(origin.name)

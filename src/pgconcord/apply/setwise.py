@@ -21,14 +21,18 @@ from pgconcord.apply.errors import (
 )
 from pgconcord.apply.parents import ParentCheck
 from pgconcord.apply.plan import TablePlan
+from pgconcord.catalog import STAMP_LOCK
 
 Connection = psycopg.Connection[tuple[object, ...]]
 
 # This node's own changes are stamped (stamp_captured.sql) before its rows are judged: a row's
-# version must say what was last written to it here. The stamp lock this takes is held until
-# the applying transaction ends, so it comes first in each (Puller._apply_piece,
-# steady.apply_pipelined); here it stamps what committed since, if anything did.
-STAMP_LOCAL_CHANGES = "SELECT pgconcord.stamp_captured(true)"
+# version must say what was last written to it here. The stamp lock is taken even when there
+# is nothing to stamp and held until the applying transaction ends: a stamper reads row
+# versions without locking them, trusting that nobody else writes them meanwhile. So it comes
+# first in each applying transaction, before any savepoint (Puller._apply_piece,
+# steady.apply_pipelined, fallback.apply_one_by_one, parked._retry_group); later calls stamp
+# what committed since, if anything did.
+STAMP_LOCAL_CHANGES = f"SELECT pg_advisory_xact_lock({STAMP_LOCK}), pgconcord.stamp_captured(true)"
 
 # A local write that committed after the stamp and before the apply wrote its row is still
 # captured, not stamped: the apply overwrote it without judging it. The piece is applied again

@@ -31,3 +31,7 @@ ALTER TABLE pgconcord.captured_change
 ALTER TABLE pgconcord.change_log ADD COLUMN transaction_id xid8;
 
 -- pgconcord.log_schema_change() now logs into captured_change (log_schema_change.sql).
+
+-- Every table's own capture function is made again from the new template: setup does, and
+-- until it runs the node's agent does (catalog.regenerate_capture), as after a schema change.
+UPDATE pgconcord.replicated_table SET own_capture = false;

@@ -14,14 +14,18 @@
 -- capture order (the order of their ids). Two writes of one row are captured in the order
 -- they committed (the second waited for the first's row lock), so a stamper never sees the
 -- second without the first; and every change of a transaction becomes visible at once, so a
--- transaction is stamped whole. Every writer of row_version but the purge of tombstones holds
--- that lock too (the apply stamps first), so a row's version is read without locking it.
+-- transaction is stamped whole. Every transaction that writes row_version here takes that
+-- lock too, first (the apply: apply.setwise.STAMP_LOCAL_CHANGES), so a row's version is read
+-- without locking it: nobody changes it until the stamp commits.
 --
 -- Rows are taken row by row, each row's changes in capture order from its version, which is
 -- read once and written once (a row changed a thousand times since the last stamp is not
 -- updated a thousand times in one transaction), and the change log and the versions are
 -- written in batches (tests/test_stamping.py checks the versions against stamping each change
 -- on its own, as the capture trigger once did).
+-- A version of this session's first commits had a second argument.
+DROP FUNCTION IF EXISTS pgconcord.stamp_captured(boolean, boolean);
+
 CREATE OR REPLACE FUNCTION pgconcord.stamp_captured(wait boolean DEFAULT true) RETURNS bigint
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $body$
 DECLARE
@@ -79,6 +83,12 @@ BEGIN
           LEFT JOIN pgconcord.row_version v ON v.table_id = c.table_id AND v.row_key = c.row_key
          ORDER BY c.table_id, c.row_key, c.id
     LOOP
+        IF cardinality(entries) >= 10000 THEN
+            INSERT INTO pgconcord.change_log SELECT * FROM unnest(entries);
+            entries := '{}';
+            PERFORM pgconcord.store_versions(versions);
+            versions := '{}';
+        END IF;
         stamped := stamped + 1;
         now_clock := captured.wall_clock + clock_offset;
         keyed := captured.row_key IS NOT NULL AND captured.operation <> 'S';
@@ -203,12 +213,6 @@ BEGIN
                                 AND o.row_key = captured.row_key AND o.xid = captured.txid
                                 AND o.event = 'write' AND o.clock IS NULL
                               ORDER BY o.recorded_at LIMIT 1);
-        END IF;
-        IF cardinality(entries) >= 10000 THEN
-            INSERT INTO pgconcord.change_log SELECT * FROM unnest(entries);
-            entries := '{}';
-            PERFORM pgconcord.store_versions(versions);
-            versions := '{}';
         END IF;
     END LOOP;
     IF current_key IS NOT NULL THEN
