@@ -96,16 +96,17 @@ def purge_loop(agent: Host) -> None:
 CAPTURED_DEAD_ROWS = 5_000
 
 
-def vacuum_captured(connection: psycopg.Connection[tuple[object, ...]]) -> None:
-    """Vacuum captured_change when stamping has left many dead rows in it (the connection
-    is idle, not in a transaction)."""
+def captured_dead_rows(connection: psycopg.Connection[tuple[object, ...]]) -> int:
+    """The dead rows stamping has left in captured_change (statistics, a second or so old)."""
     row = connection.execute(
-        "SELECT n_dead_tup FROM pg_stat_user_tables"
-        " WHERE relid = to_regclass('pgconcord.captured_change')"
+        "SELECT coalesce((SELECT n_dead_tup FROM pg_stat_user_tables"
+        " WHERE relid = to_regclass('pgconcord.captured_change')), 0)"
     ).fetchone()
-    connection.commit()
-    if not row or int(str(row[0])) < CAPTURED_DEAD_ROWS:
-        return
+    return int(str(row[0])) if row else 0
+
+
+def vacuum_captured(connection: psycopg.Connection[tuple[object, ...]]) -> None:
+    """Vacuum captured_change (the connection is idle, not in a transaction)."""
     connection.autocommit = True
     try:
         # Pages stay for the next rows: truncating would take a lock the writers wait for.
@@ -123,9 +124,12 @@ def capture_loop(agent: Host, node: NodeConfig, stop: threading.Event) -> None:
         try:
             if connection is None or connection.closed:
                 connection = connect(node)
+            # Read in the transaction regenerate_capture's first look commits: no extra one.
+            dead = captured_dead_rows(connection)
             for name in catalog.regenerate_capture(connection, node.name):
                 log.info("%s: capture of %s regenerated after a schema change", node.name, name)
-            vacuum_captured(connection)
+            if dead >= CAPTURED_DEAD_ROWS:
+                vacuum_captured(connection)
         except (NodeUnavailable, psycopg.Error) as error:
             log.debug("%s: capture regeneration skipped: %s", node.name, error)
             if connection is not None:
