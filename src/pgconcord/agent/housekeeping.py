@@ -126,7 +126,7 @@ def capture_loop(agent: Host, node: NodeConfig, stop: threading.Event) -> None:
                 connection = connect(node)
             # Read in the transaction regenerate_capture's first look commits: no extra one.
             dead = captured_dead_rows(connection)
-            for name in catalog.regenerate_capture(connection, node.name):
+            for name in catalog.regenerate_capture(connection):
                 log.info("%s: capture of %s regenerated after a schema change", node.name, name)
             if dead >= CAPTURED_DEAD_ROWS:
                 vacuum_captured(connection)

@@ -93,7 +93,7 @@ def _watch_look(
     return snapshot, False, False
 
 
-def transaction_ended(before: tuple[int, int, set[int]], after: tuple[int, int, set[int]]) -> bool:
+def transaction_ended(before: Snapshot, after: Snapshot) -> bool:
     """Whether a transaction that had an id ended (committed or rolled back) between the two
     snapshots: one in progress before and not after, or one that began and ended between
     them. Only those can make changes visible; reading sessions take no transaction id."""

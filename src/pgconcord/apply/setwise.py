@@ -55,7 +55,8 @@ def apply_table(
     lock_rows: bool = False,
 ) -> int:
     """Apply the staged changes the selection picks for one table; the number of conflicts.
-    Runs inside the caller's transaction. With parked_waiting, the changes of transactions
+    Runs inside the caller's transaction, which stamped this node's own changes first
+    (STAMP_LOCAL_CHANGES). With parked_waiting, the changes of transactions
     parking.hold_followers held are left out; with lock_rows, the rows here are locked before
     they are judged (RACED_LOCAL_WRITE). Rows applied to a table with foreign keys are noted
     for ParentCheck.record_missing (parents.py)."""
@@ -88,7 +89,7 @@ def apply_table(
         "table_id": plan.table_id,
         "origin": origin,
     }
-    target.execute(STAMP_LOCAL_CHANGES)
+    # The caller's transaction stamped first; with the rows here locked, once more.
     if lock_rows:
         target.execute(statements.lock_rows(selection), parameters)
         target.execute(STAMP_LOCAL_CHANGES)

@@ -104,9 +104,7 @@ def capture_changed_tables(
             connection.execute("SELECT pgconcord.capture_generically(%s::oid)", (relation,))
 
 
-def regenerate_capture(
-    connection: psycopg.Connection[tuple[object, ...]], node_name: str
-) -> list[str]:
+def regenerate_capture(connection: psycopg.Connection[tuple[object, ...]]) -> list[str]:
     """Give every table that a schema change left on the generic capture its own capture
     function again (and its keys' slot, for a new table); a table whose lock is not free at
     once is left for the next call. The names of the tables regenerated; commits."""
