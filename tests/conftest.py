@@ -45,6 +45,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             ids=[_binaries_id(each) for each in binaries],
             scope="session",
         )
+    # A module that names CAPTURE_MODES runs its cluster tests once per capture mode.
+    modes = getattr(metafunc.module, "CAPTURE_MODES", None)
+    if modes and "capture_mode" in metafunc.fixturenames:
+        metafunc.parametrize("capture_mode", modes)
+
+
+@pytest.fixture
+def capture_mode() -> str:
+    """How the `cluster` fixture's nodes capture: "trigger", unless the module's CAPTURE_MODES
+    asks for each of its modes."""
+    return "trigger"
 
 
 @pytest.fixture(scope="session")
@@ -84,10 +95,13 @@ def _shared(pool: dict[str, list[Server]], binaries: PostgresBinaries) -> list[S
 
 @pytest.fixture
 def cluster(
-    postgres_binaries: PostgresBinaries, server_pool: dict[str, list[Server]], tmp_path: Path
+    postgres_binaries: PostgresBinaries,
+    server_pool: dict[str, list[Server]],
+    tmp_path: Path,
+    capture_mode: str,
 ) -> Iterator[Cluster]:
     """Three nodes (fresh databases on shared servers), on every available PostgreSQL."""
-    created = Cluster(_shared(server_pool, postgres_binaries), tmp_path)
+    created = Cluster(_shared(server_pool, postgres_binaries), tmp_path, capture=capture_mode)
     yield created
     created.drop()
 

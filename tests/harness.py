@@ -17,6 +17,7 @@ from psycopg import sql
 
 from pgconcord import agent, install, rights
 from pgconcord.apply import Puller
+from pgconcord.capture import wal as wal_capture
 from pgconcord.config import ClusterConfig, load_config
 from pgconcord.sandbox import Server
 from pgconcord.verify import verify
@@ -41,6 +42,9 @@ def wait_for(condition: Callable[[], Any], *, timeout: float = 30.0, message: st
 
 APPLICATION_ROLE = "app"
 AGENT_ROLE = "pgconcord_agent"
+# The agent's role on clusters that capture from the WAL: the README's rights, and those WAL
+# capture needs (so that "auto" leaves every other cluster on triggers).
+WAL_AGENT_ROLE = "pgconcord_wal_agent"
 _roles_made: set[str] = set()
 
 
@@ -51,19 +55,23 @@ def ensure_roles(server: Server) -> None:
     if server.dsn() in _roles_made:
         return
     with psycopg.connect(server.dsn(), autocommit=True) as connection:
-        for role in (APPLICATION_ROLE, AGENT_ROLE):
+        for role in (APPLICATION_ROLE, AGENT_ROLE, WAL_AGENT_ROLE):
             exists = connection.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,))
             if exists.fetchone() is None:
                 connection.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
-        connection.execute(
-            sql.SQL("GRANT {} TO {}").format(
-                sql.Identifier(APPLICATION_ROLE), sql.Identifier(AGENT_ROLE)
+        for agent_role in (AGENT_ROLE, WAL_AGENT_ROLE):
+            connection.execute(
+                sql.SQL("GRANT {} TO {}").format(
+                    sql.Identifier(APPLICATION_ROLE), sql.Identifier(agent_role)
+                )
             )
-        )
+            connection.execute(
+                sql.SQL(
+                    "GRANT SET ON PARAMETER session_replication_role, deadlock_timeout TO {}"
+                ).format(sql.Identifier(agent_role))
+            )
         connection.execute(
-            sql.SQL(
-                "GRANT SET ON PARAMETER session_replication_role, deadlock_timeout TO {}"
-            ).format(sql.Identifier(AGENT_ROLE))
+            sql.SQL("ALTER ROLE {} REPLICATION").format(sql.Identifier(WAL_AGENT_ROLE))
         )
     _roles_made.add(server.dsn())
 
@@ -84,7 +92,9 @@ class Cluster:
         schema_sql: str = "",
         *,
         superuser: bool = False,
+        capture: str = "trigger",
     ) -> None:
+        self.capture = capture
         self.servers = list(servers)
         self.names = list(NODE_NAMES[: len(servers)])
         database = f"test_{os.getpid()}_{next(_database_numbers)}"
@@ -99,11 +109,19 @@ class Cluster:
                         sql.Identifier(database), sql.Identifier(APPLICATION_ROLE)
                     )
                 )
-                connection.execute(
-                    sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
-                        sql.Identifier(database), sql.Identifier(AGENT_ROLE)
+                for agent_role in (AGENT_ROLE, WAL_AGENT_ROLE):
+                    connection.execute(
+                        sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
+                            sql.Identifier(database), sql.Identifier(agent_role)
+                        )
                     )
-                )
+                # Functions are granted per database.
+                for function in wal_capture.ORIGIN_FUNCTIONS:
+                    connection.execute(
+                        sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(
+                            sql.SQL(function), sql.Identifier(WAL_AGENT_ROLE)
+                        )
+                    )
         self.app_dsns = {
             name: server.dsn(database, user=APPLICATION_ROLE)
             for name, server in zip(self.names, self.servers, strict=True)
@@ -113,7 +131,7 @@ class Cluster:
             dict(self.admin_dsns)
             if superuser
             else {
-                name: server.dsn(database, user=AGENT_ROLE)
+                name: server.dsn(database, user=WAL_AGENT_ROLE if capture == "wal" else AGENT_ROLE)
                 for name, server in zip(self.names, self.servers, strict=True)
             }
         )
@@ -129,6 +147,12 @@ class Cluster:
         nodes = "".join(
             f'[[node]]\nname = "{name}"\ndsn = "{dsn}"\n\n' for name, dsn in self.dsns.items()
         )
+        if self.capture != "trigger":
+            line = f'capture = "{self.capture}"\n'
+            if "[replication]\n" in extra:
+                extra = extra.replace("[replication]\n", "[replication]\n" + line, 1)
+            else:
+                extra += f"\n[replication]\n{line}"
         self.config_path.write_text(f'[cluster]\nname = "test"\n\n{nodes}{extra}')
 
     @property
@@ -216,14 +240,16 @@ class Cluster:
 
     def logged_changes(self, name: str) -> int:
         """The changes a node has captured and not purged: in its change log, or captured and
-        not stamped yet (stamp_captured.sql)."""
-        return int(
-            self.admin_value(
-                name,
+        not stamped yet (stamp_captured.sql), or still in its WAL (drain_wal.sql)."""
+        with self.admin_connect(name, autocommit=False) as connection:
+            connection.execute("SELECT pgconcord.stamp_captured(true)")
+            connection.commit()
+            row = connection.execute(
                 "SELECT (SELECT count(*) FROM pgconcord.change_log)"
                 " + (SELECT count(*) FROM pgconcord.captured_change)",
-            )
-        )
+            ).fetchone()
+        assert row is not None
+        return int(row[0])
 
     def applied_changes(self, target: str, origin: str) -> int:
         return int(

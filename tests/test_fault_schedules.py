@@ -54,6 +54,10 @@ from pgconcord.agent import purge as purge_changes
 from pgconcord.agent import sync as sync_every_pair
 from pgconcord.sandbox import Server
 
+# Trigger capture only for now: in WAL mode a schedule's polls spent seconds draining (see
+# README "Limits today"); the capture_mode parameter is ready for both modes.
+CAPTURE_MODES = ("trigger",)
+
 NODES = ("north", "south", "east")
 LINKS = (("north", "south"), ("east", "north"), ("east", "south"))  # sorted pairs
 ORDERED_PAIRS = tuple((origin, target) for origin in NODES for target in NODES if origin != target)
@@ -160,6 +164,7 @@ class FaultSchedule(RuleBasedStateMachine):
 
     servers: list[Server]
     directory: Path
+    capture = "trigger"
 
     def __init__(self) -> None:
         super().__init__()
@@ -169,7 +174,7 @@ class FaultSchedule(RuleBasedStateMachine):
         self.down: set[tuple[str, str]] = set()
         self.model = {name: NodeModel() for name in NODES}
         TALLY["schedules started"] += 1
-        self.cluster = Cluster(self.servers, self.directory, SCHEMA)
+        self.cluster = Cluster(self.servers, self.directory, SCHEMA, capture=self.capture)
         assert tuple(self.cluster.names) == NODES
         self.cluster.write_config(COUNTERS)
         self.cluster.setup()
@@ -547,9 +552,13 @@ def running_servers(fault_servers: list[Server]) -> list[Server]:
 
 @pytest.mark.timeout(max(300, EXAMPLES * 60))
 def test_fault_schedules_converge(
-    running_servers: list[Server], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    running_servers: list[Server],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    capture_mode: str,
 ) -> None:
     TALLY.clear()
+    FaultSchedule.capture = capture_mode
 
     def new_schedule() -> FaultSchedule:
         FaultSchedule.servers = running_servers
@@ -598,12 +607,12 @@ def private_rows(cluster: Cluster, node: str) -> list[tuple[Any, ...]]:
 
 
 def test_a_rolled_back_transaction_before_an_origin_crash_hides_no_later_change(
-    running_servers: list[Server], tmp_path: Path
+    running_servers: list[Server], tmp_path: Path, capture_mode: str
 ) -> None:
     """Every commit here is durable (synchronous_commit = on). A rolled-back transaction's
     transaction id is not made durable, so after a crash the origin hands it out again; a
     target that had read a snapshot past it must not take the new transaction as applied."""
-    cluster = Cluster(running_servers, tmp_path, SCHEMA)
+    cluster = Cluster(running_servers, tmp_path, SCHEMA, capture=capture_mode)
     try:
         cluster.setup()
         commit(cluster, "north", "INSERT INTO private VALUES ('north', 1, 0)")
@@ -622,12 +631,12 @@ def test_a_rolled_back_transaction_before_an_origin_crash_hides_no_later_change(
 
 
 def test_a_change_applied_elsewhere_survives_its_origin_crash(
-    running_servers: list[Server], tmp_path: Path
+    running_servers: list[Server], tmp_path: Path, capture_mode: str
 ) -> None:
     """An asynchronous commit that another node applied must not be lost by its origin in a
     crash (PostgreSQL's own replication only sends WAL its origin has flushed); otherwise the
     nodes differ for good, and the lost transaction id is handed out again as above."""
-    cluster = Cluster(running_servers, tmp_path, SCHEMA)
+    cluster = Cluster(running_servers, tmp_path, SCHEMA, capture=capture_mode)
     try:
         cluster.setup()
         commit(cluster, "north", "INSERT INTO private VALUES ('north', 1, 0)", durable=False)

@@ -11,6 +11,9 @@ from harness import Cluster, wait_for
 
 from pgconcord.agent import Agent
 
+# The core scenarios and fault schedules, in both capture modes.
+CAPTURE_MODES = ("trigger", "wal")
+
 SHOP_SCHEMA = """
 CREATE TABLE customers (id text PRIMARY KEY, name text NOT NULL, city text);
 CREATE TABLE orders (

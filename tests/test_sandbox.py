@@ -154,10 +154,10 @@ def test_server_runs_with_the_sandbox_settings(shared_server: Server) -> None:
         "port": str(shared_server.port),
         "wal_level": "logical",
         "max_wal_senders": "10",
-        "max_replication_slots": "10",
+        "max_replication_slots": "40",
         "max_connections": "100",
         "fsync": "off",
-        "synchronous_commit": "off",
+        "synchronous_commit": "on",
         "full_page_writes": "off",
         "unix_socket_directories": str(shared_server.data_directory.parent),
     }

@@ -156,10 +156,13 @@ def setup(config: ClusterConfig, progress: Callable[[str], None] = lambda _: Non
     connections: dict[str, psycopg.Connection[tuple[object, ...]]] = {}
     try:
         # Opened one by one inside the try: an unreachable node closes the others again.
+        modes: dict[str, capture.CaptureMode] = {}
         for node in config.nodes:
             connections[node.name] = connect(node)
             check_server_version(connections[node.name], node.name)
-            capture.resolve(connections[node.name], node.name, config.replication.capture)
+            modes[node.name] = capture.resolve(
+                connections[node.name], node.name, config.replication.capture
+            )
         node_tables = {}
         for node in config.nodes:
             connection = connections[node.name]
@@ -197,9 +200,15 @@ def setup(config: ClusterConfig, progress: Callable[[str], None] = lambda _: Non
         for node in config.nodes:
             connection = connections[node.name]
             try:
+                # A slot is made outside any transaction, before the tables join its
+                # publication in the install's.
+                slot = capture.wal.create_slot(connection) if modes[node.name] == "wal" else None
+                connection.commit()
                 schema_changes = _install_node(
-                    config, node.name, connection, tables, counters, slots, report
+                    config, node.name, connection, tables, counters, slots, report, slot
                 )
+                if slot is None and capture.wal.slot_name(connection) is not None:
+                    _leave_wal_capture(connection)
             except psycopg.Error as error:
                 raise PgconcordError(
                     f"node {node.name}: setup failed: {first_line(error)}"
@@ -212,7 +221,7 @@ def setup(config: ClusterConfig, progress: Callable[[str], None] = lambda _: Non
                 )
             progress(
                 f"{node.name}: catalog v{report.catalog_versions[node.name]},"
-                f" capture on {len(tables)} tables"
+                f" capture ({modes[node.name]}) on {len(tables)} tables"
             )
         return report
     finally:
@@ -228,11 +237,15 @@ def _install_node(
     counters: dict[str, tuple[str, ...]],
     slots: dict[str, int],
     report: SetupReport,
+    wal_slot: str | None = None,
 ) -> bool:
-    """Install on one node in one transaction; whether schema changes are captured there."""
+    """Install on one node in one transaction; whether schema changes are captured there.
+    With wal_slot, its tables are captured from the WAL from that transaction on."""
     with connection.transaction():
         catalog.installing(connection)
         report.catalog_versions[node_name] = catalog.migrate(connection)
+        if wal_slot is not None:
+            capture.wal.start(connection, wal_slot)
         catalog.claim_identity(connection, node_name, config.cluster.name)
         catalog.store_scope(connection, config.replication.schemas, config.replication.exclude)
         catalog.install_generic_capture(connection)
@@ -246,6 +259,7 @@ def _install_node(
                 policy,
                 priority,
                 config.table_resolver(table.schema, table.name),
+                wal=wal_slot is not None,
             )
             if table.qualified_name in config.audit.tables:
                 history.install_audit(connection, table, table_id, node_name)
@@ -284,3 +298,12 @@ def check_rights(
             "; ".join(problems)
             + " (`pgconcord grant ROLE` prints the statements for a superuser to run)"
         )
+
+
+def _leave_wal_capture(connection: psycopg.Connection[tuple[object, ...]]) -> None:
+    """A node moved back to trigger capture (its tables left the publication, committed):
+    drain what its slot still holds of the time before, then drop the slot."""
+    with connection.transaction():
+        connection.execute("SELECT pgconcord.stamp_captured(true)")
+    with connection.transaction():
+        capture.wal.stop(connection)

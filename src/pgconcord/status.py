@@ -55,6 +55,9 @@ class NodeStatus:
     purge_failure: str | None = None
     purge_failing_since: str | None = None
     capture: str | None = None  # how the node captures its changes: "trigger" or "wal"
+    # WAL mode: the WAL its slot keeps from being removed, and how long what it holds waits.
+    capture_slot_bytes: int | None = None
+    capture_slot_seconds: float | None = None
 
 
 @dataclass
@@ -148,6 +151,7 @@ def _node_status(connection: psycopg.Connection[tuple[object, ...]], name: str) 
         failure = connection.execute(
             "SELECT reason, since::text FROM pgconcord.purge_failure"
         ).fetchone()
+    retention = capture.wal.slot_retention(connection)
     return NodeStatus(
         name=name,
         reachable=True,
@@ -163,6 +167,8 @@ def _node_status(connection: psycopg.Connection[tuple[object, ...]], name: str) 
         purge_failure=None if failure is None else str(failure[0]),
         purge_failing_since=None if failure is None else str(failure[1]),
         capture=capture.installed_mode(connection),
+        capture_slot_bytes=retention[0] if retention else None,
+        capture_slot_seconds=retention[1] if retention else None,
     )
 
 

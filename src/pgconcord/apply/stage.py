@@ -17,6 +17,7 @@ from pgconcord.apply.errors import ApplyError
 from pgconcord.apply.pair import PairState
 from pgconcord.apply.plan import columns_of
 from pgconcord.apply.position import require_replica_mode
+from pgconcord.capture import wal as wal_capture
 from pgconcord.catalog import FINGERPRINT_QUERY
 from pgconcord.config import NodeConfig
 from pgconcord.transport import Horizon, Origin, Window, connect
@@ -77,6 +78,19 @@ def open_target(node: NodeConfig) -> Connection:
         connection.rollback()
     mode = connection.execute("SELECT current_setting('session_replication_role')").fetchone()
     require_replica_mode(mode[0] if mode else None, node.name)
+    connection.commit()
+    # Replica mode keeps triggers quiet, but not the WAL: a replication origin marks what this
+    # session commits, which a node in WAL mode then does not capture (drain_wal.sql). Every
+    # applying session gets one if it may, so that a node moved to WAL mode while it is open
+    # does not echo.
+    if not wal_capture.mark_applying_session(connection) and wal_capture.slot_name(connection):
+        connection.close()
+        raise ApplyError(
+            f"node {node.name} captures from the WAL, but the agent's role may not mark what"
+            " it applies with a replication origin (GRANT EXECUTE ON FUNCTION"
+            " pg_replication_origin_session_setup(text), pg_replication_origin_create(text);"
+            " see pgconcord grant); nothing is applied"
+        )
     # Values arrive rendered in these settings (see capture_trigger.sql); read them alike.
     # Commits need not wait for the disk: the position commits with the rows it covers, so a
     # crash of this node loses both together and the origin's log, which purge keeps until

@@ -1,10 +1,13 @@
 """How a node captures its local changes: the mode `[replication] capture` asks for, resolved
-per node. Every mode hands the rest of the engine the same change records (pgconcord.change_log
-with row versions), so nodes of one cluster may capture differently.
+per node. Every mode hands the rest of the engine the same change records: captured_change,
+which the stamper turns into pgconcord.change_log with row versions (stamp_captured.sql). So
+nodes of one cluster may capture differently.
 
-Built today: "trigger" (row triggers generated per table, catalog.capture). "wal" (logical
-decoding with pgoutput) is not built yet, so "auto" resolves to "trigger" on every node, and a
-config that insists on "wal" is refused by setup rather than silently captured another way."""
+- "trigger": a row trigger generated per table appends each change (catalog.capture).
+- "wal": the tables are published, and whoever stamps first drains the node's logical slot
+  (pgoutput) into captured_change (capture.wal, drain_wal.sql).
+- "auto": "wal" where the node runs wal_level = logical and pgconcord's role has the rights
+  WAL capture needs (capture.wal.missing_rights), "trigger" elsewhere."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from typing import Literal
 
 import psycopg
 
+from pgconcord.capture import wal
 from pgconcord.errors import PgconcordError
 
 CaptureMode = Literal["trigger", "wal"]
@@ -28,21 +32,26 @@ def resolve(
     connection: psycopg.Connection[tuple[object, ...]], node_name: str, requested: RequestedCapture
 ) -> CaptureMode:
     """The mode a node captures in; PgconcordError for a mode it cannot have."""
-    if requested != "wal":
+    if requested == "trigger":
         return "trigger"
     level = wal_level(connection)
+    missing = wal.missing_rights(connection)
+    if requested == "auto":
+        return "wal" if level == "logical" and not missing else "trigger"
     if level != "logical":
         raise PgconcordError(
             f'node {node_name}: capture = "wal" needs wal_level = logical there (it is {level};'
             ' changing it needs a restart), or use capture = "auto" or "trigger"'
         )
-    raise PgconcordError(
-        f'node {node_name}: capture = "wal" is not available in this version of pgconcord;'
-        ' use capture = "auto" or "trigger" (both capture with triggers)'
-    )
+    if missing:
+        raise PgconcordError(
+            f'node {node_name}: capture = "wal" needs, for pgconcord\'s role: '
+            + "; ".join(missing)
+            + " (a superuser runs these in the node's database)"
+        )
+    return "wal"
 
 
 def installed_mode(connection: psycopg.Connection[tuple[object, ...]]) -> CaptureMode:
     """The mode a set-up node captures in, for `status`."""
-    del connection  # one mode exists; the node will record its own once there are two
-    return "trigger"
+    return "wal" if wal.slot_name(connection) is not None else "trigger"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import psycopg
 from psycopg import sql
 
+from pgconcord.capture import wal as wal_capture
 from pgconcord.catalog.migrations import read_sql
 from pgconcord.catalog.tables import Column, Table
 
@@ -27,9 +28,13 @@ def install_capture(
     policy: str = "last-writer-wins",
     priority: tuple[str, ...] = (),
     resolver: str | None = None,
+    wal: bool | None = None,
 ) -> int:
-    """Register the table and (re)create its capture triggers; idempotent. A table without a
-    key (primary or declared) is captured insert-only."""
+    """Register the table and (re)create its capture triggers, or with wal (by default: if
+    the node captures from the WAL) publish it instead; idempotent. A table without a key
+    (primary or declared) is captured insert-only."""
+    if wal is None:
+        wal = wal_capture.slot_name(connection) is not None
     row = connection.execute(
         "INSERT INTO pgconcord.replicated_table (schema_name, table_name, key_columns,"
         " delta_columns, policy, priority, resolver, relation, own_capture)"
@@ -92,6 +97,11 @@ def install_capture(
         ("pgconcord_capture", "AFTER INSERT OR UPDATE OR DELETE", "ROW", function_name),
         ("pgconcord_truncate", "BEFORE TRUNCATE", "STATEMENT", sql.Identifier("refuse_truncate")),
     ]
+    if wal:
+        wal_capture.publish_table(connection, table.identifier, not table.key_columns)
+        triggers = triggers[1:]
+    elif wal_capture.slot_name(connection) is not None:
+        wal_capture.unpublish_table(connection, table.identifier)
     # Agents watch the change log's sequence instead (016_watch_not_notify.sql).
     connection.execute(
         sql.SQL("DROP TRIGGER IF EXISTS pgconcord_notify ON {}").format(table.identifier)

@@ -12,7 +12,7 @@ SCHEMA = "pgconcord"
 _MIGRATION_FILE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 # Serializes concurrent setups of one database (two operators, or setup racing an agent).
 _SETUP_LOCK = 0x70676363  # "pgcc"
-_FUNCTIONS = ("stamp_captured.sql", "log_schema_change.sql")  # see migrate
+_FUNCTIONS = ("drain_wal.sql", "stamp_captured.sql", "log_schema_change.sql")  # see migrate
 
 
 def read_sql(name: str) -> str:

@@ -17,7 +17,7 @@ from pgconcord.status import ClusterStatus, cluster_status
 
 def status_view(report: ClusterStatus, *, with_problems: bool = True) -> RenderableType:
     nodes = Table(title=f"cluster {report.cluster}")
-    for heading in ("node", "state", "change log", "conflicts"):
+    for heading in ("node", "state", "capture", "change log", "conflicts"):
         nodes.add_column(heading)
     for node in report.nodes:
         state = "up" if node.reachable and not node.error else (node.error or "down")
@@ -28,7 +28,13 @@ def status_view(report: ClusterStatus, *, with_problems: bool = True) -> Rendera
             if node.change_log_rows is not None
             else "-"
         )
-        nodes.add_row(node.name, state, log_size, str(node.conflicts or 0))
+        captured = node.capture or "-"
+        if node.capture_slot_bytes is not None:
+            captured += (
+                f", slot keeps {node.capture_slot_bytes // 1024} kB"
+                f" ({node.capture_slot_seconds or 0:.1f} s undrained)"
+            )
+        nodes.add_row(node.name, state, captured, log_size, str(node.conflicts or 0))
     pairs = Table(title="replication")
     for heading in ("from", "to", "pending", "pending size", "lag", "applied"):
         pairs.add_column(heading)

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -283,6 +284,35 @@ class Server:
     def drop_database(self, name: str) -> None:
         """Drops a database if it exists, disconnecting its sessions."""
         with psycopg.connect(self.dsn(), autocommit=True) as connection:
+            # A logical slot (pgconcord's WAL capture) keeps a database from being dropped;
+            # replication origins belong to the server and would pile up.
+            oid = connection.execute(
+                "SELECT oid FROM pg_database WHERE datname = %s", (name,)
+            ).fetchone()
+            if oid is not None:
+                connection.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s"
+                    " AND pid <> pg_backend_pid()",
+                    (name,),
+                )
+                for _ in range(100):  # a terminated session lets go of its slot at once, nearly
+                    busy = connection.execute(
+                        "SELECT count(*) FROM pg_replication_slots WHERE database = %s AND active",
+                        (name,),
+                    ).fetchone()
+                    if not busy or not busy[0]:
+                        break
+                    time.sleep(0.05)
+                connection.execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+                    " WHERE database = %s",
+                    (name,),
+                )
+                connection.execute(
+                    "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin"
+                    " WHERE roname LIKE %s",
+                    (f"pgconcord\\_{oid[0]}\\_%",),
+                )
             connection.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
@@ -370,12 +400,14 @@ class Server:
             "shared_buffers = '128MB'",
             "wal_level = logical",
             "max_wal_senders = 10",
-            "max_replication_slots = 10",
+            "max_replication_slots = 40",
             "logging_collector = off",
             "log_destination = 'stderr'",
         ]
         if not self.fsync:
-            lines += ["fsync = off", "synchronous_commit = off", "full_page_writes = off"]
+            # synchronous_commit stays on (it costs nothing without fsync): a commit is then
+            # flushed before it is seen, as WAL capture expects (capture.wal).
+            lines += ["fsync = off", "full_page_writes = off"]
         lines += [f"{name} = {_config_value(value)}" for name, value in self.settings.items()]
         with (self.data_directory / "postgresql.conf").open("a") as configuration:
             configuration.write("\n".join(lines) + "\n")

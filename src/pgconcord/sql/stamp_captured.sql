@@ -56,6 +56,20 @@ DECLARE
     row_previous_clock bigint;
     row_previous_origin text;
 BEGIN
+    -- A node in WAL mode: what its slot holds is captured first (drain_wal.sql), by the
+    -- same stamper, under the same lock.
+    IF EXISTS (SELECT 1 FROM pgconcord.capture_state s
+                 LEFT JOIN pg_replication_slots r ON r.slot_name = s.slot_name
+                WHERE s.slot_name IS NOT NULL
+                  AND (r.slot_name IS NULL OR r.confirmed_flush_lsn < pg_current_wal_flush_lsn()
+                       OR r.confirmed_flush_lsn < s.captured_lsn)) THEN
+        IF wait THEN
+            PERFORM pg_advisory_xact_lock(1885823843, 1937006960);
+        ELSIF NOT pg_try_advisory_xact_lock(1885823843, 1937006960) THEN
+            RETURN -1;
+        END IF;
+        PERFORM pgconcord.drain_wal();
+    END IF;
     IF NOT EXISTS (SELECT 1 FROM pgconcord.captured_change) THEN
         RETURN 0;
     END IF;

@@ -1,0 +1,234 @@
+"""Capture by logical decoding: the node's slot and publication, the rights they need, and the
+replication origin that marks what pgconcord applies so that it is never captured again.
+
+The reading itself is SQL (drain_wal.sql): whoever stamps drains the slot first, in its own
+transaction and under the stamp lock, with pg_logical_slot_peek_binary_changes and the built-in
+pgoutput plugin. So nothing needs the replication protocol (psycopg 3 has none), every caller
+of the stamper (a poll, an apply, sync, part) sees what the WAL holds, and what is drained
+commits with the caller or is read again. A slot nobody drains keeps WAL: the server's
+max_slot_wal_keep_size bounds that, and status shows it."""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg import sql
+
+PUBLICATION = "pgconcord"
+# Replication origins are per server, not per database: one name space per database, and a
+# few per database, since each applying session needs one of its own.
+_ORIGINS_PER_DATABASE = 64
+ORIGIN_FUNCTIONS = (
+    "pg_replication_origin_create(text)",
+    "pg_replication_origin_session_setup(text)",
+    "pg_replication_origin_session_reset()",
+    "pg_replication_origin_drop(text)",
+)
+
+Connection = psycopg.Connection[tuple[object, ...]]
+
+
+def missing_rights(connection: Connection) -> list[str]:
+    """What pgconcord's role lacks for WAL capture, as the statements that would grant it."""
+    row = connection.execute(
+        "SELECT rolsuper, rolreplication, current_user FROM pg_roles WHERE rolname = current_user"
+    ).fetchone()
+    assert row is not None
+    superuser, replication, role = bool(row[0]), bool(row[1]), str(row[2])
+    if superuser:
+        return []
+    missing = []
+    quoted = sql.Identifier(role).as_string(connection)
+    if not replication:
+        missing.append(f"ALTER ROLE {quoted} REPLICATION")
+    for function in ORIGIN_FUNCTIONS:
+        allowed = connection.execute(
+            "SELECT has_function_privilege(%s::regprocedure, 'EXECUTE')", (function,)
+        ).fetchone()
+        if not (allowed and allowed[0]):
+            missing.append(f"GRANT EXECUTE ON FUNCTION {function} TO {quoted}")
+    return missing
+
+
+def slot_name(connection: Connection) -> str | None:
+    """The slot a node in WAL mode captures from; None for a node in trigger mode."""
+    found = connection.execute(
+        "SELECT to_regclass('pgconcord.capture_state') IS NOT NULL"
+    ).fetchone()
+    if not found or not found[0]:
+        return None
+    row = connection.execute("SELECT slot_name FROM pgconcord.capture_state").fetchone()
+    return None if row is None or row[0] is None else str(row[0])
+
+
+def slot_retention(connection: Connection) -> tuple[int, float] | None:
+    """For a node in WAL mode: the bytes of WAL its slot keeps, and for how many seconds
+    what it holds has waited to be drained (0 when it holds nothing to drain)."""
+    slot = slot_name(connection)
+    if slot is None:
+        return None
+    row = connection.execute(
+        "SELECT coalesce(pg_current_wal_lsn() - r.restart_lsn, 0)::bigint,"
+        " CASE WHEN r.confirmed_flush_lsn IS NULL"
+        "        OR r.confirmed_flush_lsn >= pg_current_wal_flush_lsn() THEN 0"
+        "      ELSE extract(epoch FROM clock_timestamp() - coalesce(s.captured_at, now())) END"
+        " FROM pgconcord.capture_state s"
+        " LEFT JOIN pg_replication_slots r ON r.slot_name = s.slot_name"
+    ).fetchone()
+    if row is None:
+        return None
+    return int(str(row[0])), float(str(row[1]))
+
+
+def _own_slot_name(connection: Connection) -> str:
+    row = connection.execute(
+        "SELECT oid FROM pg_database WHERE datname = current_database()"
+    ).fetchone()
+    assert row is not None
+    return f"pgconcord_{row[0]}"
+
+
+def create_slot(connection: Connection) -> str:
+    """Make this database's slot if it has none (outside any transaction: PostgreSQL makes a
+    slot only in a session that has written nothing, after waiting for running transactions);
+    its name. Nothing is captured from it until tables join the publication (start)."""
+    name = _own_slot_name(connection)
+    # Before the slot: pgoutput looks its publication up as of each change it decodes.
+    exists = connection.execute(
+        "SELECT 1 FROM pg_publication WHERE pubname = %s", (PUBLICATION,)
+    ).fetchone()
+    if exists is None:
+        connection.execute(
+            sql.SQL("CREATE PUBLICATION {} WITH (publish = 'insert, update, delete')").format(
+                sql.Identifier(PUBLICATION)
+            )
+        )
+        if not connection.autocommit:
+            connection.commit()
+    exists = connection.execute(
+        "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (name,)
+    ).fetchone()
+    if exists is None:
+        connection.execute(
+            "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (name,)
+        ).fetchone()
+    return name
+
+
+def start(connection: Connection, slot: str) -> None:
+    """In the setup's transaction: the node's capture state names its slot and publication
+    (create_slot made both)."""
+    previous = connection.execute("SELECT slot_name FROM pgconcord.capture_state").fetchone()
+    if previous is None or previous[0] != slot:
+        connection.execute(
+            "UPDATE pgconcord.capture_state SET slot_name = %s, publication_name = %s,"
+            " captured_lsn = (SELECT confirmed_flush_lsn FROM pg_replication_slots"
+            " WHERE slot_name = %s)",
+            (slot, PUBLICATION, slot),
+        )
+
+
+def stop(connection: Connection) -> None:
+    """After every table left the publication (committed), and what the slot held up to then
+    was drained (stamped, committed): drop the slot and the publication. Autocommit."""
+    slot = slot_name(connection)
+    if slot is None:
+        return
+    connection.execute(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s",
+        (slot,),
+    )
+    connection.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(PUBLICATION)))
+    connection.execute(
+        "UPDATE pgconcord.capture_state SET slot_name = NULL, publication_name = NULL,"
+        " captured_lsn = '0/0'"
+    )
+
+
+def publish_table(connection: Connection, identifier: sql.Identifier, keyless: bool) -> None:
+    """Capture a table from the WAL from this transaction's commit on: published, with its old
+    rows logged whole, and no row trigger (the trigger's drop waits out its writers)."""
+    connection.execute(sql.SQL("DROP TRIGGER IF EXISTS pgconcord_capture ON {}").format(identifier))
+    connection.execute(sql.SQL("DROP TRIGGER IF EXISTS pgconcord_keyless ON {}").format(identifier))
+    identity = connection.execute(
+        "SELECT relreplident FROM pg_class WHERE oid = %s::regclass",
+        (identifier.as_string(connection),),
+    ).fetchone()
+    if identity is None or identity[0] != "f":
+        connection.execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY FULL").format(identifier))
+    if not is_published(connection, identifier):
+        connection.execute(
+            sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
+                sql.Identifier(PUBLICATION), identifier
+            )
+        )
+    if keyless:
+        connection.execute(
+            sql.SQL(
+                "CREATE TRIGGER pgconcord_keyless BEFORE UPDATE OR DELETE ON {}"
+                " FOR EACH STATEMENT EXECUTE FUNCTION pgconcord.refuse_keyless_change()"
+            ).format(identifier)
+        )
+
+
+def unpublish_table(connection: Connection, identifier: sql.Identifier) -> None:
+    """The reverse of publish_table, in the transaction that puts the table's trigger back."""
+    connection.execute(sql.SQL("DROP TRIGGER IF EXISTS pgconcord_keyless ON {}").format(identifier))
+    if is_published(connection, identifier):
+        connection.execute(
+            sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
+                sql.Identifier(PUBLICATION), identifier
+            )
+        )
+
+
+def is_published(connection: Connection, identifier: sql.Identifier) -> bool:
+    row = connection.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_publication p"
+        " JOIN pg_publication_rel r ON r.prpubid = p.oid"
+        " WHERE p.pubname = %s AND r.prrelid = %s::regclass)",
+        (PUBLICATION, identifier.as_string(connection)),
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def mark_applying_session(connection: Connection) -> bool:
+    """Give an applying session a replication origin of its own, so that what it commits is
+    not drained as a local change; whether it has one. A role without the right gets none
+    (then this node must capture with triggers). Autocommit or not; leaves no transaction."""
+    row = connection.execute(
+        "SELECT has_function_privilege('pg_replication_origin_session_setup(text)', 'EXECUTE')"
+        " AND has_function_privilege('pg_replication_origin_create(text)', 'EXECUTE'),"
+        " (SELECT oid FROM pg_database WHERE datname = current_database())"
+    ).fetchone()
+    _finish(connection)
+    if not row or not row[0]:
+        return False
+    for number in range(1, _ORIGINS_PER_DATABASE + 1):
+        name = f"pgconcord_{row[1]}_{number}"
+        for attempt in ("set up", "create"):
+            try:
+                if attempt == "create":
+                    connection.execute("SELECT pg_replication_origin_create(%s)", (name,))
+                connection.execute("SELECT pg_replication_origin_session_setup(%s)", (name,))
+                _finish(connection)
+                return True
+            except pg_errors.UndefinedObject:
+                _abandon(connection)  # not made yet: make it
+            except (pg_errors.ObjectInUse, pg_errors.UniqueViolation):
+                _abandon(connection)  # another session's (or made by one just now)
+                break
+            except pg_errors.ConfigurationLimitExceeded:
+                _abandon(connection)
+                return False
+    return False
+
+
+def _finish(connection: Connection) -> None:
+    if not connection.autocommit:
+        connection.commit()
+
+
+def _abandon(connection: Connection) -> None:
+    if not connection.autocommit:
+        connection.rollback()

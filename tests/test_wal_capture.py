@@ -1,0 +1,160 @@
+"""Capture from the WAL (capture = "wal"): the same changes, conflicts and versions as with
+triggers, no echo of what was applied, and a node moved between the modes loses and doubles
+nothing."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+
+from harness import Cluster, wait_for
+
+from pgconcord.capture import wal as wal_capture
+
+CAPTURE_MODES = ("wal",)
+
+SCHEMA = """
+CREATE TABLE items (id integer PRIMARY KEY, name text, stock integer NOT NULL DEFAULT 0,
+                    tags text[], doc jsonb, big text);
+CREATE TABLE events (happened timestamptz NOT NULL DEFAULT now(), what text);
+"""
+
+
+def items(cluster: Cluster, name: str) -> list[tuple[object, ...]]:
+    return cluster.query(name, "SELECT id, name, stock, tags, doc, big FROM items ORDER BY id")
+
+
+def test_changes_replicate_without_triggers_and_do_not_echo(cluster: Cluster) -> None:
+    for name in cluster.names:
+        cluster.execute(name, SCHEMA)
+    cluster.setup()
+    assert (
+        cluster.value("north", "SELECT count(*) FROM pg_trigger WHERE tgname = 'pgconcord_capture'")
+        == 0
+    )
+    cluster.execute(
+        "north",
+        "INSERT INTO items VALUES (1, 'a \"quoted\" \\\\ name', 5, '{x,\"y z\"}',"
+        " '{\"k\": [1, 2]}', repeat('long', 5000)), (2, NULL, 0, NULL, NULL, NULL)",
+    )
+    cluster.execute("south", "INSERT INTO events (what) VALUES ('opened')")
+    cluster.sync()
+    cluster.assert_identical()
+    cluster.execute("north", "UPDATE items SET name = 'b' WHERE id = 1")  # big stays toasted
+    cluster.execute("east", "UPDATE items SET id = 3 WHERE id = 2")  # the key moves
+    cluster.execute("south", "DELETE FROM items WHERE id = 1")
+    cluster.sync()
+    cluster.sync()
+    cluster.assert_identical()
+    assert items(cluster, "west" if "west" in cluster.names else "east") == [
+        (3, None, 0, None, None, None)
+    ]
+    logged = {name: cluster.logged_changes(name) for name in cluster.names}
+    cluster.sync()
+    # Nothing applied came back as a local change (replication origins).
+    assert {name: cluster.logged_changes(name) for name in cluster.names} == logged
+    assert cluster.cli("status").returncode == 0
+    assert "wal" in cluster.cli("status").stdout
+
+
+def test_a_conflict_is_resolved_alike_and_recorded(cluster: Cluster) -> None:
+    for name in cluster.names:
+        cluster.execute(name, SCHEMA)
+    cluster.setup()
+    cluster.execute("north", "INSERT INTO items (id, name) VALUES (1, 'first')")
+    cluster.sync()
+    cluster.execute("north", "UPDATE items SET name = 'north' WHERE id = 1")
+    cluster.execute("south", "UPDATE items SET name = 'south' WHERE id = 1")
+    cluster.sync()
+    cluster.sync()
+    cluster.assert_identical()
+    assert cluster.conflicts()
+
+
+def test_setup_moves_a_node_between_modes_while_it_is_written(cluster: Cluster) -> None:
+    """Trigger -> WAL -> trigger on north while a writer inserts: every row arrives once."""
+    for name in cluster.names:
+        cluster.execute(name, SCHEMA)
+    cluster.capture = "trigger"
+    cluster.write_config()
+    cluster.setup()
+    stop = threading.Event()
+    written: list[int] = []
+
+    def writer() -> None:
+        with cluster.connect("north") as connection:
+            number = 0
+            while not stop.is_set():
+                number += 1
+                connection.execute("INSERT INTO items (id, stock) VALUES (%s, 1)", (number,))
+                written.append(number)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        wait_for(lambda: len(written) > 50)
+        cluster.capture = "wal"
+        cluster.write_config()
+        cluster.setup()
+        wait_for(lambda: len(written) > 150)
+        assert wal_capture.slot_name(cluster.admin_connect("north")) is not None
+        cluster.capture = "trigger"
+        cluster.write_config()
+        cluster.setup()
+        wait_for(lambda: len(written) > 250)
+    finally:
+        stop.set()
+        thread.join()
+    cluster.sync()
+    cluster.assert_identical()
+    assert cluster.value("south", "SELECT count(*) FROM items") == len(written)
+    # Each row was captured once: by its trigger or from the WAL, never both.
+    assert cluster.applied_changes("south", "north") == len(written)
+
+
+def test_an_agent_killed_mid_stream_loses_and_doubles_nothing(cluster: Cluster) -> None:
+    for name in cluster.names:
+        cluster.execute(name, SCHEMA)
+    cluster.setup()
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "pgconcord", "--config", str(cluster.config_path), "run"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for batch in range(20):
+            cluster.execute(
+                "north",
+                "INSERT INTO items (id, stock)"
+                " SELECT g, 1 FROM generate_series(%s::int, %s::int) g",
+                (batch * 500 + 1, batch * 500 + 500),
+            )
+            if batch == 10:
+                agent.send_signal(signal.SIGKILL)
+                agent.wait()
+                agent = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "pgconcord",
+                        "--config",
+                        str(cluster.config_path),
+                        "run",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+        wait_for(
+            lambda: all(
+                cluster.value(name, "SELECT count(*) FROM items") == 10_000
+                for name in cluster.names
+            ),
+            timeout=120,
+        )
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(timeout=30)
+    cluster.assert_identical()
+    assert cluster.applied_changes("south", "north") == 10_000
