@@ -13,6 +13,8 @@ from harness import Cluster, wait_for
 
 from pgconcord.agent import Agent, sync
 
+CAPTURE_MODES = ("trigger", "wal")
+
 BASE = "CREATE TABLE items (id int PRIMARY KEY, name text, price numeric)"
 
 
@@ -200,7 +202,7 @@ def test_a_dropped_table_is_dropped_everywhere_and_late_writes_to_it_are_parked(
 
 
 def test_schema_changes_arrive_under_a_running_agent_while_writes_go_on(
-    cluster: Cluster,
+    cluster: Cluster, capture_mode: str
 ) -> None:
     prepared(cluster)
     stop = threading.Event()
@@ -247,19 +249,35 @@ def test_schema_changes_arrive_under_a_running_agent_while_writes_go_on(
             timeout=60,
             message="every write on every node",
         )
-        # Each node's own agent gave the changed and the new table their own capture again.
+        # Each node's own agent gave the changed and the new table their own capture again:
+        # a capture function, or a place in the publication and no trigger.
         wait_for(
-            lambda: all(
-                cluster.admin_query(
-                    name,
-                    "SELECT t.table_name, t.own_capture, p.proname = 'capture_' || t.id"
-                    " FROM pgconcord.replicated_table t"
-                    " JOIN pg_trigger g ON g.tgrelid = t.relation"
-                    " AND g.tgname = 'pgconcord_capture'"
-                    " JOIN pg_proc p ON p.oid = g.tgfoid ORDER BY 1",
+            lambda: (
+                all(
+                    cluster.admin_query(
+                        name,
+                        "SELECT t.table_name, EXISTS (SELECT 1 FROM pg_publication_rel r"
+                        "          WHERE r.prrelid = t.relation),"
+                        " EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = t.relation"
+                        "          AND g.tgname = 'pgconcord_capture')"
+                        " FROM pgconcord.replicated_table t ORDER BY 1",
+                    )
+                    == [("items", True, False), ("tags", True, False)]
+                    for name in cluster.names
                 )
-                == [("items", True, True), ("tags", True, True)]
-                for name in cluster.names
+                if capture_mode == "wal"
+                else all(
+                    cluster.admin_query(
+                        name,
+                        "SELECT t.table_name, t.own_capture, p.proname = 'capture_' || t.id"
+                        " FROM pgconcord.replicated_table t"
+                        " JOIN pg_trigger g ON g.tgrelid = t.relation"
+                        " AND g.tgname = 'pgconcord_capture'"
+                        " JOIN pg_proc p ON p.oid = g.tgfoid ORDER BY 1",
+                    )
+                    == [("items", True, True), ("tags", True, True)]
+                    for name in cluster.names
+                )
             ),
             timeout=30,
             message="every table on its own capture function again",

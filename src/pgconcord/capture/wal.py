@@ -97,14 +97,25 @@ def create_slot(connection: Connection) -> str:
     exists = connection.execute(
         "SELECT 1 FROM pg_publication WHERE pubname = %s", (PUBLICATION,)
     ).fetchone()
+    options = "publish = 'insert, update, delete'"
+    if connection.info.server_version >= 180000:
+        # From 18 on, PostgreSQL refuses to update a table whose replica identity (FULL) holds
+        # a generated column the publication leaves out.
+        options += ", publish_generated_columns = stored"
     if exists is None:
         connection.execute(
-            sql.SQL("CREATE PUBLICATION {} WITH (publish = 'insert, update, delete')").format(
-                sql.Identifier(PUBLICATION)
+            sql.SQL("CREATE PUBLICATION {} WITH ({})").format(
+                sql.Identifier(PUBLICATION), sql.SQL(options)
             )
         )
-        if not connection.autocommit:
-            connection.commit()
+    else:
+        connection.execute(
+            sql.SQL("ALTER PUBLICATION {} SET ({})").format(
+                sql.Identifier(PUBLICATION), sql.SQL(options)
+            )
+        )
+    if not connection.autocommit:
+        connection.commit()
     exists = connection.execute(
         "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (name,)
     ).fetchone()

@@ -11,8 +11,17 @@
 --
 -- Values arrive as their output text under the settings this function pins and are read back
 -- under the same, into a row of the table as it is now (columns by name): the logged row, the
--- key, the changed columns and the counters' old values are then computed exactly as the
--- generic capture trigger computes them.
+-- key, the changed columns and the counters' old values are then computed set-wise, a batch
+-- at a time, as the generic capture trigger computes them one row at a time.
+
+-- Earlier forms of this file parsed and wrote one row at a time.
+DROP FUNCTION IF EXISTS pgconcord.wire_string(bytea, integer);
+DROP FUNCTION IF EXISTS pgconcord.wire_tuple(bytea, integer);
+DROP FUNCTION IF EXISTS pgconcord.wire_row(oid, text[], text, text[], text[]);
+DROP FUNCTION IF EXISTS pgconcord.capture_decoded(pgconcord.replicated_table, "char",
+                                                  anyelement, anyelement, bigint, bigint);
+DROP FUNCTION IF EXISTS pgconcord.write_decoded(bigint[], bigint[], oid[], "char"[], text[],
+                                                text[], xid8[], bigint[]);
 
 -- The unsigned big-endian integer of `width` bytes at `at` (0-based) of a message.
 CREATE OR REPLACE FUNCTION pgconcord.wire_integer(message bytea, at integer, width integer)
@@ -21,125 +30,10 @@ RETURNS bigint LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $body$
            ::bit(64)::bigint
 $body$;
 
--- A zero-terminated string at `at`: its text, and where what follows it starts.
-CREATE OR REPLACE FUNCTION pgconcord.wire_string(message bytea, at integer,
-                                                OUT value text, OUT next_position integer)
-LANGUAGE plpgsql IMMUTABLE STRICT AS $body$
-DECLARE
-    length integer := position('\x00'::bytea IN substring(message FROM at + 1)) - 1;
-BEGIN
-    value := convert_from(substring(message FROM at + 1 FOR length), getdatabaseencoding());
-    next_position := at + length + 1;
-END
-$body$;
-
--- A TupleData at `at`: each column's kind (n null, u unchanged toasted value, t text)
--- and text, and where what follows starts.
-CREATE OR REPLACE FUNCTION pgconcord.wire_tuple(message bytea, at integer,
-                                               OUT kinds text, OUT texts text[],
-                                               OUT next_position integer)
-LANGUAGE plpgsql IMMUTABLE STRICT AS $body$
-DECLARE
-    columns integer := pgconcord.wire_integer(message, at, 2);
-    kind text;
-    length integer;
-BEGIN
-    kinds := '';
-    texts := '{}';
-    next_position := at + 2;
-    FOR column_number IN 1 .. columns LOOP
-        kind := chr(get_byte(message, next_position));
-        kinds := kinds || kind;
-        next_position := next_position + 1;
-        IF kind = 't' THEN
-            length := pgconcord.wire_integer(message, next_position, 4);
-            texts := texts || convert_from(substring(message FROM next_position + 5 FOR length),
-                                           getdatabaseencoding());
-            next_position := next_position + 4 + length;
-        ELSE
-            texts := texts || NULL::text;
-        END IF;
-    END LOOP;
-END
-$body$;
-
--- The text of a row of `relation` (as the table is now) from decoded columns: names, their
--- kinds and texts; a column it lacks is NULL, an unchanged toasted value is taken from the
--- old row (REPLICA IDENTITY FULL logs it whole).
-CREATE OR REPLACE FUNCTION pgconcord.wire_row(relation oid, names text[], kinds text,
-                                             texts text[], old_texts text[])
-RETURNS text LANGUAGE sql STABLE AS $body$
-    SELECT '(' || string_agg(
-               CASE WHEN value IS NULL THEN ''
-                    ELSE '"' || replace(replace(value, '\', '\\'), '"', '\"') || '"' END,
-               ',' ORDER BY a.attnum) || ')'
-      FROM pg_attribute a
-      LEFT JOIN LATERAL (SELECT array_position(names, a.attname::text) AS at) found ON true
-      CROSS JOIN LATERAL (
-          SELECT CASE WHEN found.at IS NULL OR a.attgenerated <> '' THEN NULL
-                      WHEN substr(kinds, found.at, 1) = 'u' THEN old_texts[found.at]
-                      ELSE texts[found.at] END AS value) v
-     WHERE a.attrelid = relation AND a.attnum > 0 AND NOT a.attisdropped
-$body$;
-
--- The captured changes of one decoded change, as the generic capture trigger makes them
--- (capture_trigger.sql): an update that moves the key is a delete and a write.
-CREATE OR REPLACE FUNCTION pgconcord.capture_decoded(
-    registered pgconcord.replicated_table, decoded_operation "char", new_record anyelement,
-    old_record anyelement, change_id bigint, second_id bigint)
-RETURNS TABLE (id bigint, operation "char", row_key jsonb, new_row jsonb, old_values jsonb,
-               changed_columns text[])
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $body$
-DECLARE
-    keys text[] := registered.key_columns;
-    new_key jsonb;
-    old_key jsonb;
-    logged jsonb;
-    old_logged jsonb;
-    unmerged text[];
-BEGIN
-    IF keys = '{}' THEN
-        IF decoded_operation = 'I' THEN
-            RETURN QUERY SELECT change_id, 'I'::"char", NULL::jsonb,
-                                pgconcord.logged_row(registered.relation, new_record),
-                                NULL::jsonb, NULL::text[];
-        END IF;
-        RETURN;
-    END IF;
-    IF NOT (new_record IS NULL) THEN
-        new_key := (SELECT jsonb_object_agg(k, to_jsonb(new_record) -> k) FROM unnest(keys) k);
-        logged := pgconcord.logged_row(registered.relation, new_record);
-    END IF;
-    IF NOT (old_record IS NULL) THEN
-        old_key := (SELECT jsonb_object_agg(k, to_jsonb(old_record) -> k) FROM unnest(keys) k);
-    END IF;
-    IF decoded_operation = 'I' THEN
-        RETURN QUERY SELECT change_id, 'I'::"char", new_key, logged, NULL::jsonb,
-                            NULL::text[];
-    ELSIF decoded_operation = 'D' THEN
-        RETURN QUERY SELECT change_id, 'D'::"char", old_key, NULL::jsonb, NULL::jsonb,
-                            NULL::text[];
-    ELSIF old_key = new_key THEN
-        old_logged := pgconcord.logged_row(registered.relation, old_record);
-        unmerged := keys || registered.delta_columns
-            || coalesce((SELECT array_agg(a.attname::text) FROM pg_attribute a
-                          WHERE a.attrelid = registered.relation AND a.attgenerated <> ''), '{}');
-        RETURN QUERY SELECT change_id, 'U'::"char", new_key, logged,
-            (SELECT jsonb_object_agg(c, to_jsonb(old_record) -> c)
-               FROM unnest(registered.delta_columns) c),
-            CASE WHEN registered.policy = 'node-priority' THEN '{}'::text[] ELSE
-                 ARRAY(SELECT n.key FROM jsonb_each(logged) AS n
-                        WHERE n.value IS DISTINCT FROM old_logged -> n.key
-                          AND n.key <> ALL (unmerged)) END;
-    ELSE
-        RETURN QUERY VALUES (change_id, 'D'::"char", old_key, NULL::jsonb, NULL::jsonb,
-                             NULL::text[]),
-                            (second_id, 'U'::"char", new_key, logged, NULL::jsonb, NULL::text[]);
-    END IF;
-END
-$body$;
-
 -- Drain the slot up to the WAL flushed now; the number of changes captured.
+--
+-- The loop runs once per decoded message and is written for PL/pgSQL's fast path: plain
+-- expressions, no queries and no calls of other PL/pgSQL functions per row or column.
 CREATE OR REPLACE FUNCTION pgconcord.drain_wal() RETURNS bigint
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -148,19 +42,26 @@ SET extra_float_digits = 3
 AS $body$
 DECLARE
     state pgconcord.capture_state;
+    encoding name := getdatabaseencoding();
     confirmed pg_lsn;
     target pg_lsn;
     decoded record;
     message bytea;
+    message_length integer;
     kind text;
+    part text;
+    column_kind text;
     at integer;
+    length integer;
     relation oid;
     relation_names jsonb := '{}';   -- relation oid -> its decoded column names
     names text[];
     column_count integer;
     changed_here boolean := false;
-    new_tuple record;
-    old_tuple record;
+    kinds text;
+    texts text[];
+    new_kinds text;
+    new_texts text[];
     old_texts text[];
     next_full bigint;
     transaction xid8;
@@ -173,8 +74,8 @@ DECLARE
     second_ids bigint[] := '{}';
     relations oid[] := '{}';
     operations "char"[] := '{}';
-    new_rows text[] := '{}';
-    old_rows text[] := '{}';
+    new_rows jsonb[] := '{}';   -- each a row's column texts, in its relation's decoded order
+    old_rows jsonb[] := '{}';
     transactions xid8[] := '{}';
     clocks bigint[] := '{}';
 BEGIN
@@ -207,7 +108,61 @@ BEGIN
     LOOP
         message := decoded.data;
         kind := chr(get_byte(message, 0));
-        IF kind = 'B' THEN
+        IF kind IN ('I', 'U', 'D') AND NOT skipping THEN
+            relation := ((get_byte(message, 1)::bigint << 24) | (get_byte(message, 2) << 16)
+                         | (get_byte(message, 3) << 8) | get_byte(message, 4))::oid;
+            message_length := octet_length(message);
+            at := 5;
+            new_texts := NULL;
+            old_texts := NULL;
+            -- An old row (K key, O whole: REPLICA IDENTITY FULL), a new row (N), or both.
+            WHILE at < message_length LOOP
+                part := chr(get_byte(message, at));
+                column_count := (get_byte(message, at + 1) << 8) | get_byte(message, at + 2);
+                at := at + 3;
+                kinds := '';
+                texts := '{}';
+                FOR column_number IN 1 .. column_count LOOP
+                    column_kind := chr(get_byte(message, at));
+                    kinds := kinds || column_kind;
+                    IF column_kind = 't' THEN
+                        length := (get_byte(message, at + 1) << 24)
+                                  | (get_byte(message, at + 2) << 16)
+                                  | (get_byte(message, at + 3) << 8) | get_byte(message, at + 4);
+                        texts := texts || convert_from(substring(message FROM at + 6
+                                                                 FOR length), encoding);
+                        at := at + 5 + length;
+                    ELSE
+                        texts := texts || NULL::text;  -- n null, u unchanged toasted value
+                        at := at + 1;
+                    END IF;
+                END LOOP;
+                IF part = 'N' THEN
+                    new_kinds := kinds;
+                    new_texts := texts;
+                ELSE
+                    old_texts := texts;
+                END IF;
+            END LOOP;
+            IF new_texts IS NOT NULL AND position('u' IN new_kinds) > 0 THEN
+                -- Unchanged and toasted: REPLICA IDENTITY FULL logged it in the old row.
+                FOR column_number IN 1 .. cardinality(new_texts) LOOP
+                    IF substr(new_kinds, column_number, 1) = 'u' THEN
+                        new_texts[column_number] := old_texts[column_number];
+                    END IF;
+                END LOOP;
+            END IF;
+            changed_here := true;
+            ids := ids || nextval('pgconcord.change_log_id_seq');
+            second_ids := second_ids
+                || CASE WHEN kind = 'U' THEN nextval('pgconcord.change_log_id_seq') END;
+            relations := relations || relation;
+            operations := operations || kind::"char";
+            transactions := transactions || transaction;
+            clocks := clocks || wall_clock;
+            new_rows := new_rows || to_jsonb(new_texts);
+            old_rows := old_rows || to_jsonb(old_texts);
+        ELSIF kind = 'B' THEN
             -- Drained already (its end is not past captured_lsn), or not: see the commit.
             changed_here := false;
             skipping := ('0/0'::pg_lsn + pgconcord.wire_integer(message, 1, 8))
@@ -222,66 +177,45 @@ BEGIN
             skipping := true;  -- applied here by pgconcord, from a peer
         ELSIF kind = 'R' THEN
             relation := pgconcord.wire_integer(message, 1, 4)::oid;
+            -- Its namespace and name, zero-terminated, then the replica identity.
             at := 5;
-            at := (pgconcord.wire_string(message, at)).next_position;  -- schema
-            at := (pgconcord.wire_string(message, at)).next_position;  -- table
-            at := at + 1;                                             -- identity
+            at := at + position('\x00'::bytea IN substring(message FROM at + 1));
+            at := at + position('\x00'::bytea IN substring(message FROM at + 1)) + 1;
             names := '{}';
             column_count := pgconcord.wire_integer(message, at, 2);
             at := at + 2;
             FOR column_number IN 1 .. column_count LOOP
                 -- A column: flags, its name, type oid, type modifier.
-                SELECT * INTO new_tuple FROM pgconcord.wire_string(message, at + 1);
-                names := names || new_tuple.value;
-                at := new_tuple.next_position + 8;
+                length := position('\x00'::bytea IN substring(message FROM at + 2)) - 1;
+                names := names || convert_from(substring(message FROM at + 2 FOR length),
+                                               encoding);
+                at := at + 1 + length + 1 + 8;
             END LOOP;
+            IF relation_names -> relation::text IS DISTINCT FROM to_jsonb(names)
+               AND relation = ANY (relations) THEN
+                -- Its columns changed: what is pending was decoded with the former ones.
+                captured_here := captured_here + pgconcord.write_decoded(
+                    relation_names, ids, second_ids, relations, operations, new_rows,
+                    old_rows, transactions, clocks);
+                ids := '{}'; second_ids := '{}'; relations := '{}'; operations := '{}';
+                new_rows := '{}'; old_rows := '{}'; transactions := '{}'; clocks := '{}';
+            END IF;
             relation_names := relation_names || jsonb_build_object(relation::text, names);
-        ELSIF kind IN ('I', 'U', 'D') AND NOT skipping THEN
-            relation := pgconcord.wire_integer(message, 1, 4)::oid;
-            SELECT array_agg(value) INTO names
-              FROM jsonb_array_elements_text(relation_names -> relation::text) value;
-            at := 5;
-            old_texts := NULL;
-            old_tuple := NULL;
-            IF chr(get_byte(message, at)) IN ('K', 'O') THEN
-                SELECT * INTO old_tuple FROM pgconcord.wire_tuple(message, at + 1);
-                old_texts := old_tuple.texts;
-                at := old_tuple.next_position;
-            END IF;
-            changed_here := true;
-            ids := ids || nextval('pgconcord.change_log_id_seq');
-            second_ids := second_ids
-                || CASE WHEN kind = 'U' THEN nextval('pgconcord.change_log_id_seq') END;
-            relations := relations || relation;
-            operations := operations || kind::"char";
-            transactions := transactions || transaction;
-            clocks := clocks || wall_clock;
-            IF kind = 'D' THEN
-                new_rows := new_rows || NULL::text;
-            ELSE
-                SELECT * INTO new_tuple FROM pgconcord.wire_tuple(message, at + 1);
-                new_rows := new_rows || pgconcord.wire_row(relation, names, new_tuple.kinds,
-                                                           new_tuple.texts, old_texts);
-            END IF;
-            IF old_texts IS NULL THEN
-                old_rows := old_rows || NULL::text;
-            ELSE
-                old_rows := old_rows
-                    || pgconcord.wire_row(relation, names, old_tuple.kinds, old_texts, NULL);
-            END IF;
         ELSIF kind = 'C' AND NOT skipping AND changed_here THEN
             last_end := '0/0'::pg_lsn + pgconcord.wire_integer(message, 10, 8);
         END IF;
         IF kind = 'C' AND cardinality(ids) >= 10000 THEN
             captured_here := captured_here + pgconcord.write_decoded(
-                ids, second_ids, relations, operations, new_rows, old_rows, transactions, clocks);
+                relation_names, ids, second_ids, relations, operations, new_rows, old_rows,
+                transactions, clocks);
             ids := '{}'; second_ids := '{}'; relations := '{}'; operations := '{}';
             new_rows := '{}'; old_rows := '{}'; transactions := '{}'; clocks := '{}';
         END IF;
     END LOOP;
     IF cardinality(ids) > 0 THEN
         captured_here := captured_here + pgconcord.write_decoded(
-            ids, second_ids, relations, operations, new_rows, old_rows, transactions, clocks);
+            relation_names, ids, second_ids, relations, operations, new_rows, old_rows,
+            transactions, clocks);
     END IF;
     IF last_end IS NOT NULL THEN
         UPDATE pgconcord.capture_state
@@ -296,30 +230,123 @@ BEGIN
 END
 $body$;
 
--- Append decoded changes to captured_change, one statement per table, in their ids' order.
+-- Append decoded changes to captured_change, one set-wise statement per table, made from the
+-- table as it is now: the key, the logged row (logged_row's columns carried as their text),
+-- the changed columns and the counters' old values as the generic capture trigger makes them
+-- (capture_trigger.sql); an update that moves the key is a delete and a write.
 CREATE OR REPLACE FUNCTION pgconcord.write_decoded(
-    ids bigint[], second_ids bigint[], relations oid[], operations "char"[], new_rows text[],
-    old_rows text[], transactions xid8[], clocks bigint[])
+    relation_names jsonb, ids bigint[], second_ids bigint[], relations oid[],
+    operations "char"[], new_rows jsonb[], old_rows jsonb[], transactions xid8[],
+    clocks bigint[])
 RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $body$
 DECLARE
-    relation oid;
+    registered pgconcord.replicated_table;
+    logged_text text[];
+    merged text[];
+    key_of text;          -- expressions over a row, named by the placeholder %1$s
+    logged_of text;
+    missing text[];       -- columns of the table the decoded rows do not have
+    new_row_of text;      -- a row of the table from its decoded column texts
+    old_row_of text;
     written bigint;
     total bigint := 0;
 BEGIN
-    FOR relation IN SELECT DISTINCT r FROM unnest(relations) r LOOP
+    FOR registered IN
+        SELECT t.* FROM pgconcord.replicated_table t
+         WHERE t.relation IN (SELECT DISTINCT r FROM unnest(relations) r)
+    LOOP
+        SELECT coalesce(array_agg(a.attname::text ORDER BY a.attnum), '{}') INTO logged_text
+          FROM pg_attribute a
+          JOIN pg_type t ON t.oid = a.atttypid
+          JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+         WHERE a.attrelid = registered.relation AND a.attnum > 0 AND NOT a.attisdropped
+           AND a.attgenerated = ''
+           AND (b.typcategory = 'A' OR b.oid = ANY ('{json,jsonb,float4,float8}'::regtype[]));
+        -- Columns by name; one the WAL lacks is NULL (a generated column, before PostgreSQL 18
+        -- and its publish_generated_columns), and left out of the logged row unless generated:
+        -- a change made before a column was added does not carry it, as with a trigger.
+        SELECT coalesce(array_agg(f.name) FILTER (WHERE f.at IS NULL AND NOT f.generated),
+                        '{}'),
+               format('ROW(%s)::%s', string_agg(
+                   CASE WHEN f.at IS NULL THEN 'NULL::' || f.type
+                        ELSE format('(d.new_row ->> %s)::%s', f.at - 1, f.type) END,
+                   ', ' ORDER BY f.attnum), registered.relation::regclass),
+               format('ROW(%s)::%s', string_agg(
+                   CASE WHEN f.at IS NULL THEN 'NULL::' || f.type
+                        ELSE format('(d.old_row ->> %s)::%s', f.at - 1, f.type) END,
+                   ', ' ORDER BY f.attnum), registered.relation::regclass)
+          INTO missing, new_row_of, old_row_of
+          FROM (SELECT a.attnum, a.attname::text AS name, a.attgenerated <> '' AS generated,
+                       format_type(a.atttypid, a.atttypmod) AS type,
+                       array_position(ARRAY(SELECT jsonb_array_elements_text(
+                                                relation_names -> registered.relation::text)),
+                                      a.attname::text) AS at
+                  FROM pg_attribute a
+                 WHERE a.attrelid = registered.relation AND a.attnum > 0
+                   AND NOT a.attisdropped) f;
+        -- The columns an update's changes are listed from (in the table's order, as the
+        -- trigger lists them): not the key, counters or generated columns.
+        merged := ARRAY(SELECT a.attname::text FROM pg_attribute a
+                         WHERE a.attrelid = registered.relation AND a.attnum > 0
+                           AND NOT a.attisdropped AND a.attgenerated = ''
+                           AND a.attname::text <> ALL (registered.key_columns
+                                                       || registered.delta_columns)
+                         ORDER BY a.attnum);
+        key_of := CASE WHEN registered.key_columns = '{}' THEN 'NULL::jsonb' ELSE
+            (SELECT 'jsonb_build_object(' || string_agg(format('%L, (%s).%I', k, '%1$s', k), ', ')
+                    || ')' FROM unnest(registered.key_columns) k) END;
+        -- jsonb_build_object takes at most 100 arguments: 50 columns a call.
+        logged_of := CASE WHEN missing = '{}' THEN 'to_jsonb(%1$s)'
+                          ELSE format('(to_jsonb(%s) - %L::text[])', '%1$s', missing) END
+            || coalesce((
+            SELECT string_agg(' || jsonb_build_object(' || pairs || ')', '')
+              FROM (SELECT string_agg(format('%L, (%s).%I::text', c, '%1$s', c), ', ') AS pairs
+                      FROM unnest(logged_text) WITH ORDINALITY AS l(c, n)
+                     WHERE c <> ALL (missing)
+                     GROUP BY (n - 1) / 50) chunks), '');
+        -- OFFSET 0: each row, key and logged row is made once, not again where it is used.
         EXECUTE format(
             'INSERT INTO pgconcord.captured_change (id, txid, table_id, operation, row_key,'
             '  new_row, old_values, changed_columns, wall_clock)'
-            ' SELECT c.id, d.transaction, t.id, c.operation, c.row_key, c.new_row,'
+            ' SELECT c.id, d.transaction, %2$s, c.operation, c.row_key, c.new_row,'
             '        c.old_values, c.changed_columns, d.clock'
-            '   FROM unnest($1, $2, $3, $4, $5, $6, $7, $8)'
-            '        AS d(id, second_id, relation, operation, new_row, old_row, transaction, clock)'
-            '   JOIN pgconcord.replicated_table t ON t.relation = d.relation'
-            '  CROSS JOIN LATERAL pgconcord.capture_decoded(t, d.operation, d.new_row::%1$s,'
-            '                                              d.old_row::%1$s, d.id, d.second_id) c'
-            '  WHERE d.relation = $9', relation::regclass)
+            '   FROM (SELECT d.*, CASE WHEN d.new_row IS NOT NULL THEN %10$s END AS n,'
+            '                     CASE WHEN d.old_row IS NOT NULL THEN %11$s END AS o'
+            '           FROM unnest($1, $2, $3, $4, $5, $6, $7, $8)'
+            '                AS d(id, second_id, relation, operation, new_row, old_row,'
+            '                     transaction, clock)'
+            '          WHERE d.relation = $9 OFFSET 0) d'
+            '  CROSS JOIN LATERAL (SELECT %3$s AS new_key, %4$s AS old_key,'
+            '                             %5$s AS logged,'
+            '                             CASE WHEN d.operation = ''U'' THEN %6$s END'
+            '                                 AS old_logged OFFSET 0) k'
+            '  CROSS JOIN LATERAL (SELECT d.operation = ''U'''
+            '                             AND k.new_key IS DISTINCT FROM k.old_key AS moved) m'
+            '  CROSS JOIN LATERAL (VALUES'
+            '      (d.id, CASE WHEN m.moved THEN ''D''::"char" ELSE d.operation END,'
+            '       CASE WHEN d.operation = ''D'' OR m.moved THEN k.old_key'
+            '            ELSE k.new_key END,'
+            '       CASE WHEN d.operation = ''D'' OR m.moved THEN NULL ELSE k.logged END,'
+            '       CASE WHEN d.operation = ''U'' AND NOT m.moved THEN %7$s END,'
+            '       CASE WHEN d.operation = ''U'' AND NOT m.moved THEN %8$s END, true),'
+            '      (d.second_id, ''U''::"char", k.new_key, k.logged, NULL::jsonb,'
+            '       NULL::text[], m.moved))'
+            '    AS c(id, operation, row_key, new_row, old_values, changed_columns, wanted)'
+            '  WHERE c.wanted AND (%9$L OR d.operation = ''I'')'
+            '  ORDER BY c.id',
+            registered.relation::regclass, registered.id,
+            replace(key_of, '%1$s', 'd.n'), replace(key_of, '%1$s', 'd.o'),
+            replace(logged_of, '%1$s', 'd.n'), replace(logged_of, '%1$s', 'd.o'),
+            coalesce((SELECT 'jsonb_build_object(' || string_agg(
+                                 format('%L, to_jsonb((d.o).%I)', c, c), ', ') || ')'
+                        FROM unnest(registered.delta_columns) c), 'NULL::jsonb'),
+            CASE WHEN registered.policy = 'node-priority' THEN '''{}''::text[]' ELSE
+                 format('ARRAY(SELECT c FROM unnest(%L::text[]) WITH ORDINALITY AS u(c, n)'
+                        ' WHERE k.logged -> c IS DISTINCT FROM k.old_logged -> c ORDER BY n)',
+                        merged) END,
+            registered.key_columns <> '{}', new_row_of, old_row_of)
         USING ids, second_ids, relations, operations, new_rows, old_rows, transactions, clocks,
-              relation;
+              registered.relation;
         GET DIAGNOSTICS written = ROW_COUNT;
         total := total + written;
     END LOOP;

@@ -37,6 +37,21 @@ BEGIN
                          ' same change on every node yourself.';
     END IF;
     PERFORM set_config('pgconcord.logged_statement', marker, true);
+    -- A node in WAL mode captures what committed before this first (drain_wal.sql), so that
+    -- the schema change follows it as it follows a trigger's capture. Only if no stamper is at
+    -- work: one that applies to this table waits for its lock, held here. Never make the
+    -- schema change fail for it: what is left is drained later, each row with the columns
+    -- it was written with, and applies after the schema change as well.
+    IF EXISTS (SELECT 1 FROM pgconcord.capture_state WHERE slot_name IS NOT NULL) THEN
+        BEGIN
+            IF pg_try_advisory_xact_lock(1885823843, 1937006960) THEN  -- the stamp lock
+                PERFORM pgconcord.drain_wal();
+            END IF;
+        EXCEPTION WHEN OTHERS THEN
+            RAISE WARNING 'pgconcord: the WAL was not drained before this schema change: %',
+                          SQLERRM;
+        END;
+    END IF;
     INSERT INTO pgconcord.captured_change (table_id, operation, row_key, new_row)
     VALUES (0, 'S', '{}',
             jsonb_build_object('statement', statement, 'command_tag', command_tag,
