@@ -54,9 +54,7 @@ from pgconcord.agent import purge as purge_changes
 from pgconcord.agent import sync as sync_every_pair
 from pgconcord.sandbox import Server
 
-# Trigger capture only for now: in WAL mode a schedule's polls spent seconds draining (see
-# README "Limits today"); the capture_mode parameter is ready for both modes.
-CAPTURE_MODES = ("trigger",)
+CAPTURE_MODES = ("trigger", "wal")
 
 NODES = ("north", "south", "east")
 LINKS = (("north", "south"), ("east", "north"), ("east", "south"))  # sorted pairs
@@ -80,6 +78,9 @@ CI_EXAMPLES = 12
 CI_STEPS = 16
 AGENTS_PER_SCHEDULE = 3  # each costs seconds
 EXAMPLES = int(os.environ.get("PGCONCORD_SOAK_EXAMPLES", CI_EXAMPLES))
+# WAL mode's schedules are slower (a drain waits while the flushed WAL ends inside a record:
+# README "Limits today"): fewer of them in CI.
+WAL_EXAMPLES = int(os.environ.get("PGCONCORD_SOAK_EXAMPLES", CI_EXAMPLES // 3))
 STEPS = int(os.environ.get("PGCONCORD_SOAK_STEPS", CI_STEPS))
 SHRINK = os.environ.get("PGCONCORD_SOAK_SHRINK") == "1"
 
@@ -220,6 +221,10 @@ class FaultSchedule(RuleBasedStateMachine):
     # -- writes --------------------------------------------------------------------------
 
     def write(self, node: str, ops: list[tuple[Any, ...]], outcome: str) -> None:
+        if self.capture == "wal" and outcome == "async_commit":
+            # WAL capture reads only flushed WAL, and a local write committed asynchronously
+            # just before an apply of its row is overwritten unjudged (README "Limits today").
+            outcome = "commit"
         model = self.model[node]
         journal = list(model.current.journal)
         private = dict(model.current.private)
@@ -570,7 +575,7 @@ def test_fault_schedules_converge(
         run_state_machine_as_test(
             new_schedule,
             settings=settings(
-                max_examples=EXAMPLES,
+                max_examples=WAL_EXAMPLES if capture_mode == "wal" else EXAMPLES,
                 stateful_step_count=STEPS,
                 deadline=None,
                 suppress_health_check=list(HealthCheck),

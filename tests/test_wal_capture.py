@@ -9,7 +9,8 @@ import subprocess
 import sys
 import threading
 
-from harness import AGENT_ROLE, Cluster, wait_for
+from harness import AGENT_ROLE, APPLICATION_ROLE, Cluster, wait_for
+from psycopg import sql
 
 from pgconcord.capture import wal as wal_capture
 
@@ -244,3 +245,36 @@ def test_both_modes_capture_the_same_records(cluster: Cluster) -> None:
     records = captured_records(cluster, trigger_node)
     assert len(records) == 21
     assert captured_records(cluster, wal_node) == records
+
+
+def test_grant_prints_what_wal_capture_needs(cluster: Cluster) -> None:
+    """A role with none of the rights: setup names them; run as `pgconcord grant` prints them,
+    setup then captures from the WAL."""
+    role = "pgconcord_wal_grantee"
+    for name in cluster.names:
+        cluster.execute(name, SCHEMA)
+        cluster.admin_execute(
+            name,
+            sql.SQL(
+                "DO $$ BEGIN CREATE ROLE {role} LOGIN; EXCEPTION WHEN duplicate_object"
+                " THEN NULL; END $$; GRANT {app} TO {role}"
+            ).format(role=sql.Identifier(role), app=sql.Identifier(APPLICATION_ROLE)),
+        )
+        cluster.dsns[name] = cluster.server_of[name].dsn(cluster.database, user=role)
+    cluster.write_config()
+    refused = cluster.cli("setup")
+    assert refused.returncode != 0
+    assert "pgconcord grant" in refused.stderr and "Traceback" not in refused.stderr
+    for name in cluster.names:
+        printed = cluster.cli("grant", role, "--node", name)
+        assert printed.returncode == 0, printed.stderr
+        assert "REPLICATION" in printed.stdout
+        assert "pg_replication_origin_session_setup" in printed.stdout
+        cluster.admin_execute(name, printed.stdout)
+    set_up = cluster.cli("setup")
+    assert set_up.returncode == 0, set_up.stderr
+    for name in cluster.names:
+        assert wal_capture.slot_name(cluster.admin_connect(name)) is not None
+    cluster.execute("north", "INSERT INTO items (id, name) VALUES (1, 'granted')")
+    cluster.sync()
+    cluster.assert_identical()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from pgconcord.capture import wal as wal_capture
 from pgconcord.catalog import EVENT_TRIGGERS, Table, discover_tables, event_trigger_statements
 from pgconcord.config import ClusterConfig
 from pgconcord.transport import connect
@@ -201,13 +202,25 @@ def event_trigger_script(connection: Connection) -> list[sql.Composed]:
     return event_trigger_statements(superuser_schema=not (row and row[0]))
 
 
-def grant_script(connection: Connection, role: str, tables: list[Table]) -> list[str]:
-    """The statements that give `role` what it lacks on this node, and the event triggers
-    if pgconcord is installed here without them; each ends with a semicolon."""
+def grant_script(
+    connection: Connection, role: str, tables: list[Table], capture: str = "trigger"
+) -> list[str]:
+    """The statements that give `role` what it lacks on this node (and, on a node with
+    wal_level = logical, what WAL capture needs: statements under "wal", comments under
+    "auto"), and the event triggers if pgconcord is installed here without them; each ends
+    with a semicolon (or is a comment)."""
     lines = [
         f"{missing.statement};  -- {missing.right}"
         for missing in missing_rights(connection, role, tables)
     ]
+    if capture != "trigger" and connection.execute("SHOW wal_level").fetchone() == ("logical",):
+        # Under "auto" they are a choice (without them the node captures with triggers):
+        # printed as comments, to run by hand.
+        prefix = "" if capture == "wal" else "-- "
+        lines += [
+            f'{prefix}{statement};  -- WAL capture (capture = "{capture}")'
+            for statement in wal_capture.missing_rights(connection, role)
+        ]
     if event_triggers_missing(connection):
         lines += [
             _text(connection, statement).rstrip().rstrip(";") + ";"
@@ -228,5 +241,5 @@ def grant_scripts(
             tables = discover_tables(
                 connection, config.replication.schemas, set(config.replication.exclude)
             )
-            scripts[node.name] = grant_script(connection, role, tables)
+            scripts[node.name] = grant_script(connection, role, tables, config.replication.capture)
     return scripts

@@ -39,6 +39,9 @@ STAMP_LOCAL_CHANGES = f"SELECT pg_advisory_xact_lock({STAMP_LOCK}), pgconcord.st
 # (RacedWithLocalWrite), which stamps it first; and for a while the pair locks the rows that
 # are here before it stamps for the last time and judges them (TableStatements.lock_rows), so
 # that only a new row inserted meanwhile can race again.
+#
+# On a node in WAL mode this sees only what was drained (README "Limits today"): draining here,
+# after this transaction wrote WAL, would wait for that WAL to be flushed.
 RACED_LOCAL_WRITE = """
 SELECT EXISTS (SELECT 1 FROM pgconcord.captured_change q
                  JOIN pgconcord_winner w ON w.row_key = q.row_key

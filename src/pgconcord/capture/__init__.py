@@ -47,7 +47,8 @@ def resolve(
         raise PgconcordError(
             f'node {node_name}: capture = "wal" needs, for pgconcord\'s role: '
             + "; ".join(missing)
-            + " (a superuser runs these in the node's database)"
+            + " (a superuser runs these in the node's database; pgconcord grant ROLE prints"
+            " them with the rest)"
         )
     return "wal"
 

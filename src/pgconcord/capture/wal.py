@@ -28,24 +28,27 @@ ORIGIN_FUNCTIONS = (
 Connection = psycopg.Connection[tuple[object, ...]]
 
 
-def missing_rights(connection: Connection) -> list[str]:
-    """What pgconcord's role lacks for WAL capture, as the statements that would grant it."""
+def missing_rights(connection: Connection, role: str | None = None) -> list[str]:
+    """What pgconcord's role (this session's, or `role`, which may not exist yet) lacks for
+    WAL capture, as the statements that would grant it."""
+    if role is None:
+        current = connection.execute("SELECT current_user").fetchone()
+        assert current is not None
+        role = str(current[0])
     row = connection.execute(
-        "SELECT rolsuper, rolreplication, current_user FROM pg_roles WHERE rolname = current_user"
+        "SELECT rolsuper, rolreplication FROM pg_roles WHERE rolname = %s", (role,)
     ).fetchone()
-    assert row is not None
-    superuser, replication, role = bool(row[0]), bool(row[1]), str(row[2])
-    if superuser:
+    if row is not None and row[0]:
         return []
     missing = []
     quoted = sql.Identifier(role).as_string(connection)
-    if not replication:
+    if row is None or not row[1]:
         missing.append(f"ALTER ROLE {quoted} REPLICATION")
     for function in ORIGIN_FUNCTIONS:
-        allowed = connection.execute(
-            "SELECT has_function_privilege(%s::regprocedure, 'EXECUTE')", (function,)
-        ).fetchone()
-        if not (allowed and allowed[0]):
+        allowed = row is not None and connection.execute(
+            "SELECT has_function_privilege(%s, %s::regprocedure, 'EXECUTE')", (role, function)
+        ).fetchone() == (True,)
+        if not allowed:
             missing.append(f"GRANT EXECUTE ON FUNCTION {function} TO {quoted}")
     return missing
 

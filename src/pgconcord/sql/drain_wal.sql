@@ -92,13 +92,18 @@ BEGIN
             USING HINT = 'Run pgconcord setup to make it again; changes made since it went'
                          ' are not captured: verify and repair this node afterwards.';
     END IF;
-    IF state.captured_lsn > confirmed THEN
+    -- The slot moves, for good, only past what is committed: not past what this transaction
+    -- drained (captured_lsn as this transaction sees it) until it commits.
+    IF state.captured_lsn > confirmed
+       AND coalesce(current_setting('pgconcord.drained_uncommitted', true), '') <> 'on' THEN
         PERFORM pg_replication_slot_advance(state.slot_name, state.captured_lsn);
         confirmed := state.captured_lsn;
     END IF;
     target := pg_current_wal_flush_lsn();
-    IF target <= confirmed THEN
-        RETURN 0;
+    IF target <= confirmed
+       OR target <= coalesce(nullif(current_setting('pgconcord.drained_to', true), ''),
+                             '0/0')::pg_lsn THEN
+        RETURN 0;  -- (drained_to: what this transaction drained already)
     END IF;
     next_full := pg_snapshot_xmax(pg_current_snapshot())::text::bigint;
     FOR decoded IN
@@ -226,6 +231,7 @@ BEGIN
         -- Nothing here to capture up to target (pgconcord's own transactions, other tables).
         PERFORM pg_replication_slot_advance(state.slot_name, target);
     END IF;
+    PERFORM set_config('pgconcord.drained_to', target::text, true);
     RETURN captured_here;
 END
 $body$;
