@@ -80,7 +80,7 @@ AGENTS_PER_SCHEDULE = 3  # each costs seconds
 EXAMPLES = int(os.environ.get("PGCONCORD_SOAK_EXAMPLES", CI_EXAMPLES))
 # WAL mode's schedules are slower (a drain waits while the flushed WAL ends inside a record:
 # README "Limits today"): fewer of them in CI.
-WAL_EXAMPLES = int(os.environ.get("PGCONCORD_SOAK_EXAMPLES", CI_EXAMPLES // 3))
+WAL_EXAMPLES = int(os.environ.get("PGCONCORD_SOAK_EXAMPLES", CI_EXAMPLES // 2))
 STEPS = int(os.environ.get("PGCONCORD_SOAK_STEPS", CI_STEPS))
 SHRINK = os.environ.get("PGCONCORD_SOAK_SHRINK") == "1"
 

@@ -83,7 +83,8 @@ def open_target(node: NodeConfig) -> Connection:
     # session commits, which a node in WAL mode then does not capture (drain_wal.sql). Every
     # applying session gets one if it may, so that a node moved to WAL mode while it is open
     # does not echo.
-    if not wal_capture.mark_applying_session(connection) and wal_capture.slot_name(connection):
+    wal_node = wal_capture.slot_name(connection) is not None
+    if not wal_capture.mark_applying_session(connection) and wal_node:
         connection.close()
         raise ApplyError(
             f"node {node.name} captures from the WAL, but the agent's role may not mark what"
@@ -95,9 +96,12 @@ def open_target(node: NodeConfig) -> Connection:
     # Commits need not wait for the disk: the position commits with the rows it covers, so a
     # crash of this node loses both together and the origin's log, which purge keeps until
     # this node's WAL is flushed past the position (agent.purging._read_peer), has them again.
+    # On a node in WAL mode they flush their WAL at commit after all: the WAL writer flushes
+    # whole pages, and a flushed position inside a record cannot be drained up to (see
+    # flushed_boundary in drain_wal.sql); a commit flushes to the end of one.
     connection.execute(
         "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres';"
-        " SET synchronous_commit = off"
+        + (" SET synchronous_commit = local" if wal_node else " SET synchronous_commit = off")
     )
     connection.execute(_TEMPORARY_TABLES)
     connection.commit()

@@ -15,6 +15,7 @@
 -- at a time, as the generic capture trigger computes them one row at a time.
 
 -- Earlier forms of this file parsed and wrote one row at a time.
+DROP FUNCTION IF EXISTS pgconcord.flushed_boundary(pg_lsn);
 DROP FUNCTION IF EXISTS pgconcord.wire_string(bytea, integer);
 DROP FUNCTION IF EXISTS pgconcord.wire_tuple(bytea, integer);
 DROP FUNCTION IF EXISTS pgconcord.wire_row(oid, text[], text, text[], text[]);
@@ -28,6 +29,40 @@ CREATE OR REPLACE FUNCTION pgconcord.wire_integer(message bytea, at integer, wid
 RETURNS bigint LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $body$
     SELECT ('x' || lpad(encode(substring(message FROM at + 1 FOR width), 'hex'), 16, '0'))
            ::bit(64)::bigint
+$body$;
+
+-- Where to drain to: the WAL flushed now, at the end of a record if it can be. Decoding up to
+-- a flushed position that falls inside a record waits, in pg_logical_slot_peek_binary_changes,
+-- until the rest of that record is flushed: for as long as the transaction writing it runs,
+-- when nothing else commits. A commit flushes to the end of a record; the WAL writer flushes
+-- whole pages, so a position at a page boundary (or just past its header) may be inside one.
+-- Then the insert position (the end of a record, or just past a page header, which is
+-- dropped) once it is flushed, or the next flushed position that is not at a page boundary;
+-- after 20 ms, the page boundary all the same (never less than what is flushed: whoever
+-- stamps must see every commit it can).
+CREATE OR REPLACE FUNCTION pgconcord.flushed_boundary() RETURNS pg_lsn
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $body$
+DECLARE
+    block_size integer := current_setting('wal_block_size')::integer;
+    flushed pg_lsn := pg_current_wal_flush_lsn();
+    inserted pg_lsn := pg_current_wal_insert_lsn();
+    page_offset integer := ((inserted - '0/0'::pg_lsn) % block_size)::integer;
+    deadline timestamptz := clock_timestamp() + interval '20 milliseconds';
+BEGIN
+    IF page_offset IN (24, 40) THEN  -- a short or long page header
+        inserted := inserted - page_offset;
+    END IF;
+    LOOP
+        IF flushed >= inserted THEN
+            RETURN inserted;
+        ELSIF ((flushed - '0/0'::pg_lsn) % block_size)::integer NOT IN (0, 24, 40)
+              OR clock_timestamp() > deadline THEN
+            RETURN flushed;
+        END IF;
+        PERFORM pg_sleep(0.001);
+        flushed := pg_current_wal_flush_lsn();
+    END LOOP;
+END
 $body$;
 
 -- Drain the slot up to the WAL flushed now; the number of changes captured.
@@ -99,7 +134,7 @@ BEGIN
         PERFORM pg_replication_slot_advance(state.slot_name, state.captured_lsn);
         confirmed := state.captured_lsn;
     END IF;
-    target := pg_current_wal_flush_lsn();
+    target := pgconcord.flushed_boundary();
     IF target <= confirmed
        OR target <= coalesce(nullif(current_setting('pgconcord.drained_to', true), ''),
                              '0/0')::pg_lsn THEN
