@@ -159,6 +159,20 @@ class Cluster:
     def config(self) -> ClusterConfig:
         return load_config(self.config_path)
 
+    def use_weak_agent(self, role: str) -> None:
+        """Point the config at `role`, made if need be: a member of the tables' owner, with
+        none of pgconcord's rights (a test then grants what `pgconcord grant` prints)."""
+        for name in self.names:
+            self.admin_execute(
+                name,
+                sql.SQL(
+                    "DO $$ BEGIN CREATE ROLE {role} LOGIN; EXCEPTION WHEN duplicate_object"
+                    " THEN NULL; END $$; GRANT {app} TO {role}"
+                ).format(role=sql.Identifier(role), app=sql.Identifier(APPLICATION_ROLE)),
+            )
+            self.dsns[name] = self.server_of[name].dsn(self.database, user=role)
+        self.write_config()
+
     def connect(self, name: str, autocommit: bool = True) -> psycopg.Connection[Any]:
         return psycopg.connect(self.app_dsns[name], autocommit=autocommit)
 

@@ -206,26 +206,11 @@ def test_an_agent_without_superuser_replicates_with_no_echo(system_cluster: Clus
     cluster.assert_identical()
 
 
-def _weak_agent_config(cluster: Cluster, role: str) -> None:
-    """Point the config at `role`: a member of the tables' owner, nothing more."""
-    for name in cluster.names:
-        server = cluster.server_of[name]
-        cluster.admin_execute(
-            name,
-            sql.SQL(
-                "DO $$ BEGIN CREATE ROLE {role} LOGIN; EXCEPTION WHEN duplicate_object"
-                " THEN NULL; END $$; GRANT {app} TO {role}"
-            ).format(role=sql.Identifier(role), app=sql.Identifier(APPLICATION_ROLE)),
-        )
-        cluster.dsns[name] = server.dsn(cluster.database, user=role)
-    cluster.write_config()
-
-
 def test_setup_names_each_right_the_agent_role_lacks(system_cluster: Cluster) -> None:
     cluster = system_cluster
     for name in cluster.names:
         cluster.execute(name, SCHEMA)
-    _weak_agent_config(cluster, "weak_agent")
+    cluster.use_weak_agent("weak_agent")
     result = cluster.cli("setup")
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()

@@ -9,8 +9,7 @@ import subprocess
 import sys
 import threading
 
-from harness import AGENT_ROLE, APPLICATION_ROLE, Cluster, wait_for
-from psycopg import sql
+from harness import AGENT_ROLE, Cluster, wait_for
 
 from pgconcord.capture import wal as wal_capture
 
@@ -253,15 +252,7 @@ def test_grant_prints_what_wal_capture_needs(cluster: Cluster) -> None:
     role = "pgconcord_wal_grantee"
     for name in cluster.names:
         cluster.execute(name, SCHEMA)
-        cluster.admin_execute(
-            name,
-            sql.SQL(
-                "DO $$ BEGIN CREATE ROLE {role} LOGIN; EXCEPTION WHEN duplicate_object"
-                " THEN NULL; END $$; GRANT {app} TO {role}"
-            ).format(role=sql.Identifier(role), app=sql.Identifier(APPLICATION_ROLE)),
-        )
-        cluster.dsns[name] = cluster.server_of[name].dsn(cluster.database, user=role)
-    cluster.write_config()
+    cluster.use_weak_agent(role)
     refused = cluster.cli("setup")
     assert refused.returncode != 0
     assert "pgconcord grant" in refused.stderr and "Traceback" not in refused.stderr
