@@ -62,7 +62,16 @@ class Results:
 class Pair:
     """Fresh databases on A and B with narrow, replicated by one system."""
 
-    def __init__(self, a: Server, b: Server, system: str, label: str, text_column: str) -> None:
+    def __init__(
+        self,
+        a: Server,
+        b: Server,
+        system: str,
+        label: str,
+        text_column: str,
+        capture: str = "trigger",
+    ) -> None:
+        self.capture = capture
         self.a, self.b, self.system = a, b, system
         self.ddl = TABLE_DDL.format(text_column=psycopg.sql.Identifier(text_column).as_string())
         self.dbname = f"{system}_{label}"
@@ -74,7 +83,8 @@ class Pair:
             common.execute(server.create_database(self.dbname), self.ddl)
         if self.system == CONCORD:
             config = common.concord_config_text(
-                [("a", self.a.dsn(self.dbname)), ("b", self.b.dsn(self.dbname))]
+                [("a", self.a.dsn(self.dbname)), ("b", self.b.dsn(self.dbname))],
+                capture=self.capture,
             )
             common.concord_setup(config)
             self.agent = AgentProcess(config, label=self.dbname).start(

@@ -320,13 +320,20 @@ def wait_pgbench_connected(server: Server, dbname: str, clients: int, timeout: f
 
 
 def concord_config_text(
-    nodes: Sequence[tuple[str, str]], *, exclude: Sequence[str] = (), cluster: str = "bench"
+    nodes: Sequence[tuple[str, str]],
+    *,
+    exclude: Sequence[str] = (),
+    cluster: str = "bench",
+    capture: str = "trigger",
 ) -> str:
+    """A config naming these nodes; capture "trigger" unless asked (the benchmarks connect as
+    the superuser, under which "auto" would capture from the WAL)."""
     lines = ["[cluster]", f'name = "{cluster}"']
     for name, dsn in nodes:
         lines += ["[[node]]", f'name = "{name}"', f"dsn = {_toml_string(dsn)}"]
+    lines += ["[replication]", f"capture = {_toml_string(capture)}"]
     if exclude:
-        lines += ["[replication]", 'schemas = ["public"]']
+        lines.append('schemas = ["public"]')
         lines.append("exclude = [" + ", ".join(_toml_string(t) for t in exclude) + "]")
     return "\n".join(lines) + "\n"
 

@@ -221,7 +221,9 @@ def pgbench_and_lag(run: Run, selected: list[str]) -> None:
         in_parallel([lambda label=label: prepare(label) for label in labels])
         a, b, d, e = servers["a"], servers["b"], servers["d"], servers["e"]
         progress("pgconcord on A/pgconcord and B/pgconcord; logical replication D -> E")
-        config = common.concord_config_text([("a", a.dsn(CONCORD)), ("b", b.dsn(CONCORD))])
+        config = common.concord_config_text(
+            [("a", a.dsn(CONCORD)), ("b", b.dsn(CONCORD))], capture=arguments.capture
+        )
         common.concord_setup(config)
         common.create_logical_replication(d, LOGICAL, e, LOGICAL, name="bench")
         agent = AgentProcess(config, label="goals-pgbench").start(
@@ -493,7 +495,9 @@ def bulk(run: Run, selected: list[str]) -> None:
                 order = systems[repetition % 2 :] + systems[: repetition % 2]
                 for system in order:
                     if "bulk-insert" in selected or "bulk-update" in selected:
-                        with apply_speed.Pair(a, b, system, f"one_{repetition}", "t") as pair:
+                        with apply_speed.Pair(
+                            a, b, system, f"one_{repetition}", "t", arguments.capture
+                        ) as pair:
                             if pair.agent is not None:
                                 sampler.add_agent(pair.agent)
                             progress(f"rep {repetition + 1}: {system}: {rows:,} rows in 1 txn")
@@ -519,7 +523,9 @@ def bulk(run: Run, selected: list[str]) -> None:
                                 pair.agent.stop()
                                 agent_lines(pair.agent, f"{system} one_{repetition}")
                     if "batches" in selected:
-                        with apply_speed.Pair(a, b, system, f"batches_{repetition}", "t") as pair:
+                        with apply_speed.Pair(
+                            a, b, system, f"batches_{repetition}", "t", arguments.capture
+                        ) as pair:
                             if pair.agent is not None:
                                 sampler.add_agent(pair.agent)
                             progress(
@@ -658,7 +664,8 @@ def idle(run: Run) -> None:
         for server in servers:
             common.execute(server.create_database("idle"), ddl)
         config = common.concord_config_text(
-            [(label, server.dsn("idle")) for label, server in zip(labels, servers, strict=True)]
+            [(label, server.dsn("idle")) for label, server in zip(labels, servers, strict=True)],
+            capture=arguments.capture,
         )
         progress(f"idle: pgconcord setup of {nodes} nodes, starting the agent")
         common.concord_setup(config)
@@ -774,6 +781,9 @@ def idle(run: Run) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short run (a few minutes)")
+    parser.add_argument(
+        "--capture", choices=("trigger", "wal"), default="trigger", help="the nodes' capture"
+    )
     parser.add_argument(
         "--only",
         default=",".join(MEASURES),
