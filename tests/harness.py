@@ -52,7 +52,10 @@ def ensure_roles(server: Server) -> None:
     """The roles of a deployment, made once per server: `app`, an ordinary role that owns the
     application's tables and writes them, and `pgconcord_agent`, the agent's role with the
     rights the README's "production roles" recipe gives it (no superuser)."""
-    if server.dsn() in _roles_made:
+    # By data directory, not address: a server started later for another test may get the
+    # port of one that is gone.
+    made = str(server.data_directory)
+    if made in _roles_made:
         return
     with psycopg.connect(server.dsn(), autocommit=True) as connection:
         for role in (APPLICATION_ROLE, AGENT_ROLE, WAL_AGENT_ROLE):
@@ -73,7 +76,7 @@ def ensure_roles(server: Server) -> None:
         connection.execute(
             sql.SQL("ALTER ROLE {} REPLICATION").format(sql.Identifier(WAL_AGENT_ROLE))
         )
-    _roles_made.add(server.dsn())
+    _roles_made.add(made)
 
 
 class Cluster:
