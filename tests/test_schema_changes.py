@@ -201,6 +201,21 @@ def test_a_dropped_table_is_dropped_everywhere_and_late_writes_to_it_are_parked(
     cluster.assert_identical()
 
 
+# Per capture mode, each replicated table and whether it has its own capture back after a
+# schema change: (name, true, true) once it has.
+OWN_CAPTURE = {
+    "trigger": "SELECT t.table_name, t.own_capture, p.proname = 'capture_' || t.id"
+    " FROM pgconcord.replicated_table t"
+    " JOIN pg_trigger g ON g.tgrelid = t.relation AND g.tgname = 'pgconcord_capture'"
+    " JOIN pg_proc p ON p.oid = g.tgfoid ORDER BY 1",
+    "wal": "SELECT t.table_name,"
+    " EXISTS (SELECT 1 FROM pg_publication_rel r WHERE r.prrelid = t.relation),"
+    " NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = t.relation"
+    "             AND g.tgname = 'pgconcord_capture')"
+    " FROM pgconcord.replicated_table t ORDER BY 1",
+}
+
+
 def test_schema_changes_arrive_under_a_running_agent_while_writes_go_on(
     cluster: Cluster, capture_mode: str
 ) -> None:
@@ -252,32 +267,10 @@ def test_schema_changes_arrive_under_a_running_agent_while_writes_go_on(
         # Each node's own agent gave the changed and the new table their own capture again:
         # a capture function, or a place in the publication and no trigger.
         wait_for(
-            lambda: (
-                all(
-                    cluster.admin_query(
-                        name,
-                        "SELECT t.table_name, EXISTS (SELECT 1 FROM pg_publication_rel r"
-                        "          WHERE r.prrelid = t.relation),"
-                        " EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = t.relation"
-                        "          AND g.tgname = 'pgconcord_capture')"
-                        " FROM pgconcord.replicated_table t ORDER BY 1",
-                    )
-                    == [("items", True, False), ("tags", True, False)]
-                    for name in cluster.names
-                )
-                if capture_mode == "wal"
-                else all(
-                    cluster.admin_query(
-                        name,
-                        "SELECT t.table_name, t.own_capture, p.proname = 'capture_' || t.id"
-                        " FROM pgconcord.replicated_table t"
-                        " JOIN pg_trigger g ON g.tgrelid = t.relation"
-                        " AND g.tgname = 'pgconcord_capture'"
-                        " JOIN pg_proc p ON p.oid = g.tgfoid ORDER BY 1",
-                    )
-                    == [("items", True, True), ("tags", True, True)]
-                    for name in cluster.names
-                )
+            lambda: all(
+                cluster.admin_query(name, OWN_CAPTURE[capture_mode])
+                == [("items", True, True), ("tags", True, True)]
+                for name in cluster.names
             ),
             timeout=30,
             message="every table on its own capture function again",

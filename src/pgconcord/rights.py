@@ -18,6 +18,7 @@ import psycopg
 from psycopg import sql
 
 from pgconcord.capture import wal as wal_capture
+from pgconcord.capture import wal_level
 from pgconcord.catalog import EVENT_TRIGGERS, Table, discover_tables, event_trigger_statements
 from pgconcord.config import ClusterConfig
 from pgconcord.transport import connect
@@ -213,7 +214,7 @@ def grant_script(
         f"{missing.statement};  -- {missing.right}"
         for missing in missing_rights(connection, role, tables)
     ]
-    if capture != "trigger" and connection.execute("SHOW wal_level").fetchone() == ("logical",):
+    if capture != "trigger" and wal_level(connection) == "logical":
         # Under "auto" they are a choice (without them the node captures with triggers):
         # printed as comments, to run by hand.
         prefix = "" if capture == "wal" else "-- "

@@ -349,17 +349,17 @@ BEGIN
         EXECUTE format(
             'INSERT INTO pgconcord.captured_change (id, txid, table_id, operation, row_key,'
             '  new_row, old_values, changed_columns, wall_clock)'
-            ' SELECT c.id, d.transaction, %2$s, c.operation, c.row_key, c.new_row,'
+            ' SELECT c.id, d.transaction, %1$s, c.operation, c.row_key, c.new_row,'
             '        c.old_values, c.changed_columns, d.clock'
-            '   FROM (SELECT d.*, CASE WHEN d.new_row IS NOT NULL THEN %10$s END AS n,'
-            '                     CASE WHEN d.old_row IS NOT NULL THEN %11$s END AS o'
+            '   FROM (SELECT d.*, CASE WHEN d.new_row IS NOT NULL THEN %9$s END AS n,'
+            '                     CASE WHEN d.old_row IS NOT NULL THEN %10$s END AS o'
             '           FROM unnest($1, $2, $3, $4, $5, $6, $7, $8)'
             '                AS d(id, second_id, relation, operation, new_row, old_row,'
             '                     transaction, clock)'
             '          WHERE d.relation = $9 OFFSET 0) d'
-            '  CROSS JOIN LATERAL (SELECT %3$s AS new_key, %4$s AS old_key,'
-            '                             %5$s AS logged,'
-            '                             CASE WHEN d.operation = ''U'' THEN %6$s END'
+            '  CROSS JOIN LATERAL (SELECT %2$s AS new_key, %3$s AS old_key,'
+            '                             %4$s AS logged,'
+            '                             CASE WHEN d.operation = ''U'' THEN %5$s END'
             '                                 AS old_logged OFFSET 0) k'
             '  CROSS JOIN LATERAL (SELECT d.operation = ''U'''
             '                             AND k.new_key IS DISTINCT FROM k.old_key AS moved) m'
@@ -368,14 +368,14 @@ BEGIN
             '       CASE WHEN d.operation = ''D'' OR m.moved THEN k.old_key'
             '            ELSE k.new_key END,'
             '       CASE WHEN d.operation = ''D'' OR m.moved THEN NULL ELSE k.logged END,'
-            '       CASE WHEN d.operation = ''U'' AND NOT m.moved THEN %7$s END,'
-            '       CASE WHEN d.operation = ''U'' AND NOT m.moved THEN %8$s END, true),'
+            '       CASE WHEN d.operation = ''U'' AND NOT m.moved THEN %6$s END,'
+            '       CASE WHEN d.operation = ''U'' AND NOT m.moved THEN %7$s END, true),'
             '      (d.second_id, ''U''::"char", k.new_key, k.logged, NULL::jsonb,'
             '       NULL::text[], m.moved))'
             '    AS c(id, operation, row_key, new_row, old_values, changed_columns, wanted)'
-            '  WHERE c.wanted AND (%9$L OR d.operation = ''I'')'
+            '  WHERE c.wanted AND (%8$L OR d.operation = ''I'')'
             '  ORDER BY c.id',
-            registered.relation::regclass, registered.id,
+            registered.id,
             replace(key_of, '%1$s', 'd.n'), replace(key_of, '%1$s', 'd.o'),
             replace(logged_of, '%1$s', 'd.n'), replace(logged_of, '%1$s', 'd.o'),
             coalesce((SELECT 'jsonb_build_object(' || string_agg(
