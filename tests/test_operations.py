@@ -381,7 +381,12 @@ def test_a_node_back_from_an_outage_is_pulled_again_within_seconds(
         cluster.execute("south", "INSERT INTO items VALUES (3, 'south is back')")
         # Well under the old 30 s backoff.
         wait_for(lambda: count(cluster, "south") == 2 + 1, timeout=10, message="south pulled")
-        wait_for(lambda: count(cluster, "north") == 3, timeout=10, message="south pulled from")
+        for name in ("north", "east"):
+            wait_for(
+                lambda name=name: count(cluster, name) == 3,
+                timeout=10,
+                message=f"{name} pulled from south",
+            )
         agent.wait_for_line("node south is reachable again", timeout=5)
         assert agent.stop() == 0
     log = agent.text()
