@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 from harness import AGENT_ROLE, Cluster, wait_for
 
@@ -158,6 +159,70 @@ def test_an_agent_killed_mid_stream_loses_and_doubles_nothing(cluster: Cluster) 
         agent.wait(timeout=30)
     cluster.assert_identical()
     assert cluster.applied_changes("south", "north") == 10_000
+
+
+def test_the_agent_streams_its_slot_and_keeps_it_moving(cluster: Cluster, tmp_path: Path) -> None:
+    """A running agent reads its nodes' slots through the replication protocol: rows arrive
+    once, a transaction bigger than one batch whole, the slots move on while nothing is
+    captured, and a sync beside the agent waits for the stream instead of fighting it."""
+    for name in cluster.names:
+        cluster.execute(name, SCHEMA)
+    cluster.setup()
+    log_path = tmp_path / "agent.log"
+    with log_path.open("ab") as log_file:
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "pgconcord", "--config", str(cluster.config_path), "run"],
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+        )
+    slots = (
+        "SELECT bool_and(r.active) FROM pgconcord.capture_state s"
+        " JOIN pg_replication_slots r ON r.slot_name = s.slot_name"
+    )
+    try:
+        wait_for(lambda: all(cluster.admin_query(n, slots) == [(True,)] for n in cluster.names))
+        for number in range(1, 201):
+            cluster.execute("north", "INSERT INTO items (id, stock) VALUES (%s, 1)", (number,))
+        # More rows than one batch holds (capture.stream.BATCH_ROWS), in one transaction.
+        cluster.execute(
+            "south",
+            "INSERT INTO items (id, stock, big) SELECT g, 2, CASE WHEN g = 1001 THEN"
+            " repeat('toasted', 3000) END FROM generate_series(1001, 26000) g",
+        )
+        cluster.execute("south", "UPDATE items SET name = 'moved', id = 27000 WHERE id = 26000")
+        cluster.execute("north", "UPDATE items SET stock = stock + 1 WHERE id <= 100")
+        cluster.execute("south", "UPDATE items SET name = 'big stays' WHERE id = 1001")
+        expected = 200 + 25_000
+        wait_for(
+            lambda: all(
+                cluster.value(name, "SELECT count(*) FROM items WHERE stock > 0") == expected
+                for name in cluster.names
+            ),
+            timeout=120,
+        )
+        assert cluster.cli("sync").returncode == 0
+        # What captures nothing (applied from peers, pgconcord's own) moves the slot on too.
+        flushed = cluster.value("north", "SELECT pg_current_wal_flush_lsn()::text")
+        wait_for(
+            lambda: (
+                cluster.admin_query(
+                    "north",
+                    "SELECT r.confirmed_flush_lsn >= %s::pg_lsn FROM pgconcord.capture_state s"
+                    " JOIN pg_replication_slots r ON r.slot_name = s.slot_name",
+                    (flushed,),
+                )
+                == [(True,)]
+            )
+        )
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(timeout=30)
+    log = log_path.read_text()
+    assert "Traceback" not in log and "streaming the WAL stopped" not in log, log
+    cluster.assert_identical()
+    assert cluster.applied_changes("east", "north") == 200 + 100
+    assert cluster.applied_changes("east", "south") == 25_000 + 2 + 1
+    assert cluster.value("east", "SELECT length(big) FROM items WHERE id = 1001") == 21_000
 
 
 EQUIVALENCE_SCHEMA = """

@@ -1,6 +1,6 @@
 """The agent's loops beside its pairs': now and then the purge of each node's change log, and
-on its own node the regeneration of the capture a schema change left generic and the vacuum
-of what stamping left behind."""
+on its own node the regeneration of the capture a schema change left generic, the vacuum of
+what stamping left behind, and the stream of a node in WAL mode."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from pgconcord.agent.purging import (
     purge_node,
     record_purge_failure,
 )
+from pgconcord.capture import stream
 from pgconcord.config import ClusterConfig, NodeConfig
 from pgconcord.errors import ConfigError, NodeUnavailable, PgconcordError
 from pgconcord.transport import connect
@@ -137,3 +138,27 @@ def capture_loop(agent: Host, node: NodeConfig, stop: threading.Event) -> None:
             connection = None
     if connection is not None:
         connection.close()
+
+
+def stream_loop(agent: Host, node: NodeConfig, stop: threading.Event) -> None:
+    """On this agent's own node, while it captures from the WAL: stream its slot into
+    captured_change (capture.stream). A node in trigger mode is looked at again every
+    CAPTURE_SECONDS (setup may move it); a stream that fails starts again."""
+
+    def stopped() -> bool:
+        return stop.is_set() or agent.stopping.is_set()
+
+    reported: str | None = None
+    while not stopped():
+        tick()
+        streamed = False
+        try:
+            streamed = stream.stream(node, stopped, tick)
+        except stream.stream_errors() as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            # A drain from SQL holds the slot for a moment: the stream waits for it.
+            if reason != reported and "is active for PID" not in reason:
+                log.warning("%s: streaming the WAL stopped, starting again: %s", node.name, reason)
+                reported = reason
+            streamed = True
+        stop.wait(0.5 if streamed else CAPTURE_SECONDS)

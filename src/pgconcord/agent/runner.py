@@ -14,7 +14,13 @@ import psycopg
 
 from pgconcord import membership, transport
 from pgconcord.agent.heartbeat import Heartbeats, tick
-from pgconcord.agent.housekeeping import CAPTURE_SECONDS, PURGE_SECONDS, capture_loop, purge_loop
+from pgconcord.agent.housekeeping import (
+    CAPTURE_SECONDS,
+    PURGE_SECONDS,
+    capture_loop,
+    purge_loop,
+    stream_loop,
+)
 from pgconcord.agent.pair import PairState, pairs
 from pgconcord.agent.readiness import is_set_up
 from pgconcord.agent.report import REPORT_ROUND_SECONDS, Reporter, report_loop
@@ -147,7 +153,8 @@ class Agent:
         # demo's view, the watch loops) read them meanwhile without a lock.
         self.states: dict[tuple[str, str], PairState] = {}
         self._pairs: dict[tuple[str, str], _Pair] = {}
-        # The loops one node has, whatever its pairs: ("watch" | "capture", node) -> its stop.
+        # The loops one node has, whatever its pairs: ("watch" | "capture" | "stream", node)
+        # -> its stop.
         self._node_loops: dict[tuple[str, str], tuple[NodeConfig, threading.Event]] = {}
         self._threads: list[threading.Thread] = []
         self.heartbeats = Heartbeats()  # the loops' liveness, for the HTTP server's /health
@@ -226,7 +233,8 @@ class Agent:
         loops: dict[tuple[str, str], NodeConfig] = {
             ("watch", origin.name): origin for origin, _ in wanted.values()
         }
-        loops.update({("capture", name): config.node_by_name(name) for name in self.nodes})
+        for name in self.nodes:
+            loops[("capture", name)] = loops[("stream", name)] = config.node_by_name(name)
         running = dict(self._node_loops)
         for key, (node, stop) in list(running.items()):
             if loops.get(key) != node:
@@ -244,9 +252,14 @@ class Agent:
                         node,
                         stop,
                     )
-                else:  # housekeeping.capture_loop, on this agent's own nodes
+                else:  # housekeeping's capture_loop and stream_loop, on its own nodes
                     self._spawn(
-                        f"{key[0]} {node.name}", CAPTURE_SECONDS, capture_loop, self, node, stop
+                        f"{key[0]} {node.name}",
+                        CAPTURE_SECONDS,
+                        capture_loop if key[0] == "capture" else stream_loop,
+                        self,
+                        node,
+                        stop,
                     )
         self._node_loops = running
         return changes

@@ -10,6 +10,8 @@ max_slot_wal_keep_size bounds that, and status shows it."""
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
@@ -148,10 +150,26 @@ def stop(connection: Connection) -> None:
     slot = slot_name(connection)
     if slot is None:
         return
-    connection.execute(
-        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s",
-        (slot,),
-    )
+    # The node's agent may be streaming it (capture.stream): its session ends, and the agent
+    # finds the node in trigger mode when it looks again.
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            connection.execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
+                " WHERE slot_name = %s AND active_pid <> pg_backend_pid()",
+                (slot,),
+            )
+            connection.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+                " WHERE slot_name = %s",
+                (slot,),
+            )
+            break
+        except pg_errors.ObjectInUse:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)  # the stream's session is ending, or began again
     connection.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(PUBLICATION)))
     connection.execute(
         "UPDATE pgconcord.capture_state SET slot_name = NULL, publication_name = NULL,"

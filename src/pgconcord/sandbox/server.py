@@ -399,7 +399,8 @@ class Server:
             "max_connections = 100",
             "shared_buffers = '128MB'",
             "wal_level = logical",
-            "max_wal_senders = 10",
+            # A slot per database in WAL mode, each streamed by an agent (capture.stream).
+            "max_wal_senders = 40",
             "max_replication_slots = 40",
             "logging_collector = off",
             "log_destination = 'stderr'",

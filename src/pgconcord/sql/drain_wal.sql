@@ -2,12 +2,20 @@
 -- with the built-in pgoutput plugin and appended to captured_change, where the trigger of a
 -- table in trigger mode would have put it. Made anew by every catalog migration.
 --
--- Called by stamp_captured() under the stamp lock, before it stamps: so whoever stamps sees
--- every local transaction that committed before it began, however it was captured. The slot
--- is read with peek, in the caller's transaction: if that rolls back, what was drained rolls
--- back with it and is read again. The slot moves on only to what is committed (captured_lsn),
--- or past what held nothing to capture. Transactions applied by pgconcord carry a replication
--- origin (apply.stage.open_target) and are skipped: nothing echoes.
+-- Two readers, one at a time (the slot is used by one session at a time):
+-- - The node's agent streams the slot (capture.stream) through the replication protocol and
+--   writes what it decodes with write_streamed, a batch of whole transactions per commit. The
+--   server decodes each change once.
+-- - Without a streaming agent, whoever stamps drains the slot first (drain_wal, called by
+--   stamp_captured() under the stamp lock): so every local transaction that committed before
+--   the stamp began is seen, however it was captured. The slot is read with peek, in the
+--   caller's transaction: if that rolls back, what was drained rolls back with it and is read
+--   again. The slot moves on only to what is committed (captured_lsn), or past what held
+--   nothing to capture. While an agent streams, drain_wal waits (a second at most) until the
+--   stream has passed the WAL flushed when it began.
+-- Both take the drain lock and skip transactions that end before captured_lsn, so neither
+-- captures what the other has. Transactions applied by pgconcord carry a replication origin
+-- (apply.stage.open_target) and are skipped: nothing echoes.
 --
 -- Values arrive as their output text under the settings this function pins and are read back
 -- under the same, into a row of the table as it is now (columns by name): the logged row, the
@@ -23,6 +31,7 @@ DROP FUNCTION IF EXISTS pgconcord.capture_decoded(pgconcord.replicated_table, "c
                                                   anyelement, anyelement, bigint, bigint);
 DROP FUNCTION IF EXISTS pgconcord.write_decoded(bigint[], bigint[], oid[], "char"[], text[],
                                                 text[], xid8[], bigint[]);
+DROP FUNCTION IF EXISTS pgconcord.drain_wal();
 
 -- The unsigned big-endian integer of `width` bytes at `at` (0-based) of a message.
 CREATE OR REPLACE FUNCTION pgconcord.wire_integer(message bytea, at integer, width integer)
@@ -65,11 +74,14 @@ BEGIN
 END
 $body$;
 
--- Drain the slot up to the WAL flushed now; the number of changes captured.
+-- Drain the slot up to the WAL flushed now; the number of changes captured. While an agent
+-- streams the slot: with `wait`, wait until the stream has passed the WAL flushed now (one
+-- second at most), unless this transaction drained already (it holds the drain lock, which
+-- the stream would wait for); 0.
 --
 -- The loop runs once per decoded message and is written for PL/pgSQL's fast path: plain
 -- expressions, no queries and no calls of other PL/pgSQL functions per row or column.
-CREATE OR REPLACE FUNCTION pgconcord.drain_wal() RETURNS bigint
+CREATE OR REPLACE FUNCTION pgconcord.drain_wal(wait boolean DEFAULT true) RETURNS bigint
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD' SET IntervalStyle = 'postgres'
@@ -79,6 +91,9 @@ DECLARE
     state pgconcord.capture_state;
     encoding name := getdatabaseencoding();
     confirmed pg_lsn;
+    streamed boolean;     -- an agent streams the slot (capture.stream)
+    reached boolean;
+    deadline timestamptz;
     target pg_lsn;
     decoded record;
     message bytea;
@@ -118,7 +133,8 @@ BEGIN
     IF state.slot_name IS NULL THEN
         RETURN 0;
     END IF;
-    SELECT s.confirmed_flush_lsn INTO confirmed
+    SELECT s.confirmed_flush_lsn, s.active AND s.active_pid <> pg_backend_pid()
+      INTO confirmed, streamed
       FROM pg_replication_slots s WHERE s.slot_name = state.slot_name;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'pgconcord: the replication slot % that captures this node''s changes'
@@ -127,11 +143,34 @@ BEGIN
             USING HINT = 'Run pgconcord setup to make it again; changes made since it went'
                          ' are not captured: verify and repair this node afterwards.';
     END IF;
+    IF streamed THEN
+        IF wait AND coalesce(current_setting('pgconcord.drained_uncommitted', true), '')
+                    <> 'on' THEN
+            target := pgconcord.flushed_boundary();
+            deadline := clock_timestamp() + interval '1 second';
+            -- Each query sees what the stream committed since (READ COMMITTED).
+            WHILE streamed AND clock_timestamp() < deadline LOOP
+                SELECT greatest(s.confirmed_flush_lsn, c.captured_lsn) >= target, s.active
+                  INTO reached, streamed
+                  FROM pgconcord.capture_state c
+                  LEFT JOIN pg_replication_slots s ON s.slot_name = c.slot_name;
+                EXIT WHEN reached;
+                PERFORM pg_sleep(0.001);
+            END LOOP;
+        END IF;
+        RETURN 0;
+    END IF;
+    PERFORM pg_advisory_xact_lock(1885823843, 1685217641);  -- the drain lock: 'pgcc', 'drai'
+    SELECT c.captured_lsn INTO state.captured_lsn FROM pgconcord.capture_state c;
     -- The slot moves, for good, only past what is committed: not past what this transaction
     -- drained (captured_lsn as this transaction sees it) until it commits.
     IF state.captured_lsn > confirmed
        AND coalesce(current_setting('pgconcord.drained_uncommitted', true), '') <> 'on' THEN
-        PERFORM pg_replication_slot_advance(state.slot_name, state.captured_lsn);
+        BEGIN
+            PERFORM pg_replication_slot_advance(state.slot_name, state.captured_lsn);
+        EXCEPTION WHEN object_in_use THEN
+            RETURN 0;  -- an agent has begun streaming the slot since it was looked at
+        END;
         confirmed := state.captured_lsn;
     END IF;
     target := pgconcord.flushed_boundary();
@@ -141,122 +180,129 @@ BEGIN
         RETURN 0;  -- (drained_to: what this transaction drained already)
     END IF;
     next_full := pg_snapshot_xmax(pg_current_snapshot())::text::bigint;
-    FOR decoded IN
-        SELECT c.data FROM pg_logical_slot_peek_binary_changes(
-            state.slot_name, target, NULL, 'proto_version', '1',
-            'publication_names', quote_ident(state.publication_name)) c
-    LOOP
-        message := decoded.data;
-        kind := chr(get_byte(message, 0));
-        IF kind IN ('I', 'U', 'D') AND NOT skipping THEN
-            relation := ((get_byte(message, 1)::bigint << 24) | (get_byte(message, 2) << 16)
-                         | (get_byte(message, 3) << 8) | get_byte(message, 4))::oid;
-            message_length := octet_length(message);
-            at := 5;
-            new_texts := NULL;
-            old_texts := NULL;
-            -- An old row (K key, O whole: REPLICA IDENTITY FULL), a new row (N), or both.
-            WHILE at < message_length LOOP
-                part := chr(get_byte(message, at));
-                column_count := (get_byte(message, at + 1) << 8) | get_byte(message, at + 2);
-                at := at + 3;
-                kinds := '';
-                texts := '{}';
-                FOR column_number IN 1 .. column_count LOOP
-                    column_kind := chr(get_byte(message, at));
-                    kinds := kinds || column_kind;
-                    IF column_kind = 't' THEN
-                        length := (get_byte(message, at + 1) << 24)
-                                  | (get_byte(message, at + 2) << 16)
-                                  | (get_byte(message, at + 3) << 8) | get_byte(message, at + 4);
-                        texts := texts || convert_from(substring(message FROM at + 6
-                                                                 FOR length), encoding);
-                        at := at + 5 + length;
+    -- An agent may have begun streaming the slot since it was looked at.
+    BEGIN
+        FOR decoded IN
+            SELECT c.data FROM pg_logical_slot_peek_binary_changes(
+                state.slot_name, target, NULL, 'proto_version', '1',
+                'publication_names', quote_ident(state.publication_name)) c
+        LOOP
+            message := decoded.data;
+            kind := chr(get_byte(message, 0));
+            IF kind IN ('I', 'U', 'D') AND NOT skipping THEN
+                relation := ((get_byte(message, 1)::bigint << 24)
+                             | (get_byte(message, 2) << 16) | (get_byte(message, 3) << 8)
+                             | get_byte(message, 4))::oid;
+                message_length := octet_length(message);
+                at := 5;
+                new_texts := NULL;
+                old_texts := NULL;
+                -- An old row (K key, O whole: REPLICA IDENTITY FULL), a new row (N), or both.
+                WHILE at < message_length LOOP
+                    part := chr(get_byte(message, at));
+                    column_count := (get_byte(message, at + 1) << 8) | get_byte(message, at + 2);
+                    at := at + 3;
+                    kinds := '';
+                    texts := '{}';
+                    FOR column_number IN 1 .. column_count LOOP
+                        column_kind := chr(get_byte(message, at));
+                        kinds := kinds || column_kind;
+                        IF column_kind = 't' THEN
+                            length := (get_byte(message, at + 1) << 24)
+                                      | (get_byte(message, at + 2) << 16)
+                                      | (get_byte(message, at + 3) << 8)
+                                      | get_byte(message, at + 4);
+                            texts := texts || convert_from(substring(message FROM at + 6
+                                                                     FOR length), encoding);
+                            at := at + 5 + length;
+                        ELSE
+                            texts := texts || NULL::text;  -- n null, u unchanged toasted value
+                            at := at + 1;
+                        END IF;
+                    END LOOP;
+                    IF part = 'N' THEN
+                        new_kinds := kinds;
+                        new_texts := texts;
                     ELSE
-                        texts := texts || NULL::text;  -- n null, u unchanged toasted value
-                        at := at + 1;
+                        old_texts := texts;
                     END IF;
                 END LOOP;
-                IF part = 'N' THEN
-                    new_kinds := kinds;
-                    new_texts := texts;
-                ELSE
-                    old_texts := texts;
+                IF new_texts IS NOT NULL AND position('u' IN new_kinds) > 0 THEN
+                    -- Unchanged and toasted: REPLICA IDENTITY FULL logged it in the old row.
+                    FOR column_number IN 1 .. cardinality(new_texts) LOOP
+                        IF substr(new_kinds, column_number, 1) = 'u' THEN
+                            new_texts[column_number] := old_texts[column_number];
+                        END IF;
+                    END LOOP;
                 END IF;
-            END LOOP;
-            IF new_texts IS NOT NULL AND position('u' IN new_kinds) > 0 THEN
-                -- Unchanged and toasted: REPLICA IDENTITY FULL logged it in the old row.
-                FOR column_number IN 1 .. cardinality(new_texts) LOOP
-                    IF substr(new_kinds, column_number, 1) = 'u' THEN
-                        new_texts[column_number] := old_texts[column_number];
-                    END IF;
+                changed_here := true;
+                ids := ids || nextval('pgconcord.change_log_id_seq');
+                second_ids := second_ids
+                    || CASE WHEN kind = 'U' THEN nextval('pgconcord.change_log_id_seq') END;
+                relations := relations || relation;
+                operations := operations || kind::"char";
+                transactions := transactions || transaction;
+                clocks := clocks || wall_clock;
+                new_rows := new_rows || to_jsonb(new_texts);
+                old_rows := old_rows || to_jsonb(old_texts);
+            ELSIF kind = 'B' THEN
+                -- Drained already (its end is not past captured_lsn), or not: see the commit.
+                changed_here := false;
+                skipping := ('0/0'::pg_lsn + pgconcord.wire_integer(message, 1, 8))
+                            < state.captured_lsn;
+                wall_clock := pgconcord.wire_integer(message, 9, 8) + 946684800000000;
+                -- The 32-bit xid of the Begin message, with the epoch it belongs to.
+                transaction := (((next_full >> 32)
+                                 - CASE WHEN pgconcord.wire_integer(message, 17, 4)
+                                             > (next_full & 4294967295) THEN 1 ELSE 0 END) << 32
+                                | pgconcord.wire_integer(message, 17, 4))::text::xid8;
+            ELSIF kind = 'O' THEN
+                skipping := true;  -- applied here by pgconcord, from a peer
+            ELSIF kind = 'R' THEN
+                relation := pgconcord.wire_integer(message, 1, 4)::oid;
+                -- Its namespace and name, zero-terminated, then the replica identity.
+                at := 5;
+                at := at + position('\x00'::bytea IN substring(message FROM at + 1));
+                at := at + position('\x00'::bytea IN substring(message FROM at + 1)) + 1;
+                names := '{}';
+                column_count := pgconcord.wire_integer(message, at, 2);
+                at := at + 2;
+                FOR column_number IN 1 .. column_count LOOP
+                    -- A column: flags, its name, type oid, type modifier.
+                    length := position('\x00'::bytea IN substring(message FROM at + 2)) - 1;
+                    names := names || convert_from(substring(message FROM at + 2 FOR length),
+                                                   encoding);
+                    at := at + 1 + length + 1 + 8;
                 END LOOP;
+                IF relation_names -> relation::text IS DISTINCT FROM to_jsonb(names)
+                   AND relation = ANY (relations) THEN
+                    -- Its columns changed: what is pending was decoded with the former ones.
+                    captured_here := captured_here + pgconcord.write_decoded(
+                        relation_names, ids, second_ids, relations, operations, new_rows,
+                        old_rows, transactions, clocks);
+                    ids := '{}'; second_ids := '{}'; relations := '{}'; operations := '{}';
+                    new_rows := '{}'; old_rows := '{}'; transactions := '{}'; clocks := '{}';
+                END IF;
+                relation_names := relation_names || jsonb_build_object(relation::text, names);
+            ELSIF kind = 'C' AND NOT skipping AND changed_here THEN
+                last_end := '0/0'::pg_lsn + pgconcord.wire_integer(message, 10, 8);
             END IF;
-            changed_here := true;
-            ids := ids || nextval('pgconcord.change_log_id_seq');
-            second_ids := second_ids
-                || CASE WHEN kind = 'U' THEN nextval('pgconcord.change_log_id_seq') END;
-            relations := relations || relation;
-            operations := operations || kind::"char";
-            transactions := transactions || transaction;
-            clocks := clocks || wall_clock;
-            new_rows := new_rows || to_jsonb(new_texts);
-            old_rows := old_rows || to_jsonb(old_texts);
-        ELSIF kind = 'B' THEN
-            -- Drained already (its end is not past captured_lsn), or not: see the commit.
-            changed_here := false;
-            skipping := ('0/0'::pg_lsn + pgconcord.wire_integer(message, 1, 8))
-                        < state.captured_lsn;
-            wall_clock := pgconcord.wire_integer(message, 9, 8) + 946684800000000;
-            -- The 32-bit xid of the Begin message, with the epoch it belongs to.
-            transaction := (((next_full >> 32)
-                             - CASE WHEN pgconcord.wire_integer(message, 17, 4)
-                                         > (next_full & 4294967295) THEN 1 ELSE 0 END) << 32
-                            | pgconcord.wire_integer(message, 17, 4))::text::xid8;
-        ELSIF kind = 'O' THEN
-            skipping := true;  -- applied here by pgconcord, from a peer
-        ELSIF kind = 'R' THEN
-            relation := pgconcord.wire_integer(message, 1, 4)::oid;
-            -- Its namespace and name, zero-terminated, then the replica identity.
-            at := 5;
-            at := at + position('\x00'::bytea IN substring(message FROM at + 1));
-            at := at + position('\x00'::bytea IN substring(message FROM at + 1)) + 1;
-            names := '{}';
-            column_count := pgconcord.wire_integer(message, at, 2);
-            at := at + 2;
-            FOR column_number IN 1 .. column_count LOOP
-                -- A column: flags, its name, type oid, type modifier.
-                length := position('\x00'::bytea IN substring(message FROM at + 2)) - 1;
-                names := names || convert_from(substring(message FROM at + 2 FOR length),
-                                               encoding);
-                at := at + 1 + length + 1 + 8;
-            END LOOP;
-            IF relation_names -> relation::text IS DISTINCT FROM to_jsonb(names)
-               AND relation = ANY (relations) THEN
-                -- Its columns changed: what is pending was decoded with the former ones.
+            IF kind = 'C' AND cardinality(ids) >= 10000 THEN
                 captured_here := captured_here + pgconcord.write_decoded(
-                    relation_names, ids, second_ids, relations, operations, new_rows,
-                    old_rows, transactions, clocks);
+                    relation_names, ids, second_ids, relations, operations, new_rows, old_rows,
+                    transactions, clocks);
                 ids := '{}'; second_ids := '{}'; relations := '{}'; operations := '{}';
                 new_rows := '{}'; old_rows := '{}'; transactions := '{}'; clocks := '{}';
             END IF;
-            relation_names := relation_names || jsonb_build_object(relation::text, names);
-        ELSIF kind = 'C' AND NOT skipping AND changed_here THEN
-            last_end := '0/0'::pg_lsn + pgconcord.wire_integer(message, 10, 8);
-        END IF;
-        IF kind = 'C' AND cardinality(ids) >= 10000 THEN
+        END LOOP;
+        IF cardinality(ids) > 0 THEN
             captured_here := captured_here + pgconcord.write_decoded(
                 relation_names, ids, second_ids, relations, operations, new_rows, old_rows,
                 transactions, clocks);
-            ids := '{}'; second_ids := '{}'; relations := '{}'; operations := '{}';
-            new_rows := '{}'; old_rows := '{}'; transactions := '{}'; clocks := '{}';
         END IF;
-    END LOOP;
-    IF cardinality(ids) > 0 THEN
-        captured_here := captured_here + pgconcord.write_decoded(
-            relation_names, ids, second_ids, relations, operations, new_rows, old_rows,
-            transactions, clocks);
-    END IF;
+    EXCEPTION WHEN object_in_use THEN
+        RETURN 0;  -- what this call wrote is undone
+    END;
     IF last_end IS NOT NULL THEN
         UPDATE pgconcord.capture_state
            SET captured_lsn = last_end, captured_at = clock_timestamp();
@@ -264,7 +310,11 @@ BEGIN
         PERFORM set_config('pgconcord.drained_uncommitted', 'on', true);
     ELSIF coalesce(current_setting('pgconcord.drained_uncommitted', true), '') <> 'on' THEN
         -- Nothing here to capture up to target (pgconcord's own transactions, other tables).
-        PERFORM pg_replication_slot_advance(state.slot_name, target);
+        BEGIN
+            PERFORM pg_replication_slot_advance(state.slot_name, target);
+        EXCEPTION WHEN object_in_use THEN
+            NULL;  -- streamed now: the stream moves it
+        END;
     END IF;
     PERFORM set_config('pgconcord.drained_to', target::text, true);
     RETURN captured_here;
@@ -392,5 +442,55 @@ BEGIN
         total := total + written;
     END LOOP;
     RETURN total;
+END
+$body$;
+
+-- What the node's agent decoded from its stream (capture.stream), appended to captured_change
+-- in the agent's transaction: rows in decode order, each with its transaction's 32-bit xid
+-- and commit LSN. Rows of a transaction that committed before captured_lsn were drained
+-- already (drain_wal) and are skipped. `captured` is the end of the last whole transaction
+-- given, which captured_lsn moves to; NULL when the rows are the first part of a transaction
+-- whose rest follows in the same agent transaction. The number of changes captured.
+CREATE OR REPLACE FUNCTION pgconcord.write_streamed(
+    relation_names jsonb, relations oid[], operations "char"[], new_rows jsonb,
+    old_rows jsonb, xids bigint[], commit_lsns pg_lsn[], clocks bigint[], captured pg_lsn)
+RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $body$
+DECLARE
+    already pg_lsn;
+    next_full bigint := pg_snapshot_xmax(pg_current_snapshot())::text::bigint;
+    first integer;
+    last integer := cardinality(relations);
+    ids bigint[] := '{}';
+    second_ids bigint[] := '{}';
+    written bigint := 0;
+BEGIN
+    PERFORM pg_advisory_xact_lock(1885823843, 1685217641);  -- the drain lock: 'pgcc', 'drai'
+    SELECT c.captured_lsn INTO already FROM pgconcord.capture_state c;
+    first := coalesce((SELECT min(i) FROM generate_subscripts(commit_lsns, 1) i
+                        WHERE commit_lsns[i] >= already), last + 1);
+    IF first <= last THEN
+        -- Ids in decode order, an update's second (a key move) right after its first.
+        FOR i IN first .. last LOOP
+            ids := ids || nextval('pgconcord.change_log_id_seq');
+            second_ids := second_ids
+                || CASE WHEN operations[i] = 'U' THEN nextval('pgconcord.change_log_id_seq') END;
+        END LOOP;
+        written := pgconcord.write_decoded(
+            relation_names, ids, second_ids, relations[first:], operations[first:],
+            ARRAY(SELECT nullif(r, 'null') FROM jsonb_array_elements(new_rows)
+                         WITH ORDINALITY AS e(r, n) WHERE n >= first ORDER BY n),
+            ARRAY(SELECT nullif(r, 'null') FROM jsonb_array_elements(old_rows)
+                         WITH ORDINALITY AS e(r, n) WHERE n >= first ORDER BY n),
+            -- The 32-bit xid with the epoch it belongs to.
+            ARRAY(SELECT (((next_full >> 32)
+                           - CASE WHEN x > (next_full & 4294967295) THEN 1 ELSE 0 END) << 32
+                          | x)::text::xid8
+                    FROM unnest(xids[first:]) WITH ORDINALITY AS u(x, n) ORDER BY n),
+            clocks[first:]);
+    END IF;
+    IF captured > already THEN
+        UPDATE pgconcord.capture_state SET captured_lsn = captured, captured_at = clock_timestamp();
+    END IF;
+    RETURN written;
 END
 $body$;

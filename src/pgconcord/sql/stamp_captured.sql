@@ -57,7 +57,8 @@ DECLARE
     row_previous_origin text;
 BEGIN
     -- A node in WAL mode: what its slot holds is captured first (drain_wal.sql), by the
-    -- same stamper, under the same lock.
+    -- same stamper, under the same lock; or, while the node's agent streams it, what the
+    -- stream has captured up to the WAL flushed now (drain_wal waits for it, with `wait`).
     IF EXISTS (SELECT 1 FROM pgconcord.capture_state s
                  LEFT JOIN pg_replication_slots r ON r.slot_name = s.slot_name
                 WHERE s.slot_name IS NOT NULL
@@ -68,7 +69,7 @@ BEGIN
         ELSIF NOT pg_try_advisory_xact_lock(1885823843, 1937006960) THEN
             RETURN -1;
         END IF;
-        PERFORM pgconcord.drain_wal();
+        PERFORM pgconcord.drain_wal(wait);
     END IF;
     IF NOT EXISTS (SELECT 1 FROM pgconcord.captured_change) THEN
         RETURN 0;

@@ -1,0 +1,302 @@
+"""Capture by streaming: a node's agent reads the node's slot through the replication protocol
+and appends what it decodes to captured_change (write_streamed in drain_wal.sql), so that the
+server decodes each change once. Reading the slot from SQL instead (drain_wal) decodes again,
+on every call, everything from the slot's restart point, which PostgreSQL moves only every
+15 s or so (at its running-transactions records): under a steady write load most of the
+decoding is repeated (../shared/notes/replication-costs.md: 0.59 of bare throughput for SQL
+polling, 0.82-0.90 streaming). psycopg 3 has no replication protocol (its issue #71);
+psycopg2's LogicalReplicationConnection has, and is used for that alone.
+
+Exactly once: rows go into captured_change in the agent's transaction, with captured_lsn moved
+to the end of the last whole transaction written; the server is told that position only after
+that commits, and streams again from the position it was told. A transaction that ends before
+captured_lsn is skipped (write_streamed), so what a restarted stream sends again, or what
+drain_wal drained between two streams, is not captured twice. A transaction too big for one
+batch is written in parts, all in the same agent transaction."""
+
+from __future__ import annotations
+
+import json
+import logging
+import select
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import psycopg2
+import psycopg2.errors
+import psycopg2.extras
+from psycopg._encodings import pg2pyenc
+
+from pgconcord.capture.wal import Connection, slot_name
+from pgconcord.config import NodeConfig
+from pgconcord.errors import NodeUnavailable
+from pgconcord.transport import connect
+from pgconcord.transport.connections import CONNECT_TIMEOUT_SECONDS, session_dsn
+
+log = logging.getLogger(__name__)
+
+BATCH_ROWS = 10_000  # written in one statement; a bigger transaction in several
+BATCH_SECONDS = 0.05  # written at the latest this long after its first change arrived
+# How long a stream waits for the server before looking at whether it should stop.
+WAIT_SECONDS = 0.2
+POSTGRES_EPOCH_MICROSECONDS = 946_684_800_000_000  # 2000-01-01 in Unix microseconds
+
+_WRITE = (
+    'SELECT pgconcord.write_streamed(%s::jsonb, %s::oid[], %s::"char"[], %s::jsonb, %s::jsonb,'
+    " %s::bigint[], %s::pg_lsn[], %s::bigint[], %s::pg_lsn)"
+)
+
+
+def lsn_text(lsn: int) -> str:
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+def _string(buffer: bytes, at: int) -> tuple[bytes, int]:
+    end = buffer.index(0, at)
+    return buffer[at:end], end + 1
+
+
+@dataclass
+class _Batch:
+    """Decoded changes not yet written, in decode order (write_streamed's arguments)."""
+
+    relations: list[int] = field(default_factory=list)
+    operations: list[str] = field(default_factory=list)
+    new_rows: list[list[str | None] | None] = field(default_factory=list)
+    old_rows: list[list[str | None] | None] = field(default_factory=list)
+    xids: list[int] = field(default_factory=list)
+    commit_lsns: list[str] = field(default_factory=list)
+    clocks: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.relations)
+
+
+class WalStream:
+    """One node's stream: decodes pgoutput messages and writes them in batches of whole
+    transactions, each committed before the server hears of it."""
+
+    def __init__(self, node: NodeConfig, writer: Connection, encoding: str) -> None:
+        self.node = node
+        self.writer = writer
+        self.encoding = encoding
+        self.names: dict[int, list[str]] = {}  # relation oid -> its decoded column names
+        self.batch = _Batch()
+        self.batch_names: dict[int, list[str]] = {}  # the names the batch was decoded with
+        self.started_at: float | None = None  # when the batch's first message came
+        self.in_transaction = False
+        self.open = False  # the writer's transaction holds a part of a transaction
+        self.skipping = False
+        self.xid = 0
+        self.commit_lsn = ""
+        self.clock = 0
+        self.decoded_end = 0  # the end of the last whole transaction decoded
+        self.written_end = 0  # ... and committed to captured_change (or skipped)
+        self.captured = 0  # changes captured, for the log
+
+    # -- decoding ----------------------------------------------------------------------------
+
+    def feed(self, payload: bytes) -> None:
+        kind = payload[0]
+        if kind == 0x42:  # B: the commit's LSN, its time, the xid
+            final_lsn, commit_time, self.xid = struct.unpack_from(">QqI", payload, 1)
+            self.commit_lsn = lsn_text(final_lsn)
+            self.clock = commit_time + POSTGRES_EPOCH_MICROSECONDS
+            self.skipping = False
+            self.in_transaction = True
+        elif kind == 0x43:  # C: flags, the commit's LSN, its end, its time
+            self.decoded_end = struct.unpack_from(">Q", payload, 10)[0]
+            self.in_transaction = False
+        elif kind == 0x4F:  # O: applied here by pgconcord, from a peer
+            self.skipping = True
+        elif kind == 0x52:  # R
+            self._relation(payload)
+        elif kind in (0x49, 0x55, 0x44) and not self.skipping:  # I, U, D
+            self._change(chr(kind), payload)
+        # T (truncate) is not replicated; Y (type) and M (message) carry nothing to capture.
+
+    def _relation(self, payload: bytes) -> None:
+        (relation,) = struct.unpack_from(">I", payload, 1)
+        _, at = _string(payload, 5)  # namespace
+        _, at = _string(payload, at)  # name
+        at += 1  # replica identity
+        (count,) = struct.unpack_from(">h", payload, at)
+        at += 2
+        names = []
+        for _ in range(count):
+            name, at = _string(payload, at + 1)  # after the flags
+            names.append(name.decode(self.encoding))
+            at += 8  # type oid, type modifier
+        if relation in self.batch_names and self.batch_names[relation] != names:
+            self.write(None)  # what is pending was decoded with the former columns
+        self.names[relation] = names
+
+    def _tuple(self, payload: bytes, at: int) -> tuple[list[str | None], str, int]:
+        (count,) = struct.unpack_from(">h", payload, at)
+        at += 2
+        values: list[str | None] = []
+        kinds = []
+        for _ in range(count):
+            kind = payload[at]
+            if kind == 0x74:  # t: text
+                (length,) = struct.unpack_from(">i", payload, at + 1)
+                values.append(payload[at + 5 : at + 5 + length].decode(self.encoding))
+                at += 5 + length
+                kinds.append("t")
+            else:  # n null, u unchanged toasted value
+                values.append(None)
+                at += 1
+                kinds.append(chr(kind))
+        return values, "".join(kinds), at
+
+    def _change(self, operation: str, payload: bytes) -> None:
+        (relation,) = struct.unpack_from(">I", payload, 1)
+        at = 5
+        new_row: list[str | None] | None = None
+        old_row: list[str | None] | None = None
+        new_kinds = ""
+        # An old row (K key, O whole: REPLICA IDENTITY FULL), a new row (N), or both.
+        while at < len(payload):
+            part = payload[at]
+            values, kinds, at = self._tuple(payload, at + 1)
+            if part == 0x4E:
+                new_row, new_kinds = values, kinds
+            else:
+                old_row = values
+        if new_row is not None and old_row is not None and "u" in new_kinds:
+            # Unchanged and toasted: REPLICA IDENTITY FULL logged it in the old row.
+            for index, kind in enumerate(new_kinds):
+                if kind == "u":
+                    new_row[index] = old_row[index]
+        batch = self.batch
+        if not batch:
+            self.started_at = time.monotonic()
+        self.batch_names.setdefault(relation, self.names[relation])
+        batch.relations.append(relation)
+        batch.operations.append(operation)
+        batch.new_rows.append(new_row)
+        batch.old_rows.append(old_row)
+        batch.xids.append(self.xid)
+        batch.commit_lsns.append(self.commit_lsn)
+        batch.clocks.append(self.clock)
+        if len(batch) >= BATCH_ROWS:
+            self.write(None if self.in_transaction else self.decoded_end)
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def due(self, now: float) -> bool:
+        """Whether the batch's whole transactions are to be written while the server is still
+        sending: BATCH_SECONDS after the batch began (when it stops sending, at once)."""
+        if self.in_transaction or self.decoded_end <= self.written_end:
+            return False
+        return self.started_at is not None and now - self.started_at >= BATCH_SECONDS
+
+    def write(self, end: int | None) -> None:
+        """Append the batch in the writer's transaction: and commit it, with captured_lsn
+        moved to `end`, the end of the last whole transaction in it (None: a part)."""
+        batch = self.batch
+        if batch or (end is not None and self.open):
+            row = self.writer.execute(
+                _WRITE,
+                (
+                    json.dumps({str(oid): names for oid, names in self.batch_names.items()}),
+                    batch.relations,
+                    batch.operations,
+                    json.dumps(batch.new_rows),
+                    json.dumps(batch.old_rows),
+                    batch.xids,
+                    batch.commit_lsns,
+                    batch.clocks,
+                    None if end is None else lsn_text(end),
+                ),
+            ).fetchone()
+            self.captured += int(str(row[0])) if row else 0
+            self.open = True
+        self.batch = _Batch()
+        self.batch_names = {}
+        self.started_at = None
+        if end is not None:
+            if self.open:
+                self.writer.commit()
+                self.open = False
+            self.written_end = end
+
+
+def _replication_session(node: NodeConfig) -> Any:
+    return psycopg2.connect(
+        session_dsn(node.dsn),
+        connection_factory=psycopg2.extras.LogicalReplicationConnection,
+        connect_timeout=CONNECT_TIMEOUT_SECONDS,
+        application_name="pgconcord",
+    )
+
+
+def stream(node: NodeConfig, stopped: Callable[[], bool], tick: Callable[[], None]) -> bool:
+    """Stream the node's slot until `stopped()`, the session fails (psycopg.Error,
+    psycopg2.Error, NodeUnavailable) or the node has no slot (then False, at once)."""
+    with connect(node) as writer:
+        # Durable before the server hears of it: the slot never moves past what is captured.
+        writer.execute("SET synchronous_commit = local")
+        slot = slot_name(writer)
+        state = writer.execute(
+            "SELECT publication_name, current_setting('server_encoding')"
+            " FROM pgconcord.capture_state"
+        ).fetchone()
+        writer.commit()
+        if slot is None or state is None:
+            return False
+        publication, encoding = str(state[0]), pg2pyenc(str(state[1]).encode())
+        try:
+            replication = _replication_session(node)
+        except psycopg2.OperationalError as error:
+            raise NodeUnavailable(node.name, str(error).strip().splitlines()[0]) from None
+        try:
+            cursor = replication.cursor()
+            cursor.start_replication(
+                slot_name=slot,
+                decode=False,
+                options={"proto_version": "1", "publication_names": publication},
+            )
+            log.debug("%s: streaming the WAL from slot %s", node.name, slot)
+            _consume(WalStream(node, writer, encoding), replication, cursor, stopped, tick)
+        finally:
+            replication.close()
+    return True
+
+
+def _consume(
+    wal: WalStream,
+    replication: Any,
+    cursor: Any,
+    stopped: Callable[[], bool],
+    tick: Callable[[], None],
+) -> None:
+    told = 0  # the position the server was last told
+    while not stopped():
+        tick()
+        message = cursor.read_message()
+        if message is not None:
+            wal.feed(bytes(message.payload))
+            if wal.due(time.monotonic()):
+                wal.write(wal.decoded_end)
+            continue
+        # The server has sent nothing more for now: what is whole is written at once.
+        if not wal.in_transaction and wal.decoded_end > wal.written_end:
+            wal.write(wal.decoded_end)
+        position = wal.written_end
+        if not wal.in_transaction and not wal.batch and not wal.open:
+            # Everything sent so far is written or held nothing to capture.
+            position = max(position, int(cursor.wal_end or 0))
+        if position > told:
+            cursor.send_feedback(write_lsn=position, flush_lsn=position, force=True)
+            told = position
+        select.select([replication], [], [], WAIT_SECONDS)
+
+
+def stream_errors() -> tuple[type[BaseException], ...]:
+    """What ends a stream, to be tried again later."""
+    return (psycopg.Error, psycopg2.Error, NodeUnavailable)
