@@ -1,18 +1,23 @@
-"""Capture by streaming: a node's agent reads the node's slot through the replication protocol
-and appends what it decodes to captured_change (write_streamed in drain_wal.sql), so that the
-server decodes each change once. Reading the slot from SQL instead (drain_wal) decodes again,
-on every call, everything from the slot's restart point, which PostgreSQL moves only every
-15 s or so (at its running-transactions records): under a steady write load most of the
-decoding is repeated (../shared/notes/replication-costs.md: 0.59 of bare throughput for SQL
-polling, 0.82-0.90 streaming). psycopg 3 has no replication protocol (its issue #71);
-psycopg2's LogicalReplicationConnection has, and is used for that alone.
+"""Capture by streaming: a node's agent reads the node's slot through the replication protocol and
+appends what it decodes to captured_change, so that the server decodes each change once. Reading
+the slot from SQL instead (drain_wal) decodes again, on every call, everything from the slot's
+restart point, which PostgreSQL moves only every 15 s or so (at its running-transactions
+records): under a steady write load most of the decoding is repeated (measured before issue
+9's design: pgbench kept 0.59 of its bare throughput under SQL polling, 0.82-0.90 streaming).
+psycopg 3 has no replication protocol (its issue #71); psycopg2's LogicalReplicationConnection
+has, and is used for that alone.
 
 Exactly once: rows go into captured_change in the agent's transaction, with captured_lsn moved
 to the end of the last whole transaction written; the server is told that position only after
 that commits, and streams again from the position it was told. A transaction that ends before
-captured_lsn is skipped (write_streamed), so what a restarted stream sends again, or what
-drain_wal drained between two streams, is not captured twice. A transaction too big for one
-batch is written in parts, all in the same agent transaction."""
+captured_lsn is skipped, so what a restarted stream sends again, or what drain_wal drained
+between two streams, is not captured twice (both hold the drain lock while they write). A
+transaction too big for one batch is written in parts, all in the same agent transaction.
+
+Each table's rows are written by the statement drain_wal.sql's decoded_statement makes for it
+from the table as it is now, which the stream keeps, prepared, while the catalog's fingerprint
+(catalog.FINGERPRINT_QUERY) and the table's decoded columns stay the same: under a write load of
+small transactions, making and planning it for every batch cost more than the rows."""
 
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ import psycopg2.extras
 from psycopg._encodings import pg2pyenc
 
 from pgconcord.capture.wal import Connection, slot_name
+from pgconcord.catalog import FINGERPRINT_QUERY
 from pgconcord.config import NodeConfig
 from pgconcord.errors import NodeUnavailable
 from pgconcord.transport import connect
@@ -45,10 +51,29 @@ BATCH_SECONDS = 0.05  # written at the latest this long after its first change a
 WAIT_SECONDS = 0.2
 POSTGRES_EPOCH_MICROSECONDS = 946_684_800_000_000  # 2000-01-01 in Unix microseconds
 
-_WRITE = (
-    'SELECT pgconcord.write_streamed(%s::jsonb, %s::oid[], %s::"char"[], %s::jsonb, %s::jsonb,'
-    " %s::bigint[], %s::pg_lsn[], %s::bigint[], %s::pg_lsn)"
+# The first statements of each of the stream's transactions: the drain lock (drain_wal.sql);
+# then, in a snapshot taken once it is held, what is captured already, the next transaction id
+# (for the epoch of the 32-bit ones that pgoutput sends) and the catalog's fingerprint.
+_LOCK = "SELECT pg_advisory_xact_lock(1885823843, 1685217641)"
+_BEGIN = (
+    "SELECT c.captured_lsn::text, pg_snapshot_xmax(pg_current_snapshot())::text::bigint, ("
+    + FINGERPRINT_QUERY.strip()
+    + ") FROM pgconcord.capture_state c"
 )
+_IDS = "SELECT array_agg(nextval('pgconcord.change_log_id_seq')) FROM generate_series(1, %s)"
+_STATEMENT = (
+    "SELECT pgconcord.decoded_statement(t, %s::jsonb), pgconcord.decoded_rows(%s::text[])"
+    " FROM pgconcord.replicated_table t WHERE t.relation = %s::oid"
+)
+_CAPTURED = (
+    "UPDATE pgconcord.capture_state SET captured_lsn = %s::pg_lsn, captured_at = clock_timestamp()"
+    " WHERE captured_lsn < %s::pg_lsn"
+)
+
+
+def lsn_number(text: str) -> int:
+    high, low = text.split("/")
+    return (int(high, 16) << 32) | int(low, 16)
 
 
 def lsn_text(lsn: int) -> str:
@@ -62,14 +87,14 @@ def _string(buffer: bytes, at: int) -> tuple[bytes, int]:
 
 @dataclass
 class _Batch:
-    """Decoded changes not yet written, in decode order (write_streamed's arguments)."""
+    """Decoded changes not yet written, in decode order."""
 
     relations: list[int] = field(default_factory=list)
     operations: list[str] = field(default_factory=list)
     new_rows: list[list[str | None] | None] = field(default_factory=list)
     old_rows: list[list[str | None] | None] = field(default_factory=list)
     xids: list[int] = field(default_factory=list)
-    commit_lsns: list[str] = field(default_factory=list)
+    commit_lsns: list[int] = field(default_factory=list)
     clocks: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -92,11 +117,17 @@ class WalStream:
         self.open = False  # the writer's transaction holds a part of a transaction
         self.skipping = False
         self.xid = 0
-        self.commit_lsn = ""
+        self.commit_lsn = 0
         self.clock = 0
         self.decoded_end = 0  # the end of the last whole transaction decoded
         self.written_end = 0  # ... and committed to captured_change (or skipped)
         self.captured = 0  # changes captured, for the log
+        # Of the writer's transaction (_BEGIN): what was captured before it, the next xid.
+        self.already = 0
+        self.next_xid = 0
+        self.fingerprint: int | None = None
+        # (relation, decoded column names) -> its statement; None for a table not replicated.
+        self.statements: dict[tuple[int, tuple[str, ...]], str | None] = {}
 
     # -- decoding ----------------------------------------------------------------------------
 
@@ -104,7 +135,7 @@ class WalStream:
         kind = payload[0]
         if kind == 0x42:  # B: the commit's LSN, its time, the xid
             final_lsn, commit_time, self.xid = struct.unpack_from(">QqI", payload, 1)
-            self.commit_lsn = lsn_text(final_lsn)
+            self.commit_lsn = final_lsn
             self.clock = commit_time + POSTGRES_EPOCH_MICROSECONDS
             self.skipping = False
             self.in_transaction = True
@@ -198,32 +229,92 @@ class WalStream:
     def write(self, end: int | None) -> None:
         """Append the batch in the writer's transaction: and commit it, with captured_lsn
         moved to `end`, the end of the last whole transaction in it (None: a part)."""
-        batch = self.batch
-        if batch or (end is not None and self.open):
-            row = self.writer.execute(
-                _WRITE,
-                (
-                    json.dumps({str(oid): names for oid, names in self.batch_names.items()}),
-                    batch.relations,
-                    batch.operations,
-                    json.dumps(batch.new_rows),
-                    json.dumps(batch.old_rows),
-                    batch.xids,
-                    batch.commit_lsns,
-                    batch.clocks,
-                    None if end is None else lsn_text(end),
-                ),
-            ).fetchone()
-            self.captured += int(str(row[0])) if row else 0
-            self.open = True
+        if self.batch or (end is not None and self.open):
+            if not self.open:
+                self._begin()
+                self.open = True
+            self._append()
         self.batch = _Batch()
         self.batch_names = {}
         self.started_at = None
         if end is not None:
             if self.open:
+                if end > self.already:
+                    self.writer.execute(_CAPTURED, (lsn_text(end), lsn_text(end)))
                 self.writer.commit()
                 self.open = False
             self.written_end = end
+
+    def _begin(self) -> None:
+        self.writer.execute(_LOCK)
+        row = self.writer.execute(_BEGIN).fetchone()
+        assert row is not None
+        self.already, self.next_xid = lsn_number(str(row[0])), int(str(row[1]))
+        fingerprint = int(str(row[2]))
+        if fingerprint != self.fingerprint:
+            self.statements.clear()
+            self.fingerprint = fingerprint
+
+    def _append(self) -> None:
+        batch = self.batch
+        # Drained already (drain_wal, or a stream before this one), or not.
+        wanted = [i for i, lsn in enumerate(batch.commit_lsns) if lsn >= self.already]
+        if not wanted:
+            return
+        count = len(wanted) + sum(1 for i in wanted if batch.operations[i] == "U")
+        found = self.writer.execute(_IDS, (count,)).fetchone()
+        assert found is not None
+        numbers = iter(sorted(int(str(n)) for n in found[0]))  # type: ignore[attr-defined]
+        # Ids in decode order, an update's second one (a key move) right after its first.
+        ids: dict[int, tuple[int, int | None]] = {}
+        for i in wanted:
+            ids[i] = (next(numbers), next(numbers) if batch.operations[i] == "U" else None)
+        epoch, low = self.next_xid >> 32, self.next_xid & 0xFFFFFFFF
+        by_relation: dict[int, list[int]] = {}
+        for i in wanted:
+            by_relation.setdefault(batch.relations[i], []).append(i)
+        for relation, rows in by_relation.items():
+            statement = self._statement(relation)
+            if statement is None:
+                continue
+            written = self.writer.execute(
+                statement,
+                (
+                    [ids[i][0] for i in rows],
+                    [ids[i][1] for i in rows],
+                    [str(relation)] * len(rows),
+                    [batch.operations[i] for i in rows],
+                    [_json(batch.new_rows[i]) for i in rows],
+                    [_json(batch.old_rows[i]) for i in rows],
+                    # The 32-bit xid with the epoch it belongs to.
+                    [str(((epoch - (batch.xids[i] > low)) << 32) | batch.xids[i]) for i in rows],
+                    [batch.clocks[i] for i in rows],
+                    str(relation),
+                ),
+                prepare=True,
+            )
+            self.captured += written.rowcount
+
+    def _statement(self, relation: int) -> str | None:
+        names = self.batch_names[relation]
+        key = (relation, tuple(names))
+        if key not in self.statements:
+            row = self.writer.execute(
+                _STATEMENT, (json.dumps({str(relation): names}), ["%s"] * 9, str(relation))
+            ).fetchone()
+            if row is None:
+                self.statements[key] = None  # not replicated (any more)
+            else:
+                parts: list[str] = row[0]  # type: ignore[assignment]
+                # Only the parameters are placeholders: a % in a name or literal is itself.
+                self.statements[key] = (
+                    parts[0].replace("%", "%%") + str(row[1]) + parts[1].replace("%", "%%")
+                )
+        return self.statements[key]
+
+
+def _json(row: list[str | None] | None) -> str | None:
+    return None if row is None else json.dumps(row)
 
 
 def _replication_session(node: NodeConfig) -> Any:

@@ -4,8 +4,8 @@
 --
 -- Two readers, one at a time (the slot is used by one session at a time):
 -- - The node's agent streams the slot (capture.stream) through the replication protocol and
---   writes what it decodes with write_streamed, a batch of whole transactions per commit. The
---   server decodes each change once.
+--   writes what it decodes with the statements decoded_statement makes, a batch of whole
+--   transactions per commit. The server decodes each change once.
 -- - Without a streaming agent, whoever stamps drains the slot first (drain_wal, called by
 --   stamp_captured() under the stamp lock): so every local transaction that committed before
 --   the stamp began is seen, however it was captured. The slot is read with peek, in the
@@ -321,10 +321,9 @@ BEGIN
 END
 $body$;
 
--- Append decoded changes to captured_change, one set-wise statement per table, made from the
--- table as it is now: the key, the logged row (logged_row's columns carried as their text),
--- the changed columns and the counters' old values as the generic capture trigger makes them
--- (capture_trigger.sql); an update that moves the key is a delete and a write.
+-- Append decoded changes to captured_change, one set-wise statement per table (made by
+-- decoded_statement from the table as it is now); an update that moves the key is a delete
+-- and a write.
 CREATE OR REPLACE FUNCTION pgconcord.write_decoded(
     relation_names jsonb, ids bigint[], second_ids bigint[], relations oid[],
     operations "char"[], new_rows jsonb[], old_rows jsonb[], transactions xid8[],
@@ -332,13 +331,7 @@ CREATE OR REPLACE FUNCTION pgconcord.write_decoded(
 RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $body$
 DECLARE
     registered pgconcord.replicated_table;
-    logged_text text[];
-    merged text[];
-    key_of text;          -- expressions over a row, named by the placeholder %1$s
-    logged_of text;
-    missing text[];       -- columns of the table the decoded rows do not have
-    new_row_of text;      -- a row of the table from its decoded column texts
-    old_row_of text;
+    statement text[];
     written bigint;
     total bigint := 0;
 BEGIN
@@ -346,96 +339,10 @@ BEGIN
         SELECT t.* FROM pgconcord.replicated_table t
          WHERE t.relation IN (SELECT DISTINCT r FROM unnest(relations) r)
     LOOP
-        SELECT coalesce(array_agg(a.attname::text ORDER BY a.attnum), '{}') INTO logged_text
-          FROM pg_attribute a
-          JOIN pg_type t ON t.oid = a.atttypid
-          JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
-         WHERE a.attrelid = registered.relation AND a.attnum > 0 AND NOT a.attisdropped
-           AND a.attgenerated = ''
-           AND (b.typcategory = 'A' OR b.oid = ANY ('{json,jsonb,float4,float8}'::regtype[]));
-        -- Columns by name; one the WAL lacks is NULL (a generated column, before PostgreSQL 18
-        -- and its publish_generated_columns), and left out of the logged row unless generated:
-        -- a change made before a column was added does not carry it, as with a trigger.
-        SELECT coalesce(array_agg(f.name) FILTER (WHERE f.at IS NULL AND NOT f.generated),
-                        '{}'),
-               format('ROW(%s)::%s', string_agg(
-                   CASE WHEN f.at IS NULL THEN 'NULL::' || f.type
-                        ELSE format('(d.new_row ->> %s)::%s', f.at - 1, f.type) END,
-                   ', ' ORDER BY f.attnum), registered.relation::regclass),
-               format('ROW(%s)::%s', string_agg(
-                   CASE WHEN f.at IS NULL THEN 'NULL::' || f.type
-                        ELSE format('(d.old_row ->> %s)::%s', f.at - 1, f.type) END,
-                   ', ' ORDER BY f.attnum), registered.relation::regclass)
-          INTO missing, new_row_of, old_row_of
-          FROM (SELECT a.attnum, a.attname::text AS name, a.attgenerated <> '' AS generated,
-                       format_type(a.atttypid, a.atttypmod) AS type,
-                       array_position(ARRAY(SELECT jsonb_array_elements_text(
-                                                relation_names -> registered.relation::text)),
-                                      a.attname::text) AS at
-                  FROM pg_attribute a
-                 WHERE a.attrelid = registered.relation AND a.attnum > 0
-                   AND NOT a.attisdropped) f;
-        -- The columns an update's changes are listed from (in the table's order, as the
-        -- trigger lists them): not the key, counters or generated columns.
-        merged := ARRAY(SELECT a.attname::text FROM pg_attribute a
-                         WHERE a.attrelid = registered.relation AND a.attnum > 0
-                           AND NOT a.attisdropped AND a.attgenerated = ''
-                           AND a.attname::text <> ALL (registered.key_columns
-                                                       || registered.delta_columns)
-                         ORDER BY a.attnum);
-        key_of := CASE WHEN registered.key_columns = '{}' THEN 'NULL::jsonb' ELSE
-            (SELECT 'jsonb_build_object(' || string_agg(format('%L, (%s).%I', k, '%1$s', k), ', ')
-                    || ')' FROM unnest(registered.key_columns) k) END;
-        -- jsonb_build_object takes at most 100 arguments: 50 columns a call.
-        logged_of := CASE WHEN missing = '{}' THEN 'to_jsonb(%1$s)'
-                          ELSE format('(to_jsonb(%s) - %L::text[])', '%1$s', missing) END
-            || coalesce((
-            SELECT string_agg(' || jsonb_build_object(' || pairs || ')', '')
-              FROM (SELECT string_agg(format('%L, (%s).%I::text', c, '%1$s', c), ', ') AS pairs
-                      FROM unnest(logged_text) WITH ORDINALITY AS l(c, n)
-                     WHERE c <> ALL (missing)
-                     GROUP BY (n - 1) / 50) chunks), '');
-        -- OFFSET 0: each row, key and logged row is made once, not again where it is used.
-        EXECUTE format(
-            'INSERT INTO pgconcord.captured_change (id, txid, table_id, operation, row_key,'
-            '  new_row, old_values, changed_columns, wall_clock)'
-            ' SELECT c.id, d.transaction, %1$s, c.operation, c.row_key, c.new_row,'
-            '        c.old_values, c.changed_columns, d.clock'
-            '   FROM (SELECT d.*, CASE WHEN d.new_row IS NOT NULL THEN %9$s END AS n,'
-            '                     CASE WHEN d.old_row IS NOT NULL THEN %10$s END AS o'
-            '           FROM unnest($1, $2, $3, $4, $5, $6, $7, $8)'
-            '                AS d(id, second_id, relation, operation, new_row, old_row,'
-            '                     transaction, clock)'
-            '          WHERE d.relation = $9 OFFSET 0) d'
-            '  CROSS JOIN LATERAL (SELECT %2$s AS new_key, %3$s AS old_key,'
-            '                             %4$s AS logged,'
-            '                             CASE WHEN d.operation = ''U'' THEN %5$s END'
-            '                                 AS old_logged OFFSET 0) k'
-            '  CROSS JOIN LATERAL (SELECT d.operation = ''U'''
-            '                             AND k.new_key IS DISTINCT FROM k.old_key AS moved) m'
-            '  CROSS JOIN LATERAL (VALUES'
-            '      (d.id, CASE WHEN m.moved THEN ''D''::"char" ELSE d.operation END,'
-            '       CASE WHEN d.operation = ''D'' OR m.moved THEN k.old_key'
-            '            ELSE k.new_key END,'
-            '       CASE WHEN d.operation = ''D'' OR m.moved THEN NULL ELSE k.logged END,'
-            '       CASE WHEN d.operation = ''U'' AND NOT m.moved THEN %6$s END,'
-            '       CASE WHEN d.operation = ''U'' AND NOT m.moved THEN %7$s END, true),'
-            '      (d.second_id, ''U''::"char", k.new_key, k.logged, NULL::jsonb,'
-            '       NULL::text[], m.moved))'
-            '    AS c(id, operation, row_key, new_row, old_values, changed_columns, wanted)'
-            '  WHERE c.wanted AND (%8$L OR d.operation = ''I'')'
-            '  ORDER BY c.id',
-            registered.id,
-            replace(key_of, '%1$s', 'd.n'), replace(key_of, '%1$s', 'd.o'),
-            replace(logged_of, '%1$s', 'd.n'), replace(logged_of, '%1$s', 'd.o'),
-            coalesce((SELECT 'jsonb_build_object(' || string_agg(
-                                 format('%L, to_jsonb((d.o).%I)', c, c), ', ') || ')'
-                        FROM unnest(registered.delta_columns) c), 'NULL::jsonb'),
-            CASE WHEN registered.policy = 'node-priority' THEN '''{}''::text[]' ELSE
-                 format('ARRAY(SELECT c FROM unnest(%L::text[]) WITH ORDINALITY AS u(c, n)'
-                        ' WHERE k.logged -> c IS DISTINCT FROM k.old_logged -> c ORDER BY n)',
-                        merged) END,
-            registered.key_columns <> '{}', new_row_of, old_row_of)
+        statement := pgconcord.decoded_statement(registered, relation_names);
+        EXECUTE statement[1]
+                || pgconcord.decoded_rows('{$1,$2,$3,$4,$5,$6,$7,$8,$9}')
+                || statement[2]
         USING ids, second_ids, relations, operations, new_rows, old_rows, transactions, clocks,
               registered.relation;
         GET DIAGNOSTICS written = ROW_COUNT;
@@ -445,52 +352,123 @@ BEGIN
 END
 $body$;
 
--- What the node's agent decoded from its stream (capture.stream), appended to captured_change
--- in the agent's transaction: rows in decode order, each with its transaction's 32-bit xid
--- and commit LSN. Rows of a transaction that committed before captured_lsn were drained
--- already (drain_wal) and are skipped. `captured` is the end of the last whole transaction
--- given, which captured_lsn moves to; NULL when the rows are the first part of a transaction
--- whose rest follows in the same agent transaction. The number of changes captured.
-CREATE OR REPLACE FUNCTION pgconcord.write_streamed(
-    relation_names jsonb, relations oid[], operations "char"[], new_rows jsonb,
-    old_rows jsonb, xids bigint[], commit_lsns pg_lsn[], clocks bigint[], captured pg_lsn)
-RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $body$
+-- Where decoded_statement's statement reads its rows: from nine parameters, written as
+-- `parameters` gives them ($1 ... $9 here; the stream, capture.stream, uses its driver's
+-- own): the changes' arrays as write_decoded takes them, and the table's oid.
+CREATE OR REPLACE FUNCTION pgconcord.decoded_rows(parameters text[]) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $body$
+    SELECT format(' unnest(%s::bigint[], %s::bigint[], %s::oid[], %s::"char"[], %s::jsonb[],'
+                  ' %s::jsonb[], %s::xid8[], %s::bigint[])'
+                  ' AS d(id, second_id, relation, operation, new_row, old_row, transaction,'
+                  ' clock) WHERE d.relation = %s::oid', VARIADIC parameters)
+$body$;
+
+-- The statement that appends one table's decoded changes, made from the table as it is now,
+-- as its text before and after where it reads its rows (decoded_rows): it makes the key, the
+-- logged row (logged_row's columns carried as their text), the changed columns and the
+-- counters' old values as the generic capture trigger does (capture_trigger.sql).
+-- `relation_names`: relation oid -> the column names its rows were decoded with.
+CREATE OR REPLACE FUNCTION pgconcord.decoded_statement(
+    registered pgconcord.replicated_table, relation_names jsonb)
+RETURNS text[] LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $body$
 DECLARE
-    already pg_lsn;
-    next_full bigint := pg_snapshot_xmax(pg_current_snapshot())::text::bigint;
-    first integer;
-    last integer := cardinality(relations);
-    ids bigint[] := '{}';
-    second_ids bigint[] := '{}';
-    written bigint := 0;
+    logged_text text[];
+    merged text[];
+    key_of text;          -- expressions over a row, named by the placeholder %1$s
+    logged_of text;
+    missing text[];       -- columns of the table the decoded rows do not have
+    new_row_of text;      -- a row of the table from its decoded column texts
+    old_row_of text;
 BEGIN
-    PERFORM pg_advisory_xact_lock(1885823843, 1685217641);  -- the drain lock: 'pgcc', 'drai'
-    SELECT c.captured_lsn INTO already FROM pgconcord.capture_state c;
-    first := coalesce((SELECT min(i) FROM generate_subscripts(commit_lsns, 1) i
-                        WHERE commit_lsns[i] >= already), last + 1);
-    IF first <= last THEN
-        -- Ids in decode order, an update's second (a key move) right after its first.
-        FOR i IN first .. last LOOP
-            ids := ids || nextval('pgconcord.change_log_id_seq');
-            second_ids := second_ids
-                || CASE WHEN operations[i] = 'U' THEN nextval('pgconcord.change_log_id_seq') END;
-        END LOOP;
-        written := pgconcord.write_decoded(
-            relation_names, ids, second_ids, relations[first:], operations[first:],
-            ARRAY(SELECT nullif(r, 'null') FROM jsonb_array_elements(new_rows)
-                         WITH ORDINALITY AS e(r, n) WHERE n >= first ORDER BY n),
-            ARRAY(SELECT nullif(r, 'null') FROM jsonb_array_elements(old_rows)
-                         WITH ORDINALITY AS e(r, n) WHERE n >= first ORDER BY n),
-            -- The 32-bit xid with the epoch it belongs to.
-            ARRAY(SELECT (((next_full >> 32)
-                           - CASE WHEN x > (next_full & 4294967295) THEN 1 ELSE 0 END) << 32
-                          | x)::text::xid8
-                    FROM unnest(xids[first:]) WITH ORDINALITY AS u(x, n) ORDER BY n),
-            clocks[first:]);
-    END IF;
-    IF captured > already THEN
-        UPDATE pgconcord.capture_state SET captured_lsn = captured, captured_at = clock_timestamp();
-    END IF;
-    RETURN written;
+    SELECT coalesce(array_agg(a.attname::text ORDER BY a.attnum), '{}') INTO logged_text
+      FROM pg_attribute a
+      JOIN pg_type t ON t.oid = a.atttypid
+      JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+     WHERE a.attrelid = registered.relation AND a.attnum > 0 AND NOT a.attisdropped
+       AND a.attgenerated = ''
+       AND (b.typcategory = 'A' OR b.oid = ANY ('{json,jsonb,float4,float8}'::regtype[]));
+    -- Columns by name; one the WAL lacks is NULL (a generated column, before PostgreSQL 18
+    -- and its publish_generated_columns), and left out of the logged row unless generated:
+    -- a change made before a column was added does not carry it, as with a trigger.
+    SELECT coalesce(array_agg(f.name) FILTER (WHERE f.at IS NULL AND NOT f.generated),
+                    '{}'),
+           format('ROW(%s)::%s', string_agg(
+               CASE WHEN f.at IS NULL THEN 'NULL::' || f.type
+                    ELSE format('(d.new_row ->> %s)::%s', f.at - 1, f.type) END,
+               ', ' ORDER BY f.attnum), registered.relation::regclass),
+           format('ROW(%s)::%s', string_agg(
+               CASE WHEN f.at IS NULL THEN 'NULL::' || f.type
+                    ELSE format('(d.old_row ->> %s)::%s', f.at - 1, f.type) END,
+               ', ' ORDER BY f.attnum), registered.relation::regclass)
+      INTO missing, new_row_of, old_row_of
+      FROM (SELECT a.attnum, a.attname::text AS name, a.attgenerated <> '' AS generated,
+                   format_type(a.atttypid, a.atttypmod) AS type,
+                   array_position(ARRAY(SELECT jsonb_array_elements_text(
+                                            relation_names -> registered.relation::text)),
+                                  a.attname::text) AS at
+              FROM pg_attribute a
+             WHERE a.attrelid = registered.relation AND a.attnum > 0
+               AND NOT a.attisdropped) f;
+    -- The columns an update's changes are listed from (in the table's order, as the
+    -- trigger lists them): not the key, counters or generated columns.
+    merged := ARRAY(SELECT a.attname::text FROM pg_attribute a
+                     WHERE a.attrelid = registered.relation AND a.attnum > 0
+                       AND NOT a.attisdropped AND a.attgenerated = ''
+                       AND a.attname::text <> ALL (registered.key_columns
+                                                   || registered.delta_columns)
+                     ORDER BY a.attnum);
+    key_of := CASE WHEN registered.key_columns = '{}' THEN 'NULL::jsonb' ELSE
+        (SELECT 'jsonb_build_object(' || string_agg(format('%L, (%s).%I', k, '%1$s', k), ', ')
+                || ')' FROM unnest(registered.key_columns) k) END;
+    -- jsonb_build_object takes at most 100 arguments: 50 columns a call.
+    logged_of := CASE WHEN missing = '{}' THEN 'to_jsonb(%1$s)'
+                      ELSE format('(to_jsonb(%s) - %L::text[])', '%1$s', missing) END
+        || coalesce((
+        SELECT string_agg(' || jsonb_build_object(' || pairs || ')', '')
+          FROM (SELECT string_agg(format('%L, (%s).%I::text', c, '%1$s', c), ', ') AS pairs
+                  FROM unnest(logged_text) WITH ORDINALITY AS l(c, n)
+                 WHERE c <> ALL (missing)
+                 GROUP BY (n - 1) / 50) chunks), '');
+    -- OFFSET 0: each row, key and logged row is made once, not again where it is used.
+    RETURN ARRAY[
+        format(
+            'INSERT INTO pgconcord.captured_change (id, txid, table_id, operation, row_key,'
+            '  new_row, old_values, changed_columns, wall_clock)'
+            ' SELECT c.id, d.transaction, %1$s, c.operation, c.row_key, c.new_row,'
+            '        c.old_values, c.changed_columns, d.clock'
+            '   FROM (SELECT d.*, CASE WHEN d.new_row IS NOT NULL THEN %2$s END AS n,'
+            '                     CASE WHEN d.old_row IS NOT NULL THEN %3$s END AS o'
+            '           FROM',
+            registered.id, new_row_of, old_row_of),
+        format(
+            '          OFFSET 0) d'
+            '  CROSS JOIN LATERAL (SELECT %1$s AS new_key, %2$s AS old_key,'
+            '                             %3$s AS logged,'
+            '                             CASE WHEN d.operation = ''U'' THEN %4$s END'
+            '                                 AS old_logged OFFSET 0) k'
+            '  CROSS JOIN LATERAL (SELECT d.operation = ''U'''
+            '                             AND k.new_key IS DISTINCT FROM k.old_key AS moved) m'
+            '  CROSS JOIN LATERAL (VALUES'
+            '      (d.id, CASE WHEN m.moved THEN ''D''::"char" ELSE d.operation END,'
+            '       CASE WHEN d.operation = ''D'' OR m.moved THEN k.old_key'
+            '            ELSE k.new_key END,'
+            '       CASE WHEN d.operation = ''D'' OR m.moved THEN NULL ELSE k.logged END,'
+            '       CASE WHEN d.operation = ''U'' AND NOT m.moved THEN %5$s END,'
+            '       CASE WHEN d.operation = ''U'' AND NOT m.moved THEN %6$s END, true),'
+            '      (d.second_id, ''U''::"char", k.new_key, k.logged, NULL::jsonb,'
+            '       NULL::text[], m.moved))'
+            '    AS c(id, operation, row_key, new_row, old_values, changed_columns, wanted)'
+            '  WHERE c.wanted AND (%7$L OR d.operation = ''I'')'
+            '  ORDER BY c.id',
+            replace(key_of, '%1$s', 'd.n'), replace(key_of, '%1$s', 'd.o'),
+            replace(logged_of, '%1$s', 'd.n'), replace(logged_of, '%1$s', 'd.o'),
+            coalesce((SELECT 'jsonb_build_object(' || string_agg(
+                                 format('%L, to_jsonb((d.o).%I)', c, c), ', ') || ')'
+                        FROM unnest(registered.delta_columns) c), 'NULL::jsonb'),
+            CASE WHEN registered.policy = 'node-priority' THEN '''{}''::text[]' ELSE
+                 format('ARRAY(SELECT c FROM unnest(%L::text[]) WITH ORDINALITY AS u(c, n)'
+                        ' WHERE k.logged -> c IS DISTINCT FROM k.old_logged -> c ORDER BY n)',
+                        merged) END,
+            registered.key_columns <> '{}')];
 END
 $body$;
