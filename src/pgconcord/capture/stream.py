@@ -62,7 +62,7 @@ _BEGIN = (
 )
 _IDS = "SELECT array_agg(nextval('pgconcord.change_log_id_seq')) FROM generate_series(1, %s)"
 _STATEMENT = (
-    "SELECT pgconcord.decoded_statement(t, %s::jsonb), pgconcord.decoded_rows(%s::text[])"
+    "SELECT pgconcord.decoded_statement(t, %s::jsonb), pgconcord.decoded_json_rows('%%s')"
     " FROM pgconcord.replicated_table t WHERE t.relation = %s::oid"
 )
 _CAPTURED = (
@@ -277,22 +277,22 @@ class WalStream:
             statement = self._statement(relation)
             if statement is None:
                 continue
-            written = self.writer.execute(
-                statement,
-                (
-                    [ids[i][0] for i in rows],
-                    [ids[i][1] for i in rows],
-                    [str(relation)] * len(rows),
-                    [batch.operations[i] for i in rows],
-                    [_json(batch.new_rows[i]) for i in rows],
-                    [_json(batch.old_rows[i]) for i in rows],
-                    # The 32-bit xid with the epoch it belongs to.
-                    [str(((epoch - (batch.xids[i] > low)) << 32) | batch.xids[i]) for i in rows],
-                    [batch.clocks[i] for i in rows],
-                    str(relation),
-                ),
-                prepare=True,
+            rows_json = json.dumps(
+                [
+                    [
+                        ids[i][0],
+                        ids[i][1],
+                        batch.operations[i],
+                        batch.new_rows[i],
+                        batch.old_rows[i],
+                        # The 32-bit xid with the epoch it belongs to.
+                        str(((epoch - (batch.xids[i] > low)) << 32) | batch.xids[i]),
+                        batch.clocks[i],
+                    ]
+                    for i in rows
+                ]
             )
+            written = self.writer.execute(statement, (rows_json,), prepare=True)
             self.captured += written.rowcount
 
     def _statement(self, relation: int) -> str | None:
@@ -300,7 +300,7 @@ class WalStream:
         key = (relation, tuple(names))
         if key not in self.statements:
             row = self.writer.execute(
-                _STATEMENT, (json.dumps({str(relation): names}), ["%s"] * 9, str(relation))
+                _STATEMENT, (json.dumps({str(relation): names}), str(relation))
             ).fetchone()
             if row is None:
                 self.statements[key] = None  # not replicated (any more)
@@ -311,10 +311,6 @@ class WalStream:
                     parts[0].replace("%", "%%") + str(row[1]) + parts[1].replace("%", "%%")
                 )
         return self.statements[key]
-
-
-def _json(row: list[str | None] | None) -> str | None:
-    return None if row is None else json.dumps(row)
 
 
 def _replication_session(node: NodeConfig) -> Any:

@@ -95,7 +95,12 @@ BEGIN
                v.last_clock AS found_last_clock, v.last_origin AS found_last_origin
           FROM taken c
           LEFT JOIN pgconcord.replicated_table t ON t.id = c.table_id
-          LEFT JOIN pgconcord.row_version v ON v.table_id = c.table_id AND v.row_key = c.row_key
+          -- One look-up by key per change (LIMIT keeps it a nested loop): the planner's
+          -- estimate of row_version is rarely fresh, and a hash join read all of it for the
+          -- few dozen changes of a stamp under load.
+          LEFT JOIN LATERAL (SELECT * FROM pgconcord.row_version r
+                              WHERE r.table_id = c.table_id AND r.row_key = c.row_key
+                              LIMIT 1) v ON true
          ORDER BY c.table_id, c.row_key, c.id
     LOOP
         IF cardinality(entries) >= 10000 THEN
