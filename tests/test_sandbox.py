@@ -153,7 +153,7 @@ def test_server_runs_with_the_sandbox_settings(shared_server: Server) -> None:
         "listen_addresses": "127.0.0.1",
         "port": str(shared_server.port),
         "wal_level": "logical",
-        "max_wal_senders": "10",
+        "max_wal_senders": "40",
         "max_replication_slots": "40",
         "max_connections": "100",
         "fsync": "off",

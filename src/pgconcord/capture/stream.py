@@ -47,8 +47,9 @@ log = logging.getLogger(__name__)
 
 BATCH_ROWS = 10_000  # written in one statement; a bigger transaction in several
 BATCH_SECONDS = 0.05  # written at the latest this long after its first change arrived
-# How long a stream waits for the server before looking at whether it should stop.
-WAIT_SECONDS = 0.2
+# How long a stream waits for the server before looking at whether it should stop: each
+# look costs the agent a wake-up per WAL node, which an idle cluster of five nodes notices.
+WAIT_SECONDS = 1.0
 POSTGRES_EPOCH_MICROSECONDS = 946_684_800_000_000  # 2000-01-01 in Unix microseconds
 
 # The first statements of each of the stream's transactions: the drain lock (drain_wal.sql);
