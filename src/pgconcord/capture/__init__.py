@@ -4,8 +4,9 @@ which the stamper turns into pgconcord.change_log with row versions (stamp_captu
 nodes of one cluster may capture differently.
 
 - "trigger": a row trigger generated per table appends each change (catalog.capture).
-- "wal": the tables are published, and whoever stamps first drains the node's logical slot
-  (pgoutput) into captured_change (capture.wal, drain_wal.sql).
+- "wal": the tables are published, and the node's agent streams its logical slot (pgoutput)
+  into captured_change (capture.stream); without a streaming agent, whoever stamps first
+  drains the slot (capture.wal, drain_wal.sql).
 - "auto": "wal" where the node runs wal_level = logical and pgconcord's role has the rights
   WAL capture needs (capture.wal.missing_rights), "trigger" elsewhere."""
 

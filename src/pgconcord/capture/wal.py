@@ -1,12 +1,12 @@
 """Capture by logical decoding: the node's slot and publication, the rights they need, and the
 replication origin that marks what pgconcord applies so that it is never captured again.
 
-The reading itself is SQL (drain_wal.sql): whoever stamps drains the slot first, in its own
-transaction and under the stamp lock, with pg_logical_slot_peek_binary_changes and the built-in
-pgoutput plugin. So nothing needs the replication protocol (psycopg 3 has none), every caller
-of the stamper (a poll, an apply, sync, part) sees what the WAL holds, and what is drained
-commits with the caller or is read again. A slot nobody drains keeps WAL: the server's
-max_slot_wal_keep_size bounds that, and status shows it."""
+The reading: the node's agent streams the slot (capture.stream). Without a streaming agent,
+whoever stamps drains the slot first, in SQL (drain_wal.sql), in its own transaction and under
+the stamp lock, with pg_logical_slot_peek_binary_changes and the built-in pgoutput plugin; so
+every caller of the stamper (a poll, an apply, sync, part) sees what the WAL holds, with an
+agent or without one, and what is drained commits with the caller or is read again. A slot
+nobody reads keeps WAL: the server's max_slot_wal_keep_size bounds that, and status shows it."""
 
 from __future__ import annotations
 

@@ -38,8 +38,10 @@ BEGIN
     END IF;
     PERFORM set_config('pgconcord.logged_statement', marker, true);
     -- A node in WAL mode captures what committed before this first (drain_wal.sql), so that
-    -- the schema change follows it as it follows a trigger's capture. Only if no stamper is at
-    -- work: one that applies to this table waits for its lock, held here. Never make the
+    -- the schema change follows it as it follows a trigger's capture: drained here, or, while
+    -- the node's agent streams, written by the stream (drain_wal waits a second at most: the
+    -- stream may itself wait for this table's lock). Only if no stamper is at work: one that
+    -- applies to this table waits for its lock, held here. Never make the
     -- schema change fail for it: what is left is drained later, each row with the columns
     -- it was written with, and applies after the schema change as well.
     IF EXISTS (SELECT 1 FROM pgconcord.capture_state WHERE slot_name IS NOT NULL) THEN
