@@ -10,6 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
 from harness import AGENT_ROLE, Cluster, wait_for
 
 from pgconcord.capture import wal as wal_capture
@@ -74,13 +75,25 @@ def test_a_conflict_is_resolved_alike_and_recorded(cluster: Cluster) -> None:
     assert cluster.conflicts()
 
 
-def test_setup_moves_a_node_between_modes_while_it_is_written(cluster: Cluster) -> None:
-    """Trigger -> WAL -> trigger on north while a writer inserts: every row arrives once."""
+@pytest.mark.parametrize("streaming", [False, True], ids=["no agent", "agent streaming"])
+def test_setup_moves_a_node_between_modes_while_it_is_written(
+    cluster: Cluster, tmp_path: Path, streaming: bool
+) -> None:
+    """Trigger -> WAL -> trigger on north while a writer inserts: every row arrives once,
+    also while an agent streams the slot that setup drops (it waits for the stream)."""
     for name in cluster.names:
         cluster.execute(name, SCHEMA)
     cluster.capture = "trigger"
     cluster.write_config()
     cluster.setup()
+    agent = None
+    if streaming:
+        with (tmp_path / "agent.log").open("ab") as log_file:
+            agent = subprocess.Popen(
+                [sys.executable, "-m", "pgconcord", "--config", str(cluster.config_path), "run"],
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+            )
     stop = threading.Event()
     written: list[int] = []
 
@@ -101,13 +114,23 @@ def test_setup_moves_a_node_between_modes_while_it_is_written(cluster: Cluster) 
         cluster.setup()
         wait_for(lambda: len(written) > 150)
         assert wal_capture.slot_name(cluster.admin_connect("north")) is not None
+        if streaming:
+            streamed = (
+                "SELECT r.active FROM pgconcord.capture_state s"
+                " JOIN pg_replication_slots r ON r.slot_name = s.slot_name"
+            )
+            wait_for(lambda: cluster.admin_query("north", streamed) == [(True,)])
+            wait_for(lambda: len(written) > 250)
         cluster.capture = "trigger"
         cluster.write_config()
         cluster.setup()
-        wait_for(lambda: len(written) > 250)
+        wait_for(lambda: len(written) > 400)
     finally:
         stop.set()
         thread.join()
+        if agent is not None:
+            agent.send_signal(signal.SIGTERM)
+            agent.wait(timeout=30)
     cluster.sync()
     cluster.assert_identical()
     assert cluster.value("south", "SELECT count(*) FROM items") == len(written)

@@ -208,7 +208,7 @@ def setup(config: ClusterConfig, progress: Callable[[str], None] = lambda _: Non
                     config, node.name, connection, tables, counters, slots, report, slot
                 )
                 if slot is None and capture.wal.slot_name(connection) is not None:
-                    _leave_wal_capture(connection)
+                    _leave_wal_capture(connection, node.name)
             except psycopg.Error as error:
                 raise PgconcordError(
                     f"node {node.name}: setup failed: {first_line(error)}"
@@ -300,9 +300,11 @@ def check_rights(
         )
 
 
-def _leave_wal_capture(connection: psycopg.Connection[tuple[object, ...]]) -> None:
+def _leave_wal_capture(connection: psycopg.Connection[tuple[object, ...]], node_name: str) -> None:
     """A node moved back to trigger capture (its tables left the publication, committed):
-    drain what its slot still holds of the time before, then drop the slot."""
+    drain what its slot still holds of the time before, then drop the slot. An agent that
+    streams the slot captures it: setup waits for that first."""
+    capture.wal.wait_for_stream(connection, node_name)
     with connection.transaction():
         connection.execute("SELECT pgconcord.stamp_captured(true)")
     with connection.transaction():

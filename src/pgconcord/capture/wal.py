@@ -16,6 +16,8 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
 
+from pgconcord.errors import PgconcordError
+
 PUBLICATION = "pgconcord"
 # Replication origins are per server, not per database: one name space per database, and a
 # few per database, since each applying session needs one of its own.
@@ -175,6 +177,41 @@ def stop(connection: Connection) -> None:
         "UPDATE pgconcord.capture_state SET slot_name = NULL, publication_name = NULL,"
         " captured_lsn = '0/0'"
     )
+
+
+# How long setup waits for an agent's stream to capture what a node's slot holds before it
+# drops the slot (capture.stream writes within a batch's time when it keeps up).
+STREAM_CATCH_UP_SECONDS = 60.0
+
+
+def wait_for_stream(connection: Connection, node_name: str) -> None:
+    """While an agent streams the node's slot (capture.stream): wait until the stream has
+    captured the WAL flushed now (committed), so that nothing is lost when the slot goes
+    next. PgconcordError after STREAM_CATCH_UP_SECONDS. Ends its transaction."""
+    row = connection.execute("SELECT pgconcord.flushed_boundary()::text").fetchone()
+    assert row is not None
+    target = str(row[0])
+    deadline = time.monotonic() + STREAM_CATCH_UP_SECONDS
+    try:
+        while True:
+            row = connection.execute(
+                "SELECT r.active AND r.active_pid <> pg_backend_pid(),"
+                " greatest(r.confirmed_flush_lsn, c.captured_lsn) >= %s::pg_lsn"
+                " FROM pgconcord.capture_state c"
+                " JOIN pg_replication_slots r ON r.slot_name = c.slot_name",
+                (target,),
+            ).fetchone()
+            if row is None or not row[0] or row[1]:
+                return  # nobody streams it (what it holds is drained next), or caught up
+            if time.monotonic() > deadline:
+                raise PgconcordError(
+                    f"node {node_name}: the agent streaming its WAL did not capture what"
+                    f" the slot holds within {STREAM_CATCH_UP_SECONDS:.0f} s; the slot is"
+                    " kept: run setup again"
+                )
+            time.sleep(0.05)
+    finally:
+        _finish(connection)
 
 
 def publish_table(connection: Connection, identifier: sql.Identifier, keyless: bool) -> None:
