@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 PURGE_SECONDS = 15.0
 # How often each node's own agent looks for capture to regenerate, and at captured_change.
 CAPTURE_SECONDS = 2.0
+# How often the stream loop of a node in trigger mode looks whether setup moved it to the WAL.
+STREAM_LOOK_SECONDS = 5.0
 
 
 class Host(Protocol):
@@ -143,22 +145,36 @@ def capture_loop(agent: Host, node: NodeConfig, stop: threading.Event) -> None:
 def stream_loop(agent: Host, node: NodeConfig, stop: threading.Event) -> None:
     """On this agent's own node, while it captures from the WAL: stream its slot into
     captured_change (capture.stream). A node in trigger mode is looked at again every
-    CAPTURE_SECONDS (setup may move it); a stream that fails starts again."""
+    STREAM_LOOK_SECONDS, in the same session (setup may move it; until the stream starts,
+    stamps drain the slot from SQL); a stream that fails starts again."""
 
     def stopped() -> bool:
         return stop.is_set() or agent.stopping.is_set()
 
     reported: str | None = None
-    while not stopped():
-        tick()
-        streamed = False
-        try:
-            streamed = stream.stream(node, stopped, tick)
-        except stream.stream_errors() as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-            # A drain from SQL holds the slot for a moment: the stream waits for it.
-            if reason != reported and "is active for PID" not in reason:
-                log.warning("%s: streaming the WAL stopped, starting again: %s", node.name, reason)
-                reported = reason
-            streamed = True
-        stop.wait(0.5 if streamed else CAPTURE_SECONDS)
+    writer: psycopg.Connection[tuple[object, ...]] | None = None
+    try:
+        while not stopped():
+            tick()
+            streamed = False
+            try:
+                if writer is None or writer.closed:
+                    writer = connect(node)
+                streamed = stream.stream(node, writer, stopped, tick)
+            except stream.stream_errors() as error:
+                text = str(error).strip()
+                reason = text.splitlines()[0] if text else repr(error)
+                # A drain from SQL holds the slot for a moment: the stream waits for it.
+                if reason != reported and "is active for PID" not in reason:
+                    log.warning(
+                        "%s: streaming the WAL stopped, starting again: %s", node.name, reason
+                    )
+                    reported = reason
+                streamed = True
+                if writer is not None:
+                    writer.close()
+                writer = None
+            stop.wait(0.5 if streamed else STREAM_LOOK_SECONDS)
+    finally:
+        if writer is not None:
+            writer.close()

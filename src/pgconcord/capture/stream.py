@@ -40,7 +40,6 @@ from pgconcord.capture.wal import Connection, slot_name
 from pgconcord.catalog import FINGERPRINT_QUERY
 from pgconcord.config import NodeConfig
 from pgconcord.errors import NodeUnavailable
-from pgconcord.transport import connect
 from pgconcord.transport.connections import CONNECT_TIMEOUT_SECONDS, session_dsn
 
 log = logging.getLogger(__name__)
@@ -323,36 +322,37 @@ def _replication_session(node: NodeConfig) -> Any:
     )
 
 
-def stream(node: NodeConfig, stopped: Callable[[], bool], tick: Callable[[], None]) -> bool:
-    """Stream the node's slot until `stopped()`, the session fails (psycopg.Error,
-    psycopg2.Error, NodeUnavailable) or the node has no slot (then False, at once)."""
-    with connect(node) as writer:
-        # Durable before the server hears of it: the slot never moves past what is captured.
-        writer.execute("SET synchronous_commit = local")
-        slot = slot_name(writer)
-        state = writer.execute(
-            "SELECT publication_name, current_setting('server_encoding')"
-            " FROM pgconcord.capture_state"
-        ).fetchone()
-        writer.commit()
-        if slot is None or state is None:
-            return False
-        publication, encoding = str(state[0]), pg2pyenc(str(state[1]).encode())
-        try:
-            replication = _replication_session(node)
-        except psycopg2.OperationalError as error:
-            raise NodeUnavailable(node.name, str(error).strip().splitlines()[0]) from None
-        try:
-            cursor = replication.cursor()
-            cursor.start_replication(
-                slot_name=slot,
-                decode=False,
-                options={"proto_version": "1", "publication_names": publication},
-            )
-            log.debug("%s: streaming the WAL from slot %s", node.name, slot)
-            _consume(WalStream(node, writer, encoding), replication, cursor, stopped, tick)
-        finally:
-            replication.close()
+def stream(
+    node: NodeConfig, writer: Connection, stopped: Callable[[], bool], tick: Callable[[], None]
+) -> bool:
+    """Stream the node's slot, writing with `writer` (which the caller closes), until
+    `stopped()` or the session fails (psycopg.Error, psycopg2.Error, NodeUnavailable); False
+    at once, its transaction ended, when the node has no slot (it captures with triggers)."""
+    # Durable before the server hears of it: the slot never moves past what is captured.
+    writer.execute("SET synchronous_commit = local")
+    slot = slot_name(writer)
+    state = writer.execute(
+        "SELECT publication_name, current_setting('server_encoding') FROM pgconcord.capture_state"
+    ).fetchone()
+    writer.commit()
+    if slot is None or state is None:
+        return False
+    publication, encoding = str(state[0]), pg2pyenc(str(state[1]).encode())
+    try:
+        replication = _replication_session(node)
+    except psycopg2.OperationalError as error:
+        raise NodeUnavailable(node.name, str(error).strip().splitlines()[0]) from None
+    try:
+        cursor = replication.cursor()
+        cursor.start_replication(
+            slot_name=slot,
+            decode=False,
+            options={"proto_version": "1", "publication_names": publication},
+        )
+        log.debug("%s: streaming the WAL from slot %s", node.name, slot)
+        _consume(WalStream(node, writer, encoding), replication, cursor, stopped, tick)
+    finally:
+        replication.close()
     return True
 
 
