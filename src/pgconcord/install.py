@@ -303,9 +303,8 @@ def check_rights(
 def _leave_wal_capture(connection: psycopg.Connection[tuple[object, ...]], node_name: str) -> None:
     """A node moved back to trigger capture (its tables left the publication, committed):
     drain what its slot still holds of the time before, then drop the slot. An agent that
-    streams the slot captures it: setup waits for that first."""
+    streams the slot is given the time to capture what it has read first."""
     capture.wal.wait_for_stream(connection, node_name)
-    with connection.transaction():
-        connection.execute("SELECT pgconcord.stamp_captured(true)")
+    capture.wal.drain_for_good(connection, node_name)
     with connection.transaction():
         capture.wal.stop(connection)

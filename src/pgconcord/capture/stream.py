@@ -34,7 +34,7 @@ import psycopg
 import psycopg2
 import psycopg2.errors
 import psycopg2.extras
-from psycopg._encodings import pg2pyenc
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgconcord.capture.wal import Connection, slot_name
 from pgconcord.catalog import FINGERPRINT_QUERY
@@ -60,7 +60,17 @@ _BEGIN = (
     + FINGERPRINT_QUERY.strip()
     + ") FROM pgconcord.capture_state c"
 )
-_IDS = "SELECT array_agg(nextval('pgconcord.change_log_id_seq')) FROM generate_series(1, %s)"
+# Ids for the changes, and the next transaction id now (the changes' transactions all began
+# before it).
+_IDS = (
+    "SELECT array_agg(nextval('pgconcord.change_log_id_seq')),"
+    " pg_snapshot_xmax(pg_current_snapshot())::text::bigint FROM generate_series(1, %s)"
+)
+# Values travel as text: both ends of the stream read and write them under the settings
+# drain_wal.sql pins, in UTF-8.
+_TEXT_SETTINGS = (
+    "-c TimeZone=UTC -c DateStyle=ISO,YMD -c IntervalStyle=postgres -c extra_float_digits=3"
+)
 _STATEMENT = (
     "SELECT pgconcord.decoded_statement(t, %s::jsonb), pgconcord.decoded_json_rows('%%s')"
     " FROM pgconcord.replicated_table t WHERE t.relation = %s::oid"
@@ -264,6 +274,7 @@ class WalStream:
         count = len(wanted) + sum(1 for i in wanted if batch.operations[i] == "U")
         found = self.writer.execute(_IDS, (count,)).fetchone()
         assert found is not None
+        self.next_xid = int(str(found[1]))
         numbers = iter(sorted(int(str(n)) for n in found[0]))  # type: ignore[attr-defined]
         # Ids in decode order, an update's second one (a key move) right after its first.
         ids: dict[int, tuple[int, int | None]] = {}
@@ -315,11 +326,22 @@ class WalStream:
 
 def _replication_session(node: NodeConfig) -> Any:
     return psycopg2.connect(
-        session_dsn(node.dsn),
+        _text_dsn(node.dsn),
         connection_factory=psycopg2.extras.LogicalReplicationConnection,
         connect_timeout=CONNECT_TIMEOUT_SECONDS,
         application_name="pgconcord",
+        client_encoding="UTF8",
     )
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _text_dsn(dsn: str) -> str:
+    parameters = conninfo_to_dict(session_dsn(dsn))
+    parameters["options"] = f"{parameters.get('options') or ''} {_TEXT_SETTINGS}".strip()
+    return make_conninfo("", **parameters)
 
 
 def stream(
@@ -329,15 +351,16 @@ def stream(
     `stopped()` or the session fails (psycopg.Error, psycopg2.Error, NodeUnavailable); False
     at once, its transaction ended, when the node has no slot (it captures with triggers)."""
     # Durable before the server hears of it: the slot never moves past what is captured.
-    writer.execute("SET synchronous_commit = local")
+    writer.execute(
+        "SET synchronous_commit = local; SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD';"
+        " SET IntervalStyle = 'postgres'; SET extra_float_digits = 3"
+    )
     slot = slot_name(writer)
-    state = writer.execute(
-        "SELECT publication_name, current_setting('server_encoding') FROM pgconcord.capture_state"
-    ).fetchone()
+    state = writer.execute("SELECT publication_name FROM pgconcord.capture_state").fetchone()
     writer.commit()
     if slot is None or state is None:
         return False
-    publication, encoding = str(state[0]), pg2pyenc(str(state[1]).encode())
+    publication, encoding = str(state[0]), "utf-8"
     try:
         replication = _replication_session(node)
     except psycopg2.OperationalError as error:
@@ -347,10 +370,13 @@ def stream(
         cursor.start_replication(
             slot_name=slot,
             decode=False,
-            options={"proto_version": "1", "publication_names": publication},
+            options={"proto_version": "1", "publication_names": _quoted(publication)},
         )
         log.debug("%s: streaming the WAL from slot %s", node.name, slot)
-        _consume(WalStream(node, writer, encoding), replication, cursor, stopped, tick)
+        wal = WalStream(node, writer, encoding)
+        _consume(wal, replication, cursor, stopped, tick)
+        if wal.open:
+            writer.rollback()  # a part of a transaction: it is sent again, whole
     finally:
         replication.close()
     return True

@@ -157,16 +157,8 @@ def stop(connection: Connection) -> None:
     deadline = time.monotonic() + 10
     while True:
         try:
-            connection.execute(
-                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
-                " WHERE slot_name = %s AND active_pid <> pg_backend_pid()",
-                (slot,),
-            )
-            connection.execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
-                " WHERE slot_name = %s",
-                (slot,),
-            )
+            with connection.transaction():  # a savepoint when in a transaction: tried again
+                _end_stream_and_drop(connection, slot)
             break
         except pg_errors.ObjectInUse:
             if time.monotonic() > deadline:
@@ -177,6 +169,47 @@ def stop(connection: Connection) -> None:
         "UPDATE pgconcord.capture_state SET slot_name = NULL, publication_name = NULL,"
         " captured_lsn = '0/0'"
     )
+
+
+def _end_stream_and_drop(connection: Connection, slot: str) -> None:
+    """ObjectInUse while the stream's session has not ended yet."""
+    connection.execute(
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
+        " WHERE slot_name = %s AND active_pid <> pg_backend_pid()",
+        (slot,),
+    )
+    connection.execute(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s",
+        (slot,),
+    )
+
+
+def drain_for_good(connection: Connection, node_name: str) -> None:
+    """Before the slot goes (stop): drain what it holds from SQL, the node's agent's stream
+    ended for as long as that takes (a drain_wal that found the slot streamed gives -1), and
+    stamp it. In transactions of its own."""
+    deadline = time.monotonic() + STREAM_CATCH_UP_SECONDS
+    slot = slot_name(connection)
+    _finish(connection)
+    while slot is not None:
+        with connection.transaction():
+            row = connection.execute("SELECT pgconcord.drain_wal(false)").fetchone()
+            if row is not None and int(str(row[0])) >= 0:
+                connection.execute("SELECT pgconcord.stamp_captured(true)")
+                return
+        if time.monotonic() > deadline:
+            raise PgconcordError(
+                f"node {node_name}: its slot could not be drained before it is dropped (the"
+                f" agent's stream kept it for {STREAM_CATCH_UP_SECONDS:.0f} s); the slot is"
+                " kept: run setup again"
+            )
+        with connection.transaction():
+            connection.execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
+                " WHERE slot_name = %s AND active_pid <> pg_backend_pid()",
+                (slot,),
+            )
+        time.sleep(0.05)
 
 
 # How long setup waits for an agent's stream to capture what a node's slot holds before it

@@ -76,8 +76,8 @@ $body$;
 
 -- Drain the slot up to the WAL flushed now; the number of changes captured. While an agent
 -- streams the slot: with `wait`, wait until the stream has passed the WAL flushed now (one
--- second at most), unless this transaction drained already (it holds the drain lock, which
--- the stream would wait for); 0.
+-- second at most), unless this transaction holds the drain lock (which the stream would wait
+-- for); then -1, as when the stream took the slot before it could be read.
 --
 -- The loop runs once per decoded message and is written for PL/pgSQL's fast path: plain
 -- expressions, no queries and no calls of other PL/pgSQL functions per row or column.
@@ -144,8 +144,7 @@ BEGIN
                          ' are not captured: verify and repair this node afterwards.';
     END IF;
     IF streamed THEN
-        IF wait AND coalesce(current_setting('pgconcord.drained_uncommitted', true), '')
-                    <> 'on' THEN
+        IF wait AND coalesce(current_setting('pgconcord.drain_locked', true), '') <> 'on' THEN
             target := pgconcord.flushed_boundary();
             deadline := clock_timestamp() + interval '1 second';
             -- Each query sees what the stream committed since (READ COMMITTED).
@@ -158,9 +157,10 @@ BEGIN
                 PERFORM pg_sleep(0.001);
             END LOOP;
         END IF;
-        RETURN 0;
+        RETURN -1;
     END IF;
     PERFORM pg_advisory_xact_lock(1885823843, 1685217641);  -- the drain lock: 'pgcc', 'drai'
+    PERFORM set_config('pgconcord.drain_locked', 'on', true);
     SELECT c.captured_lsn INTO state.captured_lsn FROM pgconcord.capture_state c;
     -- The slot moves, for good, only past what is committed: not past what this transaction
     -- drained (captured_lsn as this transaction sees it) until it commits.
@@ -169,7 +169,7 @@ BEGIN
         BEGIN
             PERFORM pg_replication_slot_advance(state.slot_name, state.captured_lsn);
         EXCEPTION WHEN object_in_use THEN
-            RETURN 0;  -- an agent has begun streaming the slot since it was looked at
+            RETURN -1;  -- an agent has begun streaming the slot since it was looked at
         END;
         confirmed := state.captured_lsn;
     END IF;
@@ -301,7 +301,7 @@ BEGIN
                 transactions, clocks);
         END IF;
     EXCEPTION WHEN object_in_use THEN
-        RETURN 0;  -- what this call wrote is undone
+        RETURN -1;  -- streamed since it was looked at: what this call wrote is undone
     END;
     IF last_end IS NOT NULL THEN
         UPDATE pgconcord.capture_state
