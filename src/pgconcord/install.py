@@ -302,9 +302,8 @@ def check_rights(
 
 def _leave_wal_capture(connection: psycopg.Connection[tuple[object, ...]], node_name: str) -> None:
     """A node moved back to trigger capture (its tables left the publication, committed):
-    drain what its slot still holds of the time before, then drop the slot. An agent that
-    streams the slot is given the time to capture what it has read first."""
-    capture.wal.wait_for_stream(connection, node_name)
+    drain what its slot still holds of the time before (ending an agent's stream of it),
+    then drop the slot."""
     capture.wal.drain_for_good(connection, node_name)
     with connection.transaction():
         capture.wal.stop(connection)

@@ -32,7 +32,6 @@ from typing import Any
 
 import psycopg
 import psycopg2
-import psycopg2.errors
 import psycopg2.extras
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 

@@ -171,13 +171,19 @@ def stop(connection: Connection) -> None:
     )
 
 
-def _end_stream_and_drop(connection: Connection, slot: str) -> None:
-    """ObjectInUse while the stream's session has not ended yet."""
+def _end_stream(connection: Connection, slot: str) -> None:
+    """End the session of the agent's stream of the slot, if one streams it (the session
+    ends soon after, not at once)."""
     connection.execute(
         "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
         " WHERE slot_name = %s AND active_pid <> pg_backend_pid()",
         (slot,),
     )
+
+
+def _end_stream_and_drop(connection: Connection, slot: str) -> None:
+    """ObjectInUse while the stream's session has not ended yet."""
+    _end_stream(connection, slot)
     connection.execute(
         "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s",
         (slot,),
@@ -204,47 +210,13 @@ def drain_for_good(connection: Connection, node_name: str) -> None:
                 " kept: run setup again"
             )
         with connection.transaction():
-            connection.execute(
-                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
-                " WHERE slot_name = %s AND active_pid <> pg_backend_pid()",
-                (slot,),
-            )
+            _end_stream(connection, slot)
         time.sleep(0.05)
 
 
-# How long setup waits for an agent's stream to capture what a node's slot holds before it
-# drops the slot (capture.stream writes within a batch's time when it keeps up).
+# How long setup keeps ending an agent's stream of a node's slot that it must drain before it
+# drops the slot (the agent starts its stream again half a second after it ends).
 STREAM_CATCH_UP_SECONDS = 60.0
-
-
-def wait_for_stream(connection: Connection, node_name: str) -> None:
-    """While an agent streams the node's slot (capture.stream): wait until the stream has
-    captured the WAL flushed now (committed), so that nothing is lost when the slot goes
-    next. PgconcordError after STREAM_CATCH_UP_SECONDS. Ends its transaction."""
-    row = connection.execute("SELECT pgconcord.flushed_boundary()::text").fetchone()
-    assert row is not None
-    target = str(row[0])
-    deadline = time.monotonic() + STREAM_CATCH_UP_SECONDS
-    try:
-        while True:
-            row = connection.execute(
-                "SELECT r.active AND r.active_pid <> pg_backend_pid(),"
-                " greatest(r.confirmed_flush_lsn, c.captured_lsn) >= %s::pg_lsn"
-                " FROM pgconcord.capture_state c"
-                " JOIN pg_replication_slots r ON r.slot_name = c.slot_name",
-                (target,),
-            ).fetchone()
-            if row is None or not row[0] or row[1]:
-                return  # nobody streams it (what it holds is drained next), or caught up
-            if time.monotonic() > deadline:
-                raise PgconcordError(
-                    f"node {node_name}: the agent streaming its WAL did not capture what"
-                    f" the slot holds within {STREAM_CATCH_UP_SECONDS:.0f} s; the slot is"
-                    " kept: run setup again"
-                )
-            time.sleep(0.05)
-    finally:
-        _finish(connection)
 
 
 def publish_table(connection: Connection, identifier: sql.Identifier, keyless: bool) -> None:
