@@ -653,7 +653,9 @@ def idle(run: Run) -> None:
     arguments = run.arguments
     nodes = arguments.idle_nodes
     window = arguments.idle_seconds or (10 if arguments.quick else 30)
-    warm_up = arguments.idle_warm_up if arguments.idle_warm_up is not None else 10
+    # Past the agent's first 30 s of a quiet node (agent.runner.QUIET_AFTER_SECONDS): the
+    # measure is of a cluster that has been idle for a while.
+    warm_up = arguments.idle_warm_up if arguments.idle_warm_up is not None else 35
     progress(f"idle: starting {nodes} servers (fsync on)")
     servers = common.start_servers([f"goals-idle-{i + 1}" for i in range(nodes)], fsync=True)
     offsets = {server.name: common.log_size(server) for server in servers}
@@ -803,7 +805,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=900, help="per bulk measurement, s")
     parser.add_argument("--idle-nodes", type=int, default=5)
     parser.add_argument("--idle-seconds", type=float, help="measured idle s (default 30; quick 10)")
-    parser.add_argument("--idle-warm-up", type=float, help="idle warm-up s (default 10)")
+    parser.add_argument("--idle-warm-up", type=float, help="idle warm-up s (default 35)")
     parser.add_argument(
         "--sample-interval", type=float, default=0.2, help="CPU sampling interval, s"
     )

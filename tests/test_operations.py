@@ -129,7 +129,7 @@ def test_the_roles_timeouts_do_not_cut_pgconcord_short(
                 ),
             )
     # The limits are in force for the role's ordinary sessions, not for pgconcord's.
-    with psycopg.connect(cluster.dsns["north"]) as plain:
+    with psycopg.connect(cluster.dsns["north"], autocommit=True) as plain:
         assert plain.execute("SHOW statement_timeout").fetchone() == ("1ms",)
     with transport.connect(cluster.config.node_by_name("north")) as ours:
         for setting in limits:
@@ -155,6 +155,54 @@ def test_the_roles_timeouts_do_not_cut_pgconcord_short(
             running.stop()
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     cluster.assert_identical()
+
+
+def test_a_session_pins_the_newer_timeouts_at_startup_once_the_server_is_known(
+    system_cluster: Cluster,
+) -> None:
+    """The first session to a node SETs the timeouts its server version has; later ones carry
+    them in the startup packet (no extra statement, no transaction: an idle cluster's purges
+    open many). An address whose server is now older than remembered still connects."""
+    cluster = system_cluster
+    node = cluster.config.node_by_name("north")
+    role = conninfo_to_dict(cluster.dsns["north"])["user"]
+    cluster.admin_execute(
+        "north",
+        sql.SQL("ALTER ROLE {} IN DATABASE {} SET idle_session_timeout = '300ms'").format(
+            sql.Identifier(str(role)), sql.Identifier(cluster.database)
+        ),
+    )
+
+    def commits() -> int:
+        with psycopg.connect(cluster.servers[0].dsn(), autocommit=True) as counter:
+            row = counter.execute(
+                "SELECT xact_commit FROM pg_stat_database WHERE datname = %s", (cluster.database,)
+            ).fetchone()
+        assert row is not None
+        return int(str(row[0]))
+
+    def transactions_of(opening: Any) -> int:
+        before = commits()
+        with opening() as session:
+            assert session.execute("SHOW idle_session_timeout").fetchone() == ("0",)
+        # An ended session's counts reach the statistics as it exits.
+        wait_for(lambda: commits() > before, timeout=10, message="the session's statistics")
+        time.sleep(0.2)
+        return commits() - before
+
+    # A session opened with the settings in its startup packet: its start and the SHOW.
+    pinned = transport.session_dsn(node.dsn, (("idle_session_timeout", "0"),))
+    bare = transactions_of(lambda: psycopg.connect(pinned, autocommit=True))
+
+    def opened_with_one_transaction() -> None:
+        assert transactions_of(lambda: transport.connect(node, autocommit=True)) == bare
+
+    transport.connect(node).close()  # the server is known from now on
+    opened_with_one_transaction()
+    transport.connections._server_versions[node.dsn] = 990000  # newer than any: unknown names
+    with transport.connect(node, autocommit=True) as ours:
+        assert ours.execute("SHOW idle_session_timeout").fetchone() == ("0",)
+    opened_with_one_transaction()
 
 
 def test_only_a_lost_session_is_a_lost_connection(system_cluster: Cluster) -> None:

@@ -122,11 +122,18 @@ def record(
 
 
 def adopt(connection: Connection, news: Iterable[Member]) -> list[Member]:
-    """Take the newer records another node has; the ones that were new here."""
+    """Take the newer records another node has; the ones that were new here. Only those are
+    written: an upsert that changes nothing still takes a transaction id, whose end wakes
+    every puller of this node (an idle cluster's purges would keep it busy)."""
+    news = list(news)
+    if not news:
+        return []
+    known = read_members(connection)
     return [
         member
         for member in news
-        if record(connection, member.name, member.state, member.changed_at, member.reason)
+        if (member.name not in known or known[member.name].changed_at < member.changed_at)
+        and record(connection, member.name, member.state, member.changed_at, member.reason)
     ]
 
 
@@ -410,8 +417,26 @@ def evict(connection: Connection, name: str, reason: str) -> bool:
     return record(connection, name, EVICTED, now(), reason)
 
 
-def note_reached(connection: Connection, name: str) -> None:
-    """This node's purge has just read the member's position: restart its eviction clock."""
+# How stale a member's reached_at may be before a purge that reached it writes it again, at
+# most, and as a share of the eviction limit: each write wakes the node's pullers.
+REACHED_PRECISION_SECONDS = 300.0
+REACHED_PRECISION_SHARE = 0.05
+
+
+def note_reached(connection: Connection, name: str, evict_after_seconds: float | None) -> None:
+    """This node's purge has just read the member's position: restart its eviction clock, to
+    within a twentieth of the limit or five minutes (a look that writes nothing takes no
+    transaction id)."""
+    precision = REACHED_PRECISION_SECONDS
+    if evict_after_seconds is not None:
+        precision = min(precision, REACHED_PRECISION_SHARE * evict_after_seconds)
+    fresh = connection.execute(
+        "SELECT reached_at >= now() - make_interval(secs => %s) FROM pgconcord.member"
+        " WHERE name = %s",
+        (precision, name),
+    ).fetchone()
+    if fresh is not None and fresh[0]:
+        return
     connection.execute(
         "INSERT INTO pgconcord.member AS m (name, state, changed_at, reached_at)"
         " VALUES (%s, 'active', %s, now())"

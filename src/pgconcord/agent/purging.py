@@ -206,7 +206,7 @@ def _holds(
             holds.append(f"{name} is joining")
             continue
         if position is not None:
-            membership.note_reached(connection, name)
+            membership.note_reached(connection, name, limit)
             continue
         unreached = membership.unreached_seconds(connection, name)
         if limit is not None and unreached > limit and majority:

@@ -39,6 +39,11 @@ POLL_SECONDS = 5.0
 # most when none does (the interval doubles from the first to the second).
 WATCH_BUSY_SECONDS = 0.01
 WATCH_IDLE_SECONDS = 0.25
+# ... and, once no transaction has ended there for QUIET_AFTER_SECONDS, every QUIET_SECONDS:
+# the first write after a quiet spell waits a little longer, and a quiet cluster of five
+# nodes is not kept busy by its agents' looks (bench/goals.py idle).
+QUIET_AFTER_SECONDS = 30.0
+QUIET_SECONDS = 0.5
 COALESCE_SECONDS = 0.01  # at most one pull per pair in this time, however busy the origin
 # A pair that fails waits longer after each failure, up to: the same work would fail again...
 MAX_BACKOFF_SECONDS = 30.0
@@ -493,11 +498,12 @@ class Agent:
         node which was down is back.
 
         Capture sends no notification (016_watch_not_notify.sql): this loop reads the origin's
-        snapshot every WATCH_BUSY_SECONDS while transactions end and up to every
-        WATCH_IDLE_SECONDS when none does. Changes become visible only when their transaction
-        ends, so a big transaction still running wakes nobody (a pull would only scan its
-        invisible rows); a transaction that captured nothing costs one empty poll. One small
-        query per interval costs the origin the same whatever its write rate."""
+        snapshot every WATCH_BUSY_SECONDS while transactions end, up to every
+        WATCH_IDLE_SECONDS when none does, and every QUIET_SECONDS after a quiet spell.
+        Changes become visible only when their transaction ends, so a big transaction still
+        running wakes nobody (a pull would only scan its invisible rows); a transaction that
+        captured nothing costs one empty poll. One small query per interval costs the origin
+        the same whatever its write rate."""
         backoff = 0.5
         while not (self.stopping.is_set() or stop.is_set()):
             tick()
@@ -512,6 +518,7 @@ class Agent:
                     stamps = _can_stamp(connection)
                     seen, _, stamps = _watch_look(connection, stamps, origin.name)
                     interval = WATCH_BUSY_SECONDS
+                    ended_at = time.monotonic()
                     while not (self.stopping.is_set() or stop.is_set()):
                         tick()
                         news = woken = False
@@ -526,7 +533,10 @@ class Agent:
                         now, stamped, stamps = _watch_look(connection, stamps, origin.name)
                         if transaction_ended(seen, now) or woken or stamped:
                             interval = WATCH_BUSY_SECONDS
+                            ended_at = time.monotonic()
                             self._wake_pairs_from(origin.name)
+                        elif time.monotonic() - ended_at > QUIET_AFTER_SECONDS:
+                            interval = QUIET_SECONDS
                         else:
                             interval = min(WATCH_IDLE_SECONDS, interval * 2)
                         seen = now

@@ -228,6 +228,10 @@ class Puller:
     def _advance_idle(self, known: Position, polled: Poll) -> None:
         if time.monotonic() - self._idle_advanced_at < IDLE_ADVANCE_SECONDS:
             return
+        if not polled.holds_applied:
+            # Moving would free nothing, and its commit here would wake this node's own
+            # pullers, whose idle advances wake the next: an idle cluster would never rest.
+            return
         self._source.make_durable(polled)
         if advance_idle(self._target(), self.origin.name, known, polled.snapshot):
             self._position = Position(polled.snapshot, None, None)

@@ -49,15 +49,25 @@ _ACCESS_ERRORS: dict[type[Exception], str] = {
 _SESSION_ENDED = {"57P01", "57P02", "57P03", "57P05", "25P03", "25P04"}
 
 
-def session_dsn(dsn: str) -> str:
-    """The DSN with PINNED_SETTINGS added to its startup options (after the DSN's own, or
-    PGOPTIONS', which they would otherwise replace), for pgconcord's sessions and the client
-    programs it runs (psql)."""
+def session_dsn(dsn: str, settings: tuple[tuple[str, str], ...] = PINNED_SETTINGS) -> str:
+    """The DSN with PINNED_SETTINGS (or `settings`) added to its startup options (after the
+    DSN's own, or PGOPTIONS', which they would otherwise replace), for pgconcord's sessions and
+    the client programs it runs (psql)."""
     parameters = conninfo_to_dict(dsn)
-    ours = " ".join(f"-c {name}={value}" for name, value in PINNED_SETTINGS)
+    ours = " ".join(f"-c {name}={value}" for name, value in settings)
     theirs = str(parameters.get("options") or os.environ.get("PGOPTIONS") or "").strip()
     parameters["options"] = f"{theirs} {ours}" if theirs else ours
     return make_conninfo("", **parameters)
+
+
+# The server version each DSN last connected to: the newer settings it has then go into the
+# startup options of the next session, instead of a SET, which costs a round trip and a
+# transaction (the agent opens short sessions to every peer for its purges).
+_server_versions: dict[str, int] = {}
+
+
+def _newer_settings(version: int) -> tuple[tuple[str, str], ...]:
+    return tuple((name, "0") for since, name in _NEWER_PINNED_SETTINGS if version >= since)
 
 
 def connect(node: NodeConfig, *, autocommit: bool = False) -> Connection:
@@ -66,19 +76,24 @@ def connect(node: NodeConfig, *, autocommit: bool = False) -> Connection:
         dsn = session_dsn(node.dsn)
     except psycopg.ProgrammingError as error:  # config.py checks DSNs; this is belt and braces
         raise NodeUnavailable(node.name, f"invalid dsn: {error}") from None
+    known = _server_versions.get(node.dsn)
+    if known is not None:
+        try:
+            return _connect(
+                session_dsn(node.dsn, PINNED_SETTINGS + _newer_settings(known)), autocommit
+            )
+        except psycopg.Error as error:
+            if not _unknown_setting(error):
+                raise NodeUnavailable(node.name, describe_connection_error(error)) from None
+            # A server older than the last one at this address: as for one never seen.
+            _server_versions.pop(node.dsn, None)
     try:
-        connection = psycopg.connect(
-            dsn,
-            autocommit=autocommit,
-            connect_timeout=CONNECT_TIMEOUT_SECONDS,
-            application_name="pgconcord",
-        )
+        connection = _connect(dsn, autocommit)
     except psycopg.Error as error:
         raise NodeUnavailable(node.name, describe_connection_error(error)) from None
+    version = connection.info.server_version
     newer = [
-        sql.SQL("SET {} = 0").format(sql.Identifier(name))
-        for since, name in _NEWER_PINNED_SETTINGS
-        if connection.info.server_version >= since
+        sql.SQL("SET {} = 0").format(sql.Identifier(name)) for name, _ in _newer_settings(version)
     ]
     try:
         if newer:
@@ -88,7 +103,22 @@ def connect(node: NodeConfig, *, autocommit: bool = False) -> Connection:
     except psycopg.Error as error:
         connection.close()
         raise NodeUnavailable(node.name, describe_connection_error(error)) from None
+    _server_versions[node.dsn] = version
     return connection
+
+
+def _connect(dsn: str, autocommit: bool) -> Connection:
+    return psycopg.connect(
+        dsn,
+        autocommit=autocommit,
+        connect_timeout=CONNECT_TIMEOUT_SECONDS,
+        application_name="pgconcord",
+    )
+
+
+def _unknown_setting(error: psycopg.Error) -> bool:
+    """Whether a connection was refused for a startup option the server does not know."""
+    return error.sqlstate == "42704" or "unrecognized configuration parameter" in str(error)
 
 
 def describe_connection_error(error: psycopg.Error) -> str:

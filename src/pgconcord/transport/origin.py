@@ -44,6 +44,9 @@ class Poll:
     fingerprint: int | None  # the origin's catalog then (catalog.fingerprint), with changes
     wal_written: str  # the origin's WAL insert position then (an LSN)
     durable: bool  # everything written then was flushed already
+    # Its log holds changes from the position's oldest transaction on, applied or not: only a
+    # position moved past them lets the purge delete them.
+    holds_applied: bool = True
 
 
 class Origin(Protocol):

@@ -92,7 +92,9 @@ SELECT current.snapshot::text, w.has_changes,
     + FINGERPRINT_QUERY.strip()
     + """) END,
        pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn() >= pg_current_wal_insert_lsn(),
-       stamped.changes
+       stamped.changes,
+       w.has_changes OR EXISTS (SELECT 1 FROM pgconcord.change_log c
+                                 WHERE c.txid >= pg_snapshot_xmin({applied}::pg_snapshot))
   FROM stamped, (SELECT pg_current_snapshot() AS snapshot) AS current,
        LATERAL (SELECT EXISTS (SELECT 1 FROM pgconcord.change_log c WHERE """
     + _WINDOW_FILTER.replace("{window}::pg_snapshot", "current.snapshot")
@@ -123,6 +125,7 @@ def poll(origin: psycopg.Connection[tuple[object, ...]], applied_snapshot: str) 
         None if row[2] is None else int(str(row[2])),
         str(row[3]),
         bool(row[4]),
+        bool(row[6]),
     )
 
 
