@@ -35,6 +35,18 @@ def _binaries_id(binaries: PostgresBinaries) -> str:
     return f"pg{binaries.major_version}-{source}"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The long scenarios (marked slow, the longest with their seconds) first: the two
+    workers share them out at the start, instead of one worker running the last of them while
+    the other has nothing left."""
+
+    def order(item: pytest.Item) -> tuple[bool, float]:
+        slow = item.get_closest_marker("slow")
+        return slow is None, -float(slow.kwargs.get("seconds", 0)) if slow else 0.0
+
+    items.sort(key=order)
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     # A test asking for `postgres_binaries` runs once per available PostgreSQL installation.
     if "postgres_binaries" in metafunc.fixturenames:

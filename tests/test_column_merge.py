@@ -158,6 +158,7 @@ def merge_cluster(system_cluster: Cluster) -> Cluster:
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(schedule=schedules)
+@pytest.mark.slow
 def test_random_column_writes_converge_and_keep_every_uncontested_write(
     merge_cluster: Cluster, schedule: list[tuple[str, str, Any, str]]
 ) -> None:

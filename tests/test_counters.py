@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import threading
 
+import pytest
 from harness import APPLICATION_ROLE, Cluster
 
 COUNTERS = '[conflict.table."public.accounts"]\ndelta_columns = ["balance", "operations"]\n'
@@ -47,6 +48,7 @@ def test_concurrent_increments_add_up_instead_of_overwriting(cluster: Cluster) -
     cluster.assert_identical()
 
 
+@pytest.mark.slow
 def test_pgbench_on_three_masters_keeps_the_balances(system_cluster: Cluster) -> None:
     """pgbench's tpcb-like workload at the same time on three masters: every node ends with
     the same rows, and the balances equal the sum of the deltas recorded in history."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import pytest
 from harness import Cluster
 
 # Every node is read with these, so the text of equal values is equal.
@@ -940,6 +941,7 @@ def test_a_table_in_a_second_schema(cluster: Cluster) -> None:
 # -- size ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_20_mb_bytea_value(system_cluster: Cluster) -> None:
     cluster = system_cluster
     prepare(cluster, "CREATE TABLE blobs (id int PRIMARY KEY, data bytea)")

@@ -556,6 +556,7 @@ def running_servers(fault_servers: list[Server]) -> list[Server]:
 
 
 @pytest.mark.timeout(max(300, EXAMPLES * 60))
+@pytest.mark.slow(seconds=100)
 def test_fault_schedules_converge(
     running_servers: list[Server],
     tmp_path: Path,

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 
+import pytest
 from harness import Cluster, wait_for
 
 from pgconcord.agent import Agent
@@ -29,6 +30,7 @@ def start_agent_process(cluster: Cluster) -> subprocess.Popen[bytes]:
     )
 
 
+@pytest.mark.slow
 def test_agent_killed_repeatedly_while_applying_a_large_backlog(system_cluster: Cluster) -> None:
     cluster = system_cluster
     for name in cluster.names:
@@ -123,6 +125,7 @@ def test_agent_rides_out_a_node_restart_and_a_crash(private_cluster: Cluster) ->
     cluster.assert_identical()
 
 
+@pytest.mark.slow
 def test_an_agent_and_a_sync_at_once_neither_double_nor_lose(system_cluster: Cluster) -> None:
     cluster = system_cluster
     for name in cluster.names:

@@ -264,6 +264,7 @@ def switches(acks: list[Ack]) -> list[str]:
     return runs
 
 
+@pytest.mark.slow
 def test_haproxy_moves_writes_off_a_stopped_node_and_nothing_is_lost(
     load_balanced: LoadBalanced,
 ) -> None:

@@ -411,6 +411,7 @@ def test_a_running_agent_follows_the_config_a_join_and_a_part(
     cluster.assert_identical()
 
 
+@pytest.mark.slow
 def test_a_node_back_from_an_outage_is_pulled_again_within_seconds(
     private_cluster: Cluster, tmp_path: Path
 ) -> None:

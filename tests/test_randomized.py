@@ -33,6 +33,7 @@ def empty_cluster(system_cluster: Cluster) -> Cluster:
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(schedule=steps)
+@pytest.mark.slow
 def test_random_writes_and_partial_syncs_converge(
     empty_cluster: Cluster, schedule: list[Any]
 ) -> None:

@@ -7,6 +7,7 @@ import threading
 import time
 
 import psycopg
+import pytest
 from harness import Cluster, wait_for
 
 from pgconcord.agent import Agent
@@ -156,6 +157,7 @@ def test_rolled_back_and_uncommitted_changes_never_travel(cluster: Cluster) -> N
     assert cluster.query("east", "SELECT id FROM orders") == [("open",)]
 
 
+@pytest.mark.slow
 def test_same_row_changed_on_three_nodes_converges_to_the_latest_write(cluster: Cluster) -> None:
     shop(cluster)
     cluster.execute("north", "INSERT INTO customers VALUES ('c1', 'first', 'Oslo')")

@@ -28,6 +28,7 @@ def items(cluster: Cluster, name: str) -> list[tuple[object, ...]]:
     return cluster.query(name, "SELECT id, name, stock, tags, doc, big FROM items ORDER BY id")
 
 
+@pytest.mark.slow
 def test_changes_replicate_without_triggers_and_do_not_echo(cluster: Cluster) -> None:
     for name in cluster.names:
         cluster.execute(name, SCHEMA)
@@ -61,6 +62,7 @@ def test_changes_replicate_without_triggers_and_do_not_echo(cluster: Cluster) ->
     assert "wal" in cluster.cli("status").stdout
 
 
+@pytest.mark.slow
 def test_a_conflict_is_resolved_alike_and_recorded(cluster: Cluster) -> None:
     for name in cluster.names:
         cluster.execute(name, SCHEMA)
@@ -76,6 +78,7 @@ def test_a_conflict_is_resolved_alike_and_recorded(cluster: Cluster) -> None:
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["no agent", "agent streaming"])
+@pytest.mark.slow
 def test_setup_moves_a_node_between_modes_while_it_is_written(
     cluster: Cluster, tmp_path: Path, streaming: bool
 ) -> None:
@@ -184,6 +187,7 @@ def test_an_agent_killed_mid_stream_loses_and_doubles_nothing(cluster: Cluster) 
     assert cluster.applied_changes("south", "north") == 10_000
 
 
+@pytest.mark.slow
 def test_the_agent_streams_its_slot_and_keeps_it_moving(cluster: Cluster, tmp_path: Path) -> None:
     """A running agent reads its nodes' slots through the replication protocol: rows arrive
     once, a transaction bigger than one batch whole, the slots move on while nothing is
