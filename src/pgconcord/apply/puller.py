@@ -228,11 +228,14 @@ class Puller:
     def _advance_idle(self, known: Position, polled: Poll) -> None:
         if time.monotonic() - self._idle_advanced_at < IDLE_ADVANCE_SECONDS:
             return
+        # Also what makes an asynchronous commit that WAL capture has not seen yet (its WAL
+        # not flushed) durable at the origin, whose next look then captures it.
+        self._source.make_durable(polled)
         if not polled.holds_applied:
             # Moving would free nothing, and its commit here would wake this node's own
             # pullers, whose idle advances wake the next: an idle cluster would never rest.
+            self._idle_advanced_at = time.monotonic()
             return
-        self._source.make_durable(polled)
         if advance_idle(self._target(), self.origin.name, known, polled.snapshot):
             self._position = Position(polled.snapshot, None, None)
         else:  # moved by someone else, or recently: read it again next time

@@ -366,11 +366,11 @@ def stream(
         raise NodeUnavailable(node.name, str(error).strip().splitlines()[0]) from None
     try:
         cursor = replication.cursor()
-        cursor.start_replication(
-            slot_name=slot,
-            decode=False,
-            options={"proto_version": "1", "publication_names": _quoted(publication)},
-        )
+        options = {"proto_version": "1", "publication_names": _quoted(publication)}
+        if replication.server_version >= 160000:
+            # What pgconcord applied here is left out by the server (drain_wal.sql).
+            options["origin"] = "none"
+        cursor.start_replication(slot_name=slot, decode=False, options=options)
         log.debug("%s: streaming the WAL from slot %s", node.name, slot)
         wal = WalStream(node, writer, encoding)
         _consume(wal, replication, cursor, stopped, tick)

@@ -15,7 +15,9 @@
 --   stream has passed the WAL flushed when it began.
 -- Both take the drain lock and skip transactions that end before captured_lsn, so neither
 -- captures what the other has. Transactions applied by pgconcord carry a replication origin
--- (apply.stage.open_target) and are skipped: nothing echoes.
+-- (apply.stage.open_target) and are skipped: nothing echoes. From PostgreSQL 16 on, pgoutput
+-- leaves them out itself (its origin option): the server sends, and the reader parses, none
+-- of what pgconcord applied.
 --
 -- Values arrive as their output text under the settings this function pins and are read back
 -- under the same, into a row of the table as it is now (columns by name): the logged row, the
@@ -184,8 +186,12 @@ BEGIN
     BEGIN
         FOR decoded IN
             SELECT c.data FROM pg_logical_slot_peek_binary_changes(
-                state.slot_name, target, NULL, 'proto_version', '1',
-                'publication_names', quote_ident(state.publication_name)) c
+                state.slot_name, target, NULL, VARIADIC ARRAY[
+                    'proto_version', '1', 'publication_names',
+                    quote_ident(state.publication_name)]
+                    -- PostgreSQL 16 on: pgconcord's own transactions are not even sent.
+                    || CASE WHEN current_setting('server_version_num')::integer >= 160000
+                            THEN ARRAY['origin', 'none'] ELSE '{}' END) c
         LOOP
             message := decoded.data;
             kind := chr(get_byte(message, 0));
