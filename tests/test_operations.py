@@ -199,9 +199,18 @@ def test_a_session_pins_the_newer_timeouts_at_startup_once_the_server_is_known(
 
     transport.connect(node).close()  # the server is known from now on
     opened_with_one_transaction()
-    transport.connections._server_versions[node.dsn] = 990000  # newer than any: unknown names
+    real = transport.connections._server_versions[node.dsn]
+    # Remembered newer than it is (a downgrade at the same address): unknown names, refused.
+    transport.connections._server_versions[node.dsn] = 990000
     with transport.connect(node, autocommit=True) as ours:
         assert ours.execute("SHOW idle_session_timeout").fetchone() == ("0",)
+    assert transport.connections._server_versions[node.dsn] == real
+    opened_with_one_transaction()
+    # Remembered older than it is (an upgrade): what it has gained is SET.
+    transport.connections._server_versions[node.dsn] = 130000
+    with transport.connect(node, autocommit=True) as ours:
+        assert ours.execute("SHOW idle_session_timeout").fetchone() == ("0",)
+    assert transport.connections._server_versions[node.dsn] == real
     opened_with_one_transaction()
 
 

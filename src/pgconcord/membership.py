@@ -423,13 +423,19 @@ REACHED_PRECISION_SECONDS = 300.0
 REACHED_PRECISION_SHARE = 0.05
 
 
+def reached_precision(evict_after_seconds: float | None) -> float:
+    """How old a reached member's reached_at may be (note_reached): the purge evicts only once
+    a member has been unreached for the limit plus this, never before the limit."""
+    if evict_after_seconds is None:
+        return REACHED_PRECISION_SECONDS
+    return min(REACHED_PRECISION_SECONDS, REACHED_PRECISION_SHARE * evict_after_seconds)
+
+
 def note_reached(connection: Connection, name: str, evict_after_seconds: float | None) -> None:
     """This node's purge has just read the member's position: restart its eviction clock, to
     within a twentieth of the limit or five minutes (a look that writes nothing takes no
     transaction id)."""
-    precision = REACHED_PRECISION_SECONDS
-    if evict_after_seconds is not None:
-        precision = min(precision, REACHED_PRECISION_SHARE * evict_after_seconds)
+    precision = reached_precision(evict_after_seconds)
     fresh = connection.execute(
         "SELECT reached_at >= now() - make_interval(secs => %s) FROM pgconcord.member"
         " WHERE name = %s",

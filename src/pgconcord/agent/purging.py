@@ -209,7 +209,9 @@ def _holds(
             membership.note_reached(connection, name, limit)
             continue
         unreached = membership.unreached_seconds(connection, name)
-        if limit is not None and unreached > limit and majority:
+        # reached_at may be that much older than the last look that reached the member.
+        late = membership.reached_precision(limit)
+        if limit is not None and unreached > limit + late and majority:
             reason = (
                 f"could not be reached for {_duration(unreached)}"
                 f" (replication.evict_after = {config.replication.evict_after})"

@@ -77,23 +77,30 @@ def connect(node: NodeConfig, *, autocommit: bool = False) -> Connection:
     except psycopg.ProgrammingError as error:  # config.py checks DSNs; this is belt and braces
         raise NodeUnavailable(node.name, f"invalid dsn: {error}") from None
     known = _server_versions.get(node.dsn)
+    pinned: tuple[tuple[str, str], ...] = ()
+    connection = None
     if known is not None:
+        pinned = _newer_settings(known)
         try:
-            return _connect(
-                session_dsn(node.dsn, PINNED_SETTINGS + _newer_settings(known)), autocommit
-            )
+            connection = _connect(session_dsn(node.dsn, PINNED_SETTINGS + pinned), autocommit)
         except psycopg.Error as error:
             if not _unknown_setting(error):
                 raise NodeUnavailable(node.name, describe_connection_error(error)) from None
             # A server older than the last one at this address: as for one never seen.
             _server_versions.pop(node.dsn, None)
-    try:
-        connection = _connect(dsn, autocommit)
-    except psycopg.Error as error:
-        raise NodeUnavailable(node.name, describe_connection_error(error)) from None
+            pinned = ()
+    if connection is None:
+        try:
+            connection = _connect(dsn, autocommit)
+        except psycopg.Error as error:
+            raise NodeUnavailable(node.name, describe_connection_error(error)) from None
     version = connection.info.server_version
+    # What the startup options did not pin: all of them for a server never seen, those it
+    # has gained for one upgraded at the same address.
     newer = [
-        sql.SQL("SET {} = 0").format(sql.Identifier(name)) for name, _ in _newer_settings(version)
+        sql.SQL("SET {} = 0").format(sql.Identifier(name))
+        for name, _ in _newer_settings(version)
+        if (name, "0") not in pinned
     ]
     try:
         if newer:
@@ -117,8 +124,12 @@ def _connect(dsn: str, autocommit: bool) -> Connection:
 
 
 def _unknown_setting(error: psycopg.Error) -> bool:
-    """Whether a connection was refused for a startup option the server does not know."""
-    return error.sqlstate == "42704" or "unrecognized configuration parameter" in str(error)
+    """Whether a connection was refused for a startup option the server does not know (the
+    message may be translated; the setting's name in it is not)."""
+    text = str(error)
+    return error.sqlstate == "42704" or any(
+        f'"{name}"' in text for _, name in _NEWER_PINNED_SETTINGS
+    )
 
 
 def describe_connection_error(error: psycopg.Error) -> str:
