@@ -3,7 +3,11 @@ under node-priority. Found by a review; each failed before its fix."""
 
 from __future__ import annotations
 
-from harness import Cluster
+import threading
+from decimal import Decimal
+
+import pytest
+from harness import Cluster, wait_for
 
 from pgconcord.agent import sync
 
@@ -68,3 +72,44 @@ def test_rows_written_before_a_concurrent_add_column_get_its_default(
     cluster.sync()
     got = values(cluster, "SELECT * FROM items ORDER BY id")
     assert len(set(got.values())) == 1, got
+
+
+@pytest.mark.parametrize("capture_mode", ["trigger", "wal"])
+def test_a_local_write_an_apply_waited_for_carries_only_its_own_columns(
+    cluster: Cluster,
+) -> None:
+    """An apply blocked by a local transaction on its row writes it once that commits. The
+    local change must be stamped before the apply judges the row: stamped after, it would carry
+    the applied column's new version with the row as it was before (a WAL-mode node captures
+    it only once its WAL is read), and a node that got it first would keep the old value under
+    the new version for ever (found by the demo: one price differed on one node)."""
+    north, south, east = cluster.names
+    for name in cluster.names:
+        cluster.execute(
+            name,
+            "CREATE TABLE products (id text PRIMARY KEY, price numeric NOT NULL,"
+            " stock int NOT NULL); INSERT INTO products VALUES ('p', 4.35, 100)",
+        )
+    cluster.write_config('[conflict.table."public.products"]\ndelta_columns = ["stock"]\n')
+    cluster.setup()
+    cluster.execute(north, "UPDATE products SET price = 4.13")
+    with cluster.connect(south, autocommit=False) as local:
+        local.execute("UPDATE products SET stock = stock - 1")
+        applying = threading.Thread(target=cluster.pull, args=(north, south))
+        applying.start()
+        wait_for(
+            lambda: cluster.admin_value(
+                south,
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            ),
+            message="the apply never waited for the local transaction",
+        )
+        local.commit()
+    applying.join(60)
+    assert not applying.is_alive()
+    cluster.pull(south, east)  # east hears of the local write before the price itself
+    cluster.pull(north, east)
+    cluster.sync()
+    got = values(cluster, "SELECT price, stock FROM products")
+    assert set(got.values()) == {((Decimal("4.13"), 99),)}, got

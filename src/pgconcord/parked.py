@@ -247,6 +247,9 @@ def _retry_group(target: Connection, identifiers: list[int]) -> str | None:
                         str(origin),
                         sql.SQL("s.id = {}").format(sql.Literal(int(str(identifier)))),
                         parked_waiting=False,
+                        # A retry is rare: its rows are locked before they are judged
+                        # whatever the node's capture mode (setwise.RACED_LOCAL_WRITE).
+                        lock_rows=True,
                     )
         except (psycopg.DatabaseError, SchemaError, resolver.Parked) as error:
             # A right the agent lacks here keeps them parked too, with that reason.

@@ -28,10 +28,14 @@ class PairState:
     # Until when (time.monotonic) the target's rows are locked before they are judged: since
     # a local write raced with an apply of this pair (apply.setwise.RACED_LOCAL_WRITE).
     lock_rows_until: float = 0.0
+    # The target captures from the WAL (read with each turn): its rows are always locked
+    # before they are judged, because a local write that raced with an apply is seen there
+    # only once its WAL is read, too late to notice (apply.setwise.RACED_LOCAL_WRITE).
+    wal_target: bool = False
 
     @property
     def lock_rows(self) -> bool:
-        return time.monotonic() < self.lock_rows_until
+        return self.wal_target or time.monotonic() < self.lock_rows_until
 
     def raced(self) -> None:
         """A local write raced with an apply: lock rows first for a while."""

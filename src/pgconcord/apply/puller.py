@@ -70,6 +70,11 @@ Connection = psycopg.Connection[tuple[object, ...]]
 
 DEFAULT_PIECE_ROWS = 50_000
 _TURN_LOCK_CLASS = 0x70676331  # advisory lock class of "applying this origin here"
+# Whether the target captures from the WAL (PairState.wal_target), read with every turn: setup
+# may move it between the modes while the agent runs.
+_CAPTURES_FROM_WAL = (
+    "SELECT EXISTS (SELECT 1 FROM pgconcord.capture_state WHERE slot_name IS NOT NULL)"
+)
 
 
 @dataclass(frozen=True)
@@ -246,7 +251,8 @@ class Puller:
         """One process at a time applies a pair (the position check keeps it correct anyway;
         the lock saves the others from staging the same window for nothing). The turn is a
         transaction lock, in a transaction that stays open for staging, with the position
-        locked, the copy horizons and an empty stage, all in one round trip: a window applied
+        locked, the copy horizons, whether the target captures from the WAL and an empty stage, all
+        in one round trip: a window applied
         in that transaction (the steady state) commits and ends the turn at once. A window
         that takes several transactions holds the turn as a session lock as well
         (_hold_turn)."""
@@ -256,6 +262,7 @@ class Puller:
             taken = target.execute(f"SELECT {lock}(%s, hashtext(%s))", self._turn_key())
             position = target.execute(POSITION_QUERY + " FOR UPDATE", (self.origin.name,))
             horizons = target.execute(HORIZONS_QUERY, (self.origin.name,))
+            captures = target.execute(_CAPTURES_FROM_WAL)
             target.execute("TRUNCATE pgconcord_stage")
             if self._stage_indexed:
                 # Indexes the step-by-step way built on the stage (cut_pieces, fallback).
@@ -265,6 +272,8 @@ class Puller:
         if not wait and not (row and row[0]):
             target.rollback()
             return None
+        wal = captures.fetchone()
+        self._pair.wal_target = bool(wal and wal[0])
         return _Turn(
             position_of(position.fetchone(), self.origin.name, self.target.name),
             horizons_of(horizons.fetchall()),

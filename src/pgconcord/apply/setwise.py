@@ -33,6 +33,8 @@ Connection = psycopg.Connection[tuple[object, ...]]
 # steady.apply_pipelined, fallback.apply_one_by_one, parked._retry_group); later calls stamp
 # what committed since, if anything did.
 STAMP_LOCAL_CHANGES = f"SELECT pg_advisory_xact_lock({STAMP_LOCK}), pgconcord.stamp_captured(true)"
+# Only the lock, where the rows are locked and stamped after it (lock_rows).
+TAKE_STAMP_LOCK = f"SELECT pg_advisory_xact_lock({STAMP_LOCK})"
 
 # A local write that committed after the stamp and before the apply wrote its row is still
 # captured, not stamped: the apply overwrote it without judging it. The piece is applied again
@@ -40,8 +42,14 @@ STAMP_LOCAL_CHANGES = f"SELECT pg_advisory_xact_lock({STAMP_LOCK}), pgconcord.st
 # are here before it stamps for the last time and judges them (TableStatements.lock_rows), so
 # that only a new row inserted meanwhile can race again.
 #
-# On a node in WAL mode this sees only what was drained (README "Limits today"): draining here,
-# after this transaction wrote WAL, would wait for that WAL to be flushed.
+# On a node in WAL mode this sees only what was drained: draining here, after this transaction
+# wrote WAL, would wait for that WAL to be flushed. Stamped later, such a write would carry the
+# versions of the columns the apply wrote with the row as it was before them, and a node that
+# got it first would keep the old values under the new versions. So a pair into a node in WAL
+# mode always locks the rows first (PairState.lock_rows): a local write either committed
+# before the lock, and the stamp after it waits for the node's WAL to be read that far
+# (drain_wal.sql), or waits for the apply. (An asynchronous local commit whose WAL is not
+# flushed yet, or a new row inserted meanwhile, can still race: README "Limits today".)
 RACED_LOCAL_WRITE = """
 SELECT EXISTS (SELECT 1 FROM pgconcord.captured_change q
                  JOIN pgconcord_winner w ON w.row_key = q.row_key

@@ -20,7 +20,7 @@ from pgconcord.apply.errors import RacedWithLocalWrite
 from pgconcord.apply.pair import PairState
 from pgconcord.apply.plan import TablePlan
 from pgconcord.apply.position import Position, advance, require_replica_mode
-from pgconcord.apply.setwise import STAMP_LOCAL_CHANGES, write_winners
+from pgconcord.apply.setwise import STAMP_LOCAL_CHANGES, TAKE_STAMP_LOCK, write_winners
 from pgconcord.transport import Window
 
 Connection = psycopg.Connection[tuple[object, ...]]
@@ -78,10 +78,12 @@ def apply_pipelined(
     with target.pipeline():
         # Every applying transaction reads the mode it runs in (position.POSITION_QUERY).
         mode = target.execute("SELECT current_setting('session_replication_role')")
-        target.execute(STAMP_LOCAL_CHANGES)
+        # With lock_rows, every table's rows are locked first and stamped once after.
+        target.execute(TAKE_STAMP_LOCK if pair.lock_rows else STAMP_LOCAL_CHANGES)
+        keyed: list[tuple[TablePlan, conflict.TableStatements, dict[str, object]]] = []
         for plan in plans.values():
             pair.parents.note(plan)
-            parameters = {
+            parameters: dict[str, object] = {
                 "schema": plan.table.schema,
                 "table": plan.table.name,
                 "table_id": plan.table_id,
@@ -95,9 +97,12 @@ def apply_pipelined(
                 )
                 continue
             statements = _statements_of(plan)
+            keyed.append((plan, statements, parameters))
             if pair.lock_rows:
                 target.execute(statements.lock_rows(_SELECTION), parameters)
-                target.execute(STAMP_LOCAL_CHANGES)
+        if pair.lock_rows:
+            target.execute(STAMP_LOCAL_CHANGES)
+        for plan, statements, parameters in keyed:
             target.execute("DELETE FROM pgconcord_decision")
             target.execute("DELETE FROM pgconcord_winner")
             target.execute(statements.decide(_SELECTION, False), parameters)
