@@ -49,6 +49,8 @@ BATCH_SECONDS = 0.05  # written at the latest this long after its first change a
 # look costs the agent a wake-up per WAL node, which an idle cluster of five nodes notices.
 WAIT_SECONDS = 1.0
 POSTGRES_EPOCH_MICROSECONDS = 946_684_800_000_000  # 2000-01-01 in Unix microseconds
+# While the server sends without a pause, what is written is told at most this often.
+FEEDBACK_SECONDS = 0.005
 
 # The first statements of each of the stream's transactions: the drain lock (drain_wal.sql);
 # then, in a snapshot taken once it is held, what is captured already, the next transaction id
@@ -389,13 +391,26 @@ def _consume(
     tick: Callable[[], None],
 ) -> None:
     told = 0  # the position the server was last told
+    told_at = 0.0
     while not stopped():
         tick()
         message = cursor.read_message()
         if message is not None:
             wal.feed(bytes(message.payload))
-            if wal.due(time.monotonic()):
+            now = time.monotonic()
+            if wal.due(now):
                 wal.write(wal.decoded_end)
+            elif not (wal.in_transaction or wal.batch or wal.open):
+                wal.write(wal.decoded_end)  # nothing to capture: written at once
+            # Told while the server keeps sending too: whoever stamps on this node waits for
+            # the slot to pass the WAL flushed when it began (drain_wal.sql), and on a node
+            # that pgconcord applies into, before PostgreSQL 16 (no origin option), the
+            # server sends all that was applied, skipped here, without a pause.
+            if wal.written_end > told and now - told_at >= FEEDBACK_SECONDS:
+                cursor.send_feedback(
+                    write_lsn=wal.written_end, flush_lsn=wal.written_end, force=True
+                )
+                told, told_at = wal.written_end, now
             continue
         # The server has sent nothing more for now: what is whole is written at once.
         if not wal.in_transaction and wal.decoded_end > wal.written_end:
@@ -406,7 +421,7 @@ def _consume(
             position = max(position, int(cursor.wal_end or 0))
         if position > told:
             cursor.send_feedback(write_lsn=position, flush_lsn=position, force=True)
-            told = position
+            told, told_at = position, time.monotonic()
         select.select([replication], [], [], WAIT_SECONDS)
 
 
