@@ -113,3 +113,34 @@ def test_a_local_write_an_apply_waited_for_carries_only_its_own_columns(
     cluster.sync()
     got = values(cluster, "SELECT price, stock FROM products")
     assert set(got.values()) == {((Decimal("4.13"), 99),)}, got
+
+
+@pytest.mark.parametrize("capture_mode", ["trigger", "wal"])
+def test_a_local_insert_an_apply_waited_for_is_judged(cluster: Cluster) -> None:
+    """The same key inserted here while an apply inserts it: the apply waits for the local
+    transaction and then finds the row there. It must judge the local insert (one of the two
+    wins everywhere), not overwrite it unseen."""
+    north, south, east = cluster.names
+    for name in cluster.names:
+        cluster.execute(name, "CREATE TABLE items (id int PRIMARY KEY, note text NOT NULL)")
+    cluster.setup()
+    cluster.execute(north, "INSERT INTO items VALUES (1, 'from north')")
+    with cluster.connect(south, autocommit=False) as local:
+        local.execute("INSERT INTO items VALUES (1, 'from south')")
+        applying = threading.Thread(target=cluster.pull, args=(north, south))
+        applying.start()
+        wait_for(
+            lambda: cluster.admin_value(
+                south,
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            ),
+            message="the apply never waited for the local transaction",
+        )
+        local.commit()
+    applying.join(60)
+    assert not applying.is_alive()
+    cluster.sync()
+    cluster.sync()
+    got = values(cluster, "SELECT note FROM items")
+    assert len(set(got.values())) == 1, got

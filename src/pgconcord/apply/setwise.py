@@ -49,7 +49,23 @@ TAKE_STAMP_LOCK = f"SELECT pg_advisory_xact_lock({STAMP_LOCK})"
 # mode always locks the rows first (PairState.lock_rows): a local write either committed
 # before the lock, and the stamp after it waits for the node's WAL to be read that far
 # (drain_wal.sql), or waits for the apply. (An asynchronous local commit whose WAL is not
-# flushed yet, or a new row inserted meanwhile, can still race: README "Limits today".)
+# flushed yet can still race: README "Limits today".) A row that was not here to be locked
+# can be inserted here meanwhile: the apply waits for that insert and then overwrites its row.
+# So once the winners are written, if any of them was a new row here, the check below looks
+# only after the node's WAL has been read as far as it is flushed (drain_wal.sql), which holds
+# every local commit the apply waited for.
+_NEW_ROWS = """EXISTS (SELECT 1 FROM pgconcord_decision d
+                 JOIN pgconcord_winner w ON w.row_key = d.row_key
+                WHERE d.mode = 'full' AND (d.local_clock IS NULL OR d.local_deleted))"""
+# With lock_rows: before RACED_LOCAL_WRITE, for one table (apply_table)...
+WAIT_IF_NEW_ROWS = f"SELECT pgconcord.drain_wal(true) WHERE {_NEW_ROWS}"
+# ... or noted for each table and waited for once (steady.apply_pipelined).
+NOTE_NEW_ROWS = f"SELECT set_config('pgconcord.new_rows', 'on', true) WHERE {_NEW_ROWS}"
+WAIT_IF_NOTED = (
+    "SELECT pgconcord.drain_wal(true)"
+    " WHERE coalesce(current_setting('pgconcord.new_rows', true), '') = 'on'"
+)
+
 RACED_LOCAL_WRITE = """
 SELECT EXISTS (SELECT 1 FROM pgconcord.captured_change q
                  JOIN pgconcord_winner w ON w.row_key = q.row_key
@@ -129,6 +145,8 @@ def apply_table(
     if verdicts is not None and verdicts.keep:
         resolver.write_kept_rows(target, plan.table, plan.columns, verdicts)
         resolver.mark_resolved(target, plan.table, verdicts)
+    if lock_rows:
+        target.execute(WAIT_IF_NEW_ROWS)
     raced_local = target.execute(RACED_LOCAL_WRITE, parameters).fetchone()
     if raced_local and raced_local[0]:
         raise RacedWithLocalWrite(

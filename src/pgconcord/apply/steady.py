@@ -20,7 +20,13 @@ from pgconcord.apply.errors import RacedWithLocalWrite
 from pgconcord.apply.pair import PairState
 from pgconcord.apply.plan import TablePlan
 from pgconcord.apply.position import Position, advance, require_replica_mode
-from pgconcord.apply.setwise import STAMP_LOCAL_CHANGES, TAKE_STAMP_LOCK, write_winners
+from pgconcord.apply.setwise import (
+    NOTE_NEW_ROWS,
+    STAMP_LOCAL_CHANGES,
+    TAKE_STAMP_LOCK,
+    WAIT_IF_NOTED,
+    write_winners,
+)
 from pgconcord.transport import Window
 
 Connection = psycopg.Connection[tuple[object, ...]]
@@ -109,6 +115,10 @@ def apply_pipelined(
             raced.append(target.execute(statements.choose_winners, parameters))
             recorded.append(target.execute(statements.record(_SELECTION, False), parameters))
             write_winners(target, plan, statements, parameters)
+            if pair.lock_rows:
+                target.execute(NOTE_NEW_ROWS)
+        if pair.lock_rows:
+            target.execute(WAIT_IF_NOTED)
         # One look for a local write that raced with the piece, for all its tables.
         raced.append(target.execute(_RACED_IN_PIECE, bounds))
         moved = advance(target, pair.origin, window, after, last_order, final=True)
