@@ -77,6 +77,33 @@ def test_a_conflict_is_resolved_alike_and_recorded(cluster: Cluster) -> None:
     assert cluster.conflicts()
 
 
+def test_a_change_refused_here_is_parked_and_the_rest_of_its_piece_applied(
+    cluster: Cluster,
+) -> None:
+    """The change-by-change way into a node in WAL mode: the piece's rows are locked and
+    stamped once, not once per change (each stamp there waits for the node's WAL to be read),
+    and what it applies is judged like any other apply."""
+    north, south = cluster.names[0], cluster.names[1]
+    for name in cluster.names:
+        cluster.execute(name, SCHEMA)
+    cluster.execute(south, "ALTER TABLE items ADD CONSTRAINT small CHECK (stock < 1000)")
+    cluster.setup()
+    cluster.execute(south, "INSERT INTO items (id, name) VALUES (7, 'south')")
+    cluster.execute(
+        north,
+        "DO $$ BEGIN FOR i IN 1..200 LOOP"
+        " INSERT INTO items (id, name, stock) VALUES (i, 'north', CASE WHEN i = 100 THEN 5000"
+        " ELSE i END); COMMIT; END LOOP; END $$",
+    )
+    cluster.pull(north, south)
+    assert cluster.admin_value(south, "SELECT count(*) FROM pgconcord.parked_change") == 1
+    assert cluster.value(south, "SELECT count(*) FROM items") == 199
+    cluster.pull(south, north)
+    assert cluster.query(north, "SELECT name FROM items WHERE id = 7") == cluster.query(
+        south, "SELECT name FROM items WHERE id = 7"
+    )
+
+
 @pytest.mark.parametrize("streaming", [False, True], ids=["no agent", "agent streaming"])
 @pytest.mark.slow
 def test_setup_moves_a_node_between_modes_while_it_is_written(

@@ -16,6 +16,7 @@ from psycopg import sql
 from pgconcord import conflict, resolver, schema
 from pgconcord.apply import parking
 from pgconcord.apply.errors import (
+    RacedWithLocalWrite,
     TableDropped,
     TargetProblem,
     first_line,
@@ -25,7 +26,12 @@ from pgconcord.apply.errors import (
 from pgconcord.apply.pair import PairState
 from pgconcord.apply.plan import TablePlan
 from pgconcord.apply.position import Position, advance, check_position
-from pgconcord.apply.setwise import STAMP_LOCAL_CHANGES, apply_window_table
+from pgconcord.apply.setwise import (
+    RACED_IN_PIECE,
+    STAMP_LOCAL_CHANGES,
+    WAIT_IF_NOTED,
+    apply_window_table,
+)
 from pgconcord.transport import Window
 
 log = logging.getLogger(__name__)
@@ -97,6 +103,9 @@ def apply_one_by_one(
                     None if table_name is None else str(table_name),
                 )
             )
+        locked_ahead = pair.lock_rows and _lock_rows_ahead(
+            target, plan_for, piece, [change for each in transactions.values() for change in each]
+        )
         failures = 0
         orders = list(transactions)
         for index, order in enumerate(orders):
@@ -105,7 +114,9 @@ def apply_one_by_one(
             if hold_followers(pair, target, this_one):
                 continue
             try:
-                conflicts += _apply_transaction(pair, target, plan_for, transactions[order])
+                conflicts += _apply_transaction(
+                    pair, target, plan_for, transactions[order], locked_ahead
+                )
                 continue
             except _ChangeFailed as failed:
                 reason = failed.reason
@@ -144,9 +155,41 @@ def apply_one_by_one(
                     failures,
                 )
                 break
+        if locked_ahead:
+            target.execute(WAIT_IF_NOTED)
+            raced = target.execute(sql.SQL(RACED_IN_PIECE).format(selection=piece)).fetchone()
+            if raced and raced[0]:
+                raise RacedWithLocalWrite("a local write raced with the apply of its row")
         conflicts += pair.parents.record_missing(target, pair.origin, last_order, final)
         advance(target, pair.origin, window, after, last_order, final)
     return conflicts
+
+
+def _lock_rows_ahead(
+    target: Connection,
+    plan_for: Callable[[str, str, int], TablePlan],
+    piece: sql.Composable,
+    changes: list[tuple[int, str | None, str | None]],
+) -> bool:
+    """Lock the piece's rows that are here and stamp once more, before any is judged
+    (setwise.RACED_LOCAL_WRITE), rather than once per change: on a node in WAL mode each
+    stamp waits for the node's WAL to be read. False, with the changes then locking their
+    rows one by one, for a piece with a schema change (its tables change on the way)."""
+    first: dict[tuple[str, str], int] = {}
+    for change_id, schema_name, table_name in changes:
+        if schema_name is None or table_name is None:
+            return False
+        first.setdefault((schema_name, table_name), change_id)
+    for (schema_name, table_name), change_id in first.items():
+        plan = plan_for(schema_name, table_name, change_id)
+        if plan.dropped or plan.held is not None or not plan.table.key_columns:
+            continue
+        statements = conflict.table_statements(
+            plan.table, plan.columns, plan.delta_columns, plan.audited
+        )
+        target.execute(statements.lock_rows(piece), {"schema": schema_name, "table": table_name})
+    target.execute(STAMP_LOCAL_CHANGES)
+    return True
 
 
 def _apply_transaction(
@@ -154,6 +197,7 @@ def _apply_transaction(
     target: Connection,
     plan_for: Callable[[str, str, int], TablePlan],
     changes: list[tuple[int, str | None, str | None]],
+    locked_ahead: bool,
 ) -> int:
     """Apply one source transaction change by change, under one savepoint; raise
     _ChangeFailed (with everything undone) if a change cannot be applied."""
@@ -168,7 +212,7 @@ def _apply_transaction(
                     pair.plans.forget_carried()
                     continue
                 plan = plan_for(schema_name, table_name, change_id)
-                conflicts += _apply_change(pair, target, plan, change_id)
+                conflicts += _apply_change(pair, target, plan, change_id, locked_ahead)
             except psycopg.DatabaseError as error:
                 if plan is not None and is_target_problem(error):
                     # This node refuses the agent, or the table went: waits, not parked.
@@ -184,16 +228,20 @@ def _apply_transaction(
     return conflicts
 
 
-def _apply_change(pair: PairState, target: Connection, plan: TablePlan, change_id: int) -> int:
+def _apply_change(
+    pair: PairState, target: Connection, plan: TablePlan, change_id: int, locked_ahead: bool
+) -> int:
     """Apply one staged change under a savepoint; the number of conflicts. A collision on
-    a unique constraint other than the key is resolved; other failures are raised."""
+    a unique constraint other than the key is resolved; other failures are raised. With
+    locked_ahead the piece's rows are locked already (_lock_rows_ahead)."""
     selection = sql.SQL("s.id = {}").format(sql.Literal(change_id))
+    lock_rows = pair.lock_rows and not locked_ahead
     # Transactions that wait behind a parked change were left out whole before (see
     # apply_one_by_one): nothing to hold here.
     try:
         with target.transaction():
             return apply_window_table(
-                target, plan, pair.origin, selection, False, pair.parents, pair.lock_rows
+                target, plan, pair.origin, selection, False, pair.parents, lock_rows, locked_ahead
             )
     except pg_errors.UniqueViolation:
         with target.transaction():
@@ -208,5 +256,5 @@ def _apply_change(pair: PairState, target: Connection, plan: TablePlan, change_i
             if not apply_now:
                 return 1
             return 1 + apply_window_table(
-                target, plan, pair.origin, selection, False, pair.parents, pair.lock_rows
+                target, plan, pair.origin, selection, False, pair.parents, lock_rows, locked_ahead
             )

@@ -73,6 +73,17 @@ SELECT EXISTS (SELECT 1 FROM pgconcord.captured_change q
 """
 
 
+# RACED_LOCAL_WRITE for every table of a piece at once, by the staged keys it selects.
+RACED_IN_PIECE = """
+SELECT EXISTS (SELECT 1 FROM pgconcord.captured_change q
+                 JOIN pgconcord.replicated_table t ON t.id = q.table_id
+                 JOIN pgconcord_stage s
+                   ON s.schema_name = t.schema_name AND s.table_name = t.table_name
+                  AND s.row_key = q.row_key
+                WHERE {selection})
+"""
+
+
 def apply_table(
     target: Connection,
     plan: TablePlan,
@@ -80,13 +91,15 @@ def apply_table(
     selection: sql.Composable,
     parked_waiting: bool,
     lock_rows: bool = False,
+    note_new_rows: bool = False,
 ) -> int:
     """Apply the staged changes the selection picks for one table; the number of conflicts.
     Runs inside the caller's transaction, which stamped this node's own changes first
     (STAMP_LOCAL_CHANGES). With parked_waiting, the changes of transactions
     parking.hold_followers held are left out; with lock_rows, the rows here are locked before
-    they are judged (RACED_LOCAL_WRITE). Rows applied to a table with foreign keys are noted
-    for ParentCheck.record_missing (parents.py)."""
+    they are judged (RACED_LOCAL_WRITE); with note_new_rows, the caller locked them and looks for
+    a raced local write once for many calls (NOTE_NEW_ROWS). Rows applied to a table with
+    foreign keys are noted for ParentCheck.record_missing (parents.py)."""
     if plan.dropped or plan.held is not None:
         staged = target.execute(
             sql.SQL(
@@ -147,6 +160,8 @@ def apply_table(
         resolver.mark_resolved(target, plan.table, verdicts)
     if lock_rows:
         target.execute(WAIT_IF_NEW_ROWS)
+    elif note_new_rows:
+        target.execute(NOTE_NEW_ROWS)
     raced_local = target.execute(RACED_LOCAL_WRITE, parameters).fetchone()
     if raced_local and raced_local[0]:
         raise RacedWithLocalWrite(
@@ -187,12 +202,13 @@ def apply_window_table(
     held: bool,
     parents: ParentCheck,
     lock_rows: bool = False,
+    note_new_rows: bool = False,
 ) -> int:
     """apply_table, noting the tables whose rows wait for the check of their parents, and
     telling a refusal of this node (a right, a table) from a change that cannot be applied."""
     parents.note(plan)
     try:
-        return apply_table(target, plan, origin, selection, held, lock_rows)
+        return apply_table(target, plan, origin, selection, held, lock_rows, note_new_rows)
     except psycopg.DatabaseError as error:
         if is_target_problem(error):
             raise TargetProblem(error, plan) from error
