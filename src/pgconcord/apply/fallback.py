@@ -16,7 +16,6 @@ from psycopg import sql
 from pgconcord import conflict, resolver, schema
 from pgconcord.apply import parking
 from pgconcord.apply.errors import (
-    RacedWithLocalWrite,
     TableDropped,
     TargetProblem,
     first_line,
@@ -27,9 +26,7 @@ from pgconcord.apply.pair import PairState
 from pgconcord.apply.plan import TablePlan
 from pgconcord.apply.position import Position, advance, check_position
 from pgconcord.apply.setwise import (
-    RACED_IN_PIECE,
     STAMP_LOCAL_CHANGES,
-    WAIT_IF_NOTED,
     apply_window_table,
 )
 from pgconcord.transport import Window
@@ -155,11 +152,6 @@ def apply_one_by_one(
                     failures,
                 )
                 break
-        if locked_ahead:
-            target.execute(WAIT_IF_NOTED)
-            raced = target.execute(sql.SQL(RACED_IN_PIECE).format(selection=piece)).fetchone()
-            if raced and raced[0]:
-                raise RacedWithLocalWrite("a local write raced with the apply of its row")
         conflicts += pair.parents.record_missing(target, pair.origin, last_order, final)
         advance(target, pair.origin, window, after, last_order, final)
     return conflicts

@@ -50,21 +50,9 @@ TAKE_STAMP_LOCK = f"SELECT pg_advisory_xact_lock({STAMP_LOCK})"
 # before the lock, and the stamp after it waits for the node's WAL to be read that far
 # (drain_wal.sql), or waits for the apply. (An asynchronous local commit whose WAL is not
 # flushed yet can still race: README "Limits today".) A row that was not here to be locked
-# can be inserted here meanwhile: the apply waits for that insert and then overwrites its row.
-# So once the winners are written, if any of them was a new row here, the check below looks
-# only after the node's WAL has been read as far as it is flushed (drain_wal.sql), which holds
-# every local commit the apply waited for.
-_NEW_ROWS = """EXISTS (SELECT 1 FROM pgconcord_decision d
-                 JOIN pgconcord_winner w ON w.row_key = d.row_key
-                WHERE d.mode = 'full' AND (d.local_clock IS NULL OR d.local_deleted))"""
-# With lock_rows: before RACED_LOCAL_WRITE, for one table (apply_table)...
-WAIT_IF_NEW_ROWS = f"SELECT pgconcord.drain_wal(true) WHERE {_NEW_ROWS}"
-# ... or noted for each table and waited for once (steady.apply_pipelined).
-NOTE_NEW_ROWS = f"SELECT set_config('pgconcord.new_rows', 'on', true) WHERE {_NEW_ROWS}"
-WAIT_IF_NOTED = (
-    "SELECT pgconcord.drain_wal(true)"
-    " WHERE coalesce(current_setting('pgconcord.new_rows', true), '') = 'on'"
-)
+# can be inserted here meanwhile: the apply's upsert waits for that insert and then finds its
+# row, which the upsert's answer tells (conflict.statements: pgconcord_absent), and the piece
+# is applied again.
 
 RACED_LOCAL_WRITE = """
 SELECT EXISTS (SELECT 1 FROM pgconcord.captured_change q
@@ -91,15 +79,14 @@ def apply_table(
     selection: sql.Composable,
     parked_waiting: bool,
     lock_rows: bool = False,
-    note_new_rows: bool = False,
+    locked_ahead: bool = False,
 ) -> int:
     """Apply the staged changes the selection picks for one table; the number of conflicts.
     Runs inside the caller's transaction, which stamped this node's own changes first
     (STAMP_LOCAL_CHANGES). With parked_waiting, the changes of transactions
     parking.hold_followers held are left out; with lock_rows, the rows here are locked before
-    they are judged (RACED_LOCAL_WRITE); with note_new_rows, the caller locked them and looks for
-    a raced local write once for many calls (NOTE_NEW_ROWS). Rows applied to a table with
-    foreign keys are noted for ParentCheck.record_missing (parents.py)."""
+    they are judged (RACED_LOCAL_WRITE); with locked_ahead, the caller locked them. Rows
+    applied to a table with foreign keys are noted for ParentCheck.record_missing (parents.py)."""
     if plan.dropped or plan.held is not None:
         staged = target.execute(
             sql.SQL(
@@ -154,16 +141,13 @@ def apply_table(
             " being merged"
         )
     recorded = target.execute(statements.record(selection, parked_waiting), parameters).rowcount
-    write_winners(target, plan, statements, parameters)
+    found_inserted = write_winners(target, plan, statements, parameters, lock_rows or locked_ahead)
     if verdicts is not None and verdicts.keep:
         resolver.write_kept_rows(target, plan.table, plan.columns, verdicts)
         resolver.mark_resolved(target, plan.table, verdicts)
-    if lock_rows:
-        target.execute(WAIT_IF_NEW_ROWS)
-    elif note_new_rows:
-        target.execute(NOTE_NEW_ROWS)
+    inserted = found_inserted.fetchone()
     raced_local = target.execute(RACED_LOCAL_WRITE, parameters).fetchone()
-    if raced_local and raced_local[0]:
+    if (raced_local and raced_local[0]) or (inserted and inserted[0]):
         raise RacedWithLocalWrite(
             f"{plan.table.qualified_name}: a local write committed while its row was applied"
         )
@@ -178,20 +162,27 @@ def write_winners(
     plan: TablePlan,
     statements: conflict.TableStatements,
     parameters: dict[str, object],
-) -> None:
+    rows_locked: bool,
+) -> psycopg.Cursor[tuple[object, ...]]:
     """Write the rows chosen (pgconcord_winner) into the plan's table: the whole-row deletes
-    and upserts, the column merges and the counter additions. Rows of a table with foreign
-    keys are noted for the check of their parents, once the whole window is applied
+    and upserts, the column merges and the counter additions; the upsert's cursor, whose
+    count is of the local inserts it overwrote (with rows_locked: the apply locked the rows
+    here before it judged them, and notes first which new rows are not here). Rows of a table
+    with foreign keys are noted for the check of their parents, once the whole window is applied
     (ParentCheck.record_missing): a parent may come in a table applied after this one, or in
     a later transaction."""
+    if rows_locked:
+        target.execute("DELETE FROM pgconcord_absent")
+        target.execute(statements.absent_rows, parameters)
     target.execute(statements.delete_rows, parameters)
-    target.execute(statements.upsert_rows, parameters)
+    upserted = target.execute(statements.upsert_rows, parameters)
     if statements.merge_rows is not None:
         target.execute(statements.merge_rows, parameters)
     if statements.add_deltas is not None:
         target.execute(statements.add_deltas, parameters)
     if plan.foreign_keys:
         target.execute(conflict.CHILD_CANDIDATES, parameters)
+    return upserted
 
 
 def apply_window_table(
@@ -202,13 +193,13 @@ def apply_window_table(
     held: bool,
     parents: ParentCheck,
     lock_rows: bool = False,
-    note_new_rows: bool = False,
+    locked_ahead: bool = False,
 ) -> int:
     """apply_table, noting the tables whose rows wait for the check of their parents, and
     telling a refusal of this node (a right, a table) from a change that cannot be applied."""
     parents.note(plan)
     try:
-        return apply_table(target, plan, origin, selection, held, lock_rows, note_new_rows)
+        return apply_table(target, plan, origin, selection, held, lock_rows, locked_ahead)
     except psycopg.DatabaseError as error:
         if is_target_problem(error):
             raise TargetProblem(error, plan) from error

@@ -44,6 +44,7 @@ CREATE TEMPORARY TABLE IF NOT EXISTS pgconcord_decision (
     mode text, taken text[], merged_versions jsonb, last_clock bigint, last_origin text,
     overlap text[]) ON COMMIT DELETE ROWS;
 CREATE TEMPORARY TABLE IF NOT EXISTS pgconcord_winner (row_key jsonb) ON COMMIT DELETE ROWS;
+CREATE TEMPORARY TABLE IF NOT EXISTS pgconcord_absent (row_key jsonb) ON COMMIT DELETE ROWS;
 CREATE TEMPORARY TABLE IF NOT EXISTS pgconcord_held (transaction_order bigint)
     ON COMMIT DELETE ROWS;
 CREATE TEMPORARY TABLE IF NOT EXISTS pgconcord_child (

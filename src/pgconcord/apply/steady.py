@@ -21,11 +21,9 @@ from pgconcord.apply.pair import PairState
 from pgconcord.apply.plan import TablePlan
 from pgconcord.apply.position import Position, advance, require_replica_mode
 from pgconcord.apply.setwise import (
-    NOTE_NEW_ROWS,
     RACED_IN_PIECE,
     STAMP_LOCAL_CHANGES,
     TAKE_STAMP_LOCK,
-    WAIT_IF_NOTED,
     write_winners,
 )
 from pgconcord.transport import Window
@@ -108,11 +106,7 @@ def apply_pipelined(
             target.execute(statements.decide(_SELECTION, False), parameters)
             raced.append(target.execute(statements.choose_winners, parameters))
             recorded.append(target.execute(statements.record(_SELECTION, False), parameters))
-            write_winners(target, plan, statements, parameters)
-            if pair.lock_rows:
-                target.execute(NOTE_NEW_ROWS)
-        if pair.lock_rows:
-            target.execute(WAIT_IF_NOTED)
+            raced.append(write_winners(target, plan, statements, parameters, pair.lock_rows))
         # One look for a local write that raced with the piece, for all its tables.
         raced.append(target.execute(_RACED_IN_PIECE, bounds))
         moved = advance(target, pair.origin, window, after, last_order, final=True)

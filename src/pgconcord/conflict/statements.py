@@ -25,7 +25,11 @@ DELETE FROM {table} t
  WHERE {key_match} AND (d.mode = 'delete' {identity_changed})
 """
 
+# Its answer: how many rows it found here under a key that was not here just before
+# (pgconcord_absent, filled with _ABSENT_ROWS where the apply locks rows): a local insert
+# that committed meanwhile, which the upsert waited for and then overwrote unjudged.
 _UPSERT_ROWS = """
+WITH upserted AS (
 INSERT INTO {table} AS t ({columns}) OVERRIDING SYSTEM VALUE
 SELECT {record_columns}
   FROM pgconcord_decision d
@@ -33,6 +37,21 @@ SELECT {record_columns}
  CROSS JOIN LATERAL jsonb_populate_record(NULL::{table}, d.new_row) r
  WHERE d.mode = 'full' AND NOT {counted}
     ON CONFLICT ({key_columns}) DO {on_conflict}
+RETURNING {returned_keys}, t.xmax <> 0 AS pgconcord_updated)
+SELECT count(*) FROM pgconcord_absent a
+ CROSS JOIN LATERAL jsonb_populate_record(NULL::{table}, a.row_key) k
+  JOIN upserted t ON {key_match}
+ WHERE t.pgconcord_updated
+"""
+
+# The new rows the piece brings that are not here now (see _UPSERT_ROWS).
+_ABSENT_ROWS = """
+INSERT INTO pgconcord_absent
+SELECT d.row_key FROM pgconcord_decision d
+  JOIN pgconcord_winner w ON w.row_key = d.row_key
+ CROSS JOIN LATERAL jsonb_populate_record(NULL::{table}, d.row_key) k
+ WHERE d.mode = 'full' AND (d.local_clock IS NULL OR d.local_deleted)
+   AND NOT EXISTS (SELECT 1 FROM {table} t WHERE {key_match})
 """
 
 # Counters changed by updates only (d.delta) on a row that is here: the origin's differences
@@ -83,6 +102,7 @@ class TableStatements:
     record_conflicts: sql.Composed
     delete_rows: sql.Composed
     upsert_rows: sql.Composed
+    absent_rows: sql.Composed
     merge_rows: sql.Composed | None
     add_deltas: sql.Composed | None
     delta: sql.Composable
@@ -257,7 +277,12 @@ def table_statements(
             key_columns=sql.SQL(", ").join(sql.Identifier(c) for c in table.key_columns),
             on_conflict=on_conflict,
             counted=sql.SQL(_COUNTED),
+            returned_keys=sql.SQL(", ").join(
+                sql.SQL("t.{}").format(sql.Identifier(c)) for c in table.key_columns
+            ),
+            key_match=key_match,
         ),
+        absent_rows=sql.SQL(_ABSENT_ROWS).format(table=identifier, key_match=key_match),
         add_deltas=_add_deltas(table, columns, delta_columns, record_column),
         merge_rows=_merge_rows(table, columns, delta_columns, record_column),
         delta=_delta_expression(delta_columns),
