@@ -74,6 +74,28 @@ def test_rows_written_before_a_concurrent_add_column_get_its_default(
     assert len(set(got.values())) == 1, got
 
 
+def pull_while_a_local_transaction_waits(
+    cluster: Cluster, origin: str, target: str, statement: str
+) -> None:
+    """Pull origin -> target while a local transaction at the target, which ran `statement`,
+    holds the row the apply writes: it commits once the apply waits for it."""
+    with cluster.connect(target, autocommit=False) as local:
+        local.execute(statement.encode())
+        applying = threading.Thread(target=cluster.pull, args=(origin, target))
+        applying.start()
+        wait_for(
+            lambda: cluster.admin_value(
+                target,
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            ),
+            message="the apply never waited for the local transaction",
+        )
+        local.commit()
+    applying.join(60)
+    assert not applying.is_alive()
+
+
 @pytest.mark.parametrize("capture_mode", ["trigger", "wal"])
 def test_a_local_write_an_apply_waited_for_carries_only_its_own_columns(
     cluster: Cluster,
@@ -93,21 +115,9 @@ def test_a_local_write_an_apply_waited_for_carries_only_its_own_columns(
     cluster.write_config('[conflict.table."public.products"]\ndelta_columns = ["stock"]\n')
     cluster.setup()
     cluster.execute(north, "UPDATE products SET price = 4.13")
-    with cluster.connect(south, autocommit=False) as local:
-        local.execute("UPDATE products SET stock = stock - 1")
-        applying = threading.Thread(target=cluster.pull, args=(north, south))
-        applying.start()
-        wait_for(
-            lambda: cluster.admin_value(
-                south,
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            ),
-            message="the apply never waited for the local transaction",
-        )
-        local.commit()
-    applying.join(60)
-    assert not applying.is_alive()
+    pull_while_a_local_transaction_waits(
+        cluster, north, south, "UPDATE products SET stock = stock - 1"
+    )
     cluster.pull(south, east)  # east hears of the local write before the price itself
     cluster.pull(north, east)
     cluster.sync()
@@ -125,21 +135,9 @@ def test_a_local_insert_an_apply_waited_for_is_judged(cluster: Cluster) -> None:
         cluster.execute(name, "CREATE TABLE items (id int PRIMARY KEY, note text NOT NULL)")
     cluster.setup()
     cluster.execute(north, "INSERT INTO items VALUES (1, 'from north')")
-    with cluster.connect(south, autocommit=False) as local:
-        local.execute("INSERT INTO items VALUES (1, 'from south')")
-        applying = threading.Thread(target=cluster.pull, args=(north, south))
-        applying.start()
-        wait_for(
-            lambda: cluster.admin_value(
-                south,
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            ),
-            message="the apply never waited for the local transaction",
-        )
-        local.commit()
-    applying.join(60)
-    assert not applying.is_alive()
+    pull_while_a_local_transaction_waits(
+        cluster, north, south, "INSERT INTO items VALUES (1, 'from south')"
+    )
     cluster.sync()
     cluster.sync()
     got = values(cluster, "SELECT note FROM items")
