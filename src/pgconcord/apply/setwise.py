@@ -145,7 +145,7 @@ def apply_table(
     if verdicts is not None and verdicts.keep:
         resolver.write_kept_rows(target, plan.table, plan.columns, verdicts)
         resolver.mark_resolved(target, plan.table, verdicts)
-    inserted = found_inserted.fetchone()
+    inserted = found_inserted.fetchone() if found_inserted is not None else None
     raced_local = target.execute(RACED_LOCAL_WRITE, parameters).fetchone()
     if (raced_local and raced_local[0]) or (inserted and inserted[0]):
         raise RacedWithLocalWrite(
@@ -163,11 +163,11 @@ def write_winners(
     statements: conflict.TableStatements,
     parameters: dict[str, object],
     rows_locked: bool,
-) -> psycopg.Cursor[tuple[object, ...]]:
+) -> psycopg.Cursor[tuple[object, ...]] | None:
     """Write the rows chosen (pgconcord_winner) into the plan's table: the whole-row deletes
-    and upserts, the column merges and the counter additions; the upsert's cursor, whose
-    count is of the local inserts it overwrote (with rows_locked: the apply locked the rows
-    here before it judged them, and notes first which new rows are not here). Rows of a table
+    and upserts, the column merges and the counter additions. With rows_locked (the apply
+    locked the rows here before it judged them), the cursor counting the local inserts the
+    upsert overwrote (conflict.statements: pgconcord_absent). Rows of a table
     with foreign keys are noted for the check of their parents, once the whole window is applied
     (ParentCheck.record_missing): a parent may come in a table applied after this one, or in
     a later transaction."""
@@ -175,14 +175,15 @@ def write_winners(
         target.execute("DELETE FROM pgconcord_absent")
         target.execute(statements.absent_rows, parameters)
     target.execute(statements.delete_rows, parameters)
-    upserted = target.execute(statements.upsert_rows, parameters)
+    target.execute(statements.upsert_rows, parameters)
+    inserted_over = target.execute(statements.inserted_over, parameters) if rows_locked else None
     if statements.merge_rows is not None:
         target.execute(statements.merge_rows, parameters)
     if statements.add_deltas is not None:
         target.execute(statements.add_deltas, parameters)
     if plan.foreign_keys:
         target.execute(conflict.CHILD_CANDIDATES, parameters)
-    return upserted
+    return inserted_over
 
 
 def apply_window_table(

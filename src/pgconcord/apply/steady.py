@@ -106,7 +106,9 @@ def apply_pipelined(
             target.execute(statements.decide(_SELECTION, False), parameters)
             raced.append(target.execute(statements.choose_winners, parameters))
             recorded.append(target.execute(statements.record(_SELECTION, False), parameters))
-            raced.append(write_winners(target, plan, statements, parameters, pair.lock_rows))
+            inserted_over = write_winners(target, plan, statements, parameters, pair.lock_rows)
+            if inserted_over is not None:
+                raced.append(inserted_over)
         # One look for a local write that raced with the piece, for all its tables.
         raced.append(target.execute(_RACED_IN_PIECE, bounds))
         moved = advance(target, pair.origin, window, after, last_order, final=True)

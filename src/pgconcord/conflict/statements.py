@@ -25,11 +25,7 @@ DELETE FROM {table} t
  WHERE {key_match} AND (d.mode = 'delete' {identity_changed})
 """
 
-# Its answer: how many rows it found here under a key that was not here just before
-# (pgconcord_absent, filled with _ABSENT_ROWS where the apply locks rows): a local insert
-# that committed meanwhile, which the upsert waited for and then overwrote unjudged.
 _UPSERT_ROWS = """
-WITH upserted AS (
 INSERT INTO {table} AS t ({columns}) OVERRIDING SYSTEM VALUE
 SELECT {record_columns}
   FROM pgconcord_decision d
@@ -37,14 +33,10 @@ SELECT {record_columns}
  CROSS JOIN LATERAL jsonb_populate_record(NULL::{table}, d.new_row) r
  WHERE d.mode = 'full' AND NOT {counted}
     ON CONFLICT ({key_columns}) DO {on_conflict}
-RETURNING {returned_keys}, t.xmax <> 0 AS pgconcord_updated)
-SELECT count(*) FROM pgconcord_absent a
- CROSS JOIN LATERAL jsonb_populate_record(NULL::{table}, a.row_key) k
-  JOIN upserted t ON {key_match}
- WHERE t.pgconcord_updated
 """
 
-# The new rows the piece brings that are not here now (see _UPSERT_ROWS).
+# The new rows the piece brings that are not here now, noted before the upsert where the apply
+# locks rows (apply.setwise.write_winners)...
 _ABSENT_ROWS = """
 INSERT INTO pgconcord_absent
 SELECT d.row_key FROM pgconcord_decision d
@@ -52,6 +44,16 @@ SELECT d.row_key FROM pgconcord_decision d
  CROSS JOIN LATERAL jsonb_populate_record(NULL::{table}, d.row_key) k
  WHERE d.mode = 'full' AND (d.local_clock IS NULL OR d.local_deleted)
    AND NOT EXISTS (SELECT 1 FROM {table} t WHERE {key_match})
+"""
+
+# ... and, after it, those it found there all the same: a local insert that committed
+# meanwhile, which the upsert waited for and then updated (an updated row's new version has
+# an xmax, an inserted one none) without judging it.
+_INSERTED_OVER = """
+SELECT count(*) FROM pgconcord_absent a
+ CROSS JOIN LATERAL jsonb_populate_record(NULL::{table}, a.row_key) k
+  JOIN {table} t ON {key_match}
+ WHERE t.xmax <> '0'::xid
 """
 
 # Counters changed by updates only (d.delta) on a row that is here: the origin's differences
@@ -103,6 +105,7 @@ class TableStatements:
     delete_rows: sql.Composed
     upsert_rows: sql.Composed
     absent_rows: sql.Composed
+    inserted_over: sql.Composed
     merge_rows: sql.Composed | None
     add_deltas: sql.Composed | None
     delta: sql.Composable
@@ -277,12 +280,9 @@ def table_statements(
             key_columns=sql.SQL(", ").join(sql.Identifier(c) for c in table.key_columns),
             on_conflict=on_conflict,
             counted=sql.SQL(_COUNTED),
-            returned_keys=sql.SQL(", ").join(
-                sql.SQL("t.{}").format(sql.Identifier(c)) for c in table.key_columns
-            ),
-            key_match=key_match,
         ),
         absent_rows=sql.SQL(_ABSENT_ROWS).format(table=identifier, key_match=key_match),
+        inserted_over=sql.SQL(_INSERTED_OVER).format(table=identifier, key_match=key_match),
         add_deltas=_add_deltas(table, columns, delta_columns, record_column),
         merge_rows=_merge_rows(table, columns, delta_columns, record_column),
         delta=_delta_expression(delta_columns),
