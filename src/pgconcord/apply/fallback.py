@@ -25,10 +25,7 @@ from pgconcord.apply.errors import (
 from pgconcord.apply.pair import PairState
 from pgconcord.apply.plan import TablePlan
 from pgconcord.apply.position import Position, advance, check_position
-from pgconcord.apply.setwise import (
-    STAMP_LOCAL_CHANGES,
-    apply_window_table,
-)
+from pgconcord.apply.setwise import STAMP_LOCAL_CHANGES, apply_window_table
 from pgconcord.transport import Window
 
 log = logging.getLogger(__name__)

@@ -251,11 +251,10 @@ class Puller:
         """One process at a time applies a pair (the position check keeps it correct anyway;
         the lock saves the others from staging the same window for nothing). The turn is a
         transaction lock, in a transaction that stays open for staging, with the position
-        locked, the copy horizons, whether the target captures from the WAL and an empty stage, all
-        in one round trip: a window applied
-        in that transaction (the steady state) commits and ends the turn at once. A window
-        that takes several transactions holds the turn as a session lock as well
-        (_hold_turn)."""
+        locked, the copy horizons, whether the target captures from the WAL and an empty
+        stage, all in one round trip: a window applied in that transaction (the steady state)
+        commits and ends the turn at once. A window that takes several transactions holds the
+        turn as a session lock as well (_hold_turn)."""
         target = self._target()
         lock = "pg_advisory_xact_lock" if wait else "pg_try_advisory_xact_lock"
         with target.pipeline():

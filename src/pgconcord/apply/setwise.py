@@ -61,17 +61,6 @@ SELECT EXISTS (SELECT 1 FROM pgconcord.captured_change q
 """
 
 
-# RACED_LOCAL_WRITE for every table of a piece at once, by the staged keys it selects.
-RACED_IN_PIECE = """
-SELECT EXISTS (SELECT 1 FROM pgconcord.captured_change q
-                 JOIN pgconcord.replicated_table t ON t.id = q.table_id
-                 JOIN pgconcord_stage s
-                   ON s.schema_name = t.schema_name AND s.table_name = t.table_name
-                  AND s.row_key = q.row_key
-                WHERE {selection})
-"""
-
-
 def apply_table(
     target: Connection,
     plan: TablePlan,
@@ -167,8 +156,8 @@ def write_winners(
     """Write the rows chosen (pgconcord_winner) into the plan's table: the whole-row deletes
     and upserts, the column merges and the counter additions. With rows_locked (the apply
     locked the rows here before it judged them), the cursor counting the local inserts the
-    upsert overwrote (conflict.statements: pgconcord_absent). Rows of a table
-    with foreign keys are noted for the check of their parents, once the whole window is applied
+    upsert overwrote (conflict.statements: pgconcord_absent). Rows of a table with foreign
+    keys are noted for the check of their parents, once the whole window is applied
     (ParentCheck.record_missing): a parent may come in a table applied after this one, or in
     a later transaction."""
     if rows_locked:

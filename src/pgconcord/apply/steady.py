@@ -21,7 +21,6 @@ from pgconcord.apply.pair import PairState
 from pgconcord.apply.plan import TablePlan
 from pgconcord.apply.position import Position, advance, require_replica_mode
 from pgconcord.apply.setwise import (
-    RACED_IN_PIECE,
     STAMP_LOCAL_CHANGES,
     TAKE_STAMP_LOCK,
     write_winners,
@@ -36,8 +35,15 @@ MAX_PIPELINED_ROWS = 10_000
 # The piece's changes by their bounds as parameters (see apply_pipelined).
 _SELECTION = sql.SQL("s.transaction_order > %(after)s AND s.transaction_order <= %(last)s")
 
-# setwise.RACED_IN_PIECE, by the piece's bounds as parameters.
-_RACED_IN_PIECE = sql.SQL(RACED_IN_PIECE).format(selection=_SELECTION)
+# setwise.RACED_LOCAL_WRITE for every table of the piece at once, by the staged keys.
+_RACED_IN_PIECE = """
+SELECT EXISTS (SELECT 1 FROM pgconcord.captured_change q
+                 JOIN pgconcord.replicated_table t ON t.id = q.table_id
+                 JOIN pgconcord_stage s
+                   ON s.schema_name = t.schema_name AND s.table_name = t.table_name
+                  AND s.row_key = q.row_key
+                WHERE s.transaction_order > %(after)s AND s.transaction_order <= %(last)s)
+"""
 
 # Composed statements by plan: composing them costs the agent more CPU than the rest of a
 # small piece (the plans are kept while the catalogs do not change: plan.PlanCache).
