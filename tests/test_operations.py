@@ -114,11 +114,12 @@ def test_the_roles_timeouts_do_not_cut_pgconcord_short(
         "lock_timeout": "1ms",
         "idle_in_transaction_session_timeout": "1ms",
     }
+    compiling = {"jit": "on", "jit_above_cost": "0"}
     if int(cluster.admin_value("north", "SHOW server_version_num")) >= 140000:
         limits["idle_session_timeout"] = "300ms"
     for name in cluster.names:
         role = conninfo_to_dict(cluster.dsns[name])["user"]
-        for setting, value in limits.items():
+        for setting, value in (limits | compiling).items():
             cluster.admin_execute(
                 name,
                 sql.SQL("ALTER ROLE {} IN DATABASE {} SET {} = {}").format(
@@ -136,6 +137,9 @@ def test_the_roles_timeouts_do_not_cut_pgconcord_short(
             assert ours.execute(sql.SQL("SHOW {}").format(sql.Identifier(setting))).fetchone() == (
                 "0",
             )
+        # A role that compiles every statement (jit_above_cost 0) does not make pgconcord's
+        # stamps and applies pay hundreds of milliseconds each for it.
+        assert ours.execute("SHOW jit").fetchone() == ("off",)
     cluster.setup()
     cluster.execute(
         "north", "INSERT INTO items SELECT g, repeat('x', 200) FROM generate_series(1, 5000) g"

@@ -27,10 +27,16 @@ Connection = psycopg.Connection[tuple[object, ...]]
 # the origin's session sits idle in its transaction while the target applies, and a join copies
 # whole tables in one statement. All of them are user-settable, so the startup packet sets them
 # for any role, at no extra round trip.
+# jit: the planner's guess of how many rows a stamp or an apply reads comes from statistics
+# that a burst leaves far too high (captured_change has held a million rows, and keeps their
+# pages), and above jit_above_cost every such statement compiles its expressions first: about
+# 300 ms of CPU, measured, for a stamp of 60 rows. pgconcord's statements are short; none
+# gains from it.
 PINNED_SETTINGS = (
     ("statement_timeout", "0"),
     ("lock_timeout", "0"),
     ("idle_in_transaction_session_timeout", "0"),
+    ("jit", "off"),
 )
 # Limits of the same kind newer servers have (idle_session_timeout would end the agent's
 # listening session, transaction_timeout a long window). A startup option naming a setting the
