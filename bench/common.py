@@ -976,7 +976,7 @@ def _run_agent(config_path: str, log_path: str) -> int:
 
     logging.basicConfig(
         filename=log_path,
-        level=logging.WARNING,
+        level=getattr(logging, os.environ.get("PGCONCORD_BENCH_LOG", "WARNING")),
         format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s",
     )
     stop = threading.Event()

@@ -452,6 +452,8 @@ RECORD_ONE = sql.SQL(
     + decision.RESOLUTION
     + ", "
     + decision.RECORDED
+    + ", "
+    + decision.RECORDED_WITHOUT_THE_ROW
     + """
   FROM jsonb_to_record(%(decided)s) AS d(
        mode text, taken text[], overlap text[], local_clock bigint, local_last_clock bigint,
@@ -521,6 +523,8 @@ def test_recording_agrees(
     counters_only = rules.only_counters_differ(delta, new_row, local_row, COUNTERS)
     assert row[0] == rules.resolution(made, won)
     assert row[1] == rules.is_recorded(made, local_last, previous, counters_only)
+    # The statement asks the cheaper condition first: it never leaves out a record.
+    assert row[2] or not row[1]
 
 
 def test_conflict_types_agree(catalog: psycopg.Connection[Any]) -> None:

@@ -14,9 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Cluster
+from harness import Cluster, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from pgconcord.agent import Agent
+from pgconcord.agent.housekeeping import CAPTURED_TRUNCATE_PAGES
 
 KEYS = st.integers(min_value=1, max_value=5)
 CLOCK = st.integers(min_value=-5, max_value=5)  # how far a write's wall clock strays
@@ -239,3 +242,39 @@ def test_a_poll_with_nothing_to_stamp_takes_no_transaction_id(one_node: Cluster)
     assert one_node.admin_query(
         node, "SELECT pgconcord.stamp_captured(false), pg_current_xact_id_if_assigned()"
     ) == [(0, None)]
+
+
+def test_the_agent_gives_back_the_pages_a_big_transaction_left_to_stamp(
+    system_cluster: Cluster,
+) -> None:
+    """Every stamp reads all of captured_change, several times a second even on an idle node:
+    the pages a big transaction filled must not stay behind once it is stamped."""
+    cluster = system_cluster
+    origin = cluster.names[0]
+    for name in cluster.names:
+        cluster.execute(name, "CREATE TABLE big (id int PRIMARY KEY, note text)")
+    cluster.setup()
+    cluster.execute(
+        origin, "INSERT INTO big SELECT g, repeat('x', 200) FROM generate_series(1, 60000) g"
+    )
+    pages = (
+        "SELECT pg_relation_size('pgconcord.captured_change')"
+        " / current_setting('block_size')::bigint"
+    )
+    assert cluster.admin_value(origin, pages) >= CAPTURED_TRUNCATE_PAGES
+    running = Agent(cluster.config, poll_seconds=0.2).start()
+    try:
+        for name in cluster.names:
+            wait_for(
+                lambda name=name: cluster.query(name, "SELECT count(*) FROM big") == [(60000,)],
+                timeout=90,
+                message=f"the rows on {name}",
+            )
+        wait_for(
+            lambda: cluster.admin_value(origin, pages) < CAPTURED_TRUNCATE_PAGES,
+            timeout=60,
+            message="captured_change given back",
+        )
+    finally:
+        running.stop()
+    cluster.assert_identical()

@@ -97,23 +97,38 @@ def purge_loop(agent: Host) -> None:
 # own agent vacuums it: autovacuum looks at most once a minute, and until then every stamp
 # and poll reads the dead rows of thousands of writes a second.
 CAPTURED_DEAD_ROWS = 5_000
+# Pages of captured_change above which that vacuum also gives back the empty pages at its
+# end. A big transaction leaves the table as large as it was (a million rows: some 30,000
+# pages), and every stamp, a few times a second on an idle node, reads every page of it.
+# Truncating takes a lock the writers' capture waits for, but VACUUM only takes it when no
+# one holds the table and gives it up within about 20 ms when a writer asks for it; below
+# this size the pages are kept for the next rows.
+CAPTURED_TRUNCATE_PAGES = 1_280  # 10 MB
 
 
-def captured_dead_rows(connection: psycopg.Connection[tuple[object, ...]]) -> int:
-    """The dead rows stamping has left in captured_change (statistics, a second or so old)."""
+def captured_state(connection: psycopg.Connection[tuple[object, ...]]) -> tuple[int, int]:
+    """The dead rows stamping has left in captured_change (statistics, a second or so old),
+    and the pages the table has."""
     row = connection.execute(
         "SELECT coalesce((SELECT n_dead_tup FROM pg_stat_user_tables"
-        " WHERE relid = to_regclass('pgconcord.captured_change')), 0)"
+        " WHERE relid = to_regclass('pgconcord.captured_change')), 0),"
+        " coalesce(pg_relation_size(to_regclass('pgconcord.captured_change')), 0)"
+        " / current_setting('block_size')::bigint"
     ).fetchone()
-    return int(str(row[0])) if row else 0
+    return (int(str(row[0])), int(str(row[1]))) if row else (0, 0)
 
 
-def vacuum_captured(connection: psycopg.Connection[tuple[object, ...]]) -> None:
+def vacuum_captured(
+    connection: psycopg.Connection[tuple[object, ...]], *, truncate: bool = False
+) -> None:
     """Vacuum captured_change (the connection is idle, not in a transaction)."""
     connection.autocommit = True
     try:
-        # Pages stay for the next rows: truncating would take a lock the writers wait for.
-        connection.execute("VACUUM (SKIP_LOCKED, TRUNCATE false) pgconcord.captured_change")
+        connection.execute(
+            "VACUUM (SKIP_LOCKED, TRUNCATE true) pgconcord.captured_change"
+            if truncate
+            else "VACUUM (SKIP_LOCKED, TRUNCATE false) pgconcord.captured_change"
+        )
     finally:
         connection.autocommit = False
 
@@ -128,11 +143,12 @@ def capture_loop(agent: Host, node: NodeConfig, stop: threading.Event) -> None:
             if connection is None or connection.closed:
                 connection = connect(node)
             # Read in the transaction regenerate_capture's first look commits: no extra one.
-            dead = captured_dead_rows(connection)
+            dead, pages = captured_state(connection)
             for name in catalog.regenerate_capture(connection):
                 log.info("%s: capture of %s regenerated after a schema change", node.name, name)
-            if dead >= CAPTURED_DEAD_ROWS:
-                vacuum_captured(connection)
+            large = pages >= CAPTURED_TRUNCATE_PAGES
+            if dead >= CAPTURED_DEAD_ROWS or (large and dead > 0):
+                vacuum_captured(connection, truncate=large)
         except (NodeUnavailable, psycopg.Error) as error:
             log.debug("%s: capture regeneration skipped: %s", node.name, error)
             if connection is not None:

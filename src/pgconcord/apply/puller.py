@@ -180,12 +180,23 @@ class Puller:
                     self._position = None
                     if isinstance(again, RacedWithLocalWrite):
                         self._pair.raced()
+                    log.debug(
+                        "%s -> %s: window taken again (%s)",
+                        self.origin.name,
+                        self.target.name,
+                        type(again).__name__,
+                    )
                     continue
                 except _StepByStep:
                     # The pipelined apply met something it leaves to the step-by-step way,
                     # which stages the window again and says what went wrong.
                     self._rollback()
                     self._step_by_step = True
+                    log.debug(
+                        "%s -> %s: window taken again, step by step",
+                        self.origin.name,
+                        self.target.name,
+                    )
                     continue
                 finally:
                     self._end_turn()
@@ -335,6 +346,13 @@ class Puller:
             window,
             turn.horizons,
             fresh=polled is not None,
+        )
+        log.debug(
+            "%s -> %s: %s window of %d changes staged",
+            self.origin.name,
+            self.target.name,
+            "a new" if polled is not None else "an unfinished",
+            staged.changes,
         )
         # A window with schema changes is applied with the columns its rows carry (schema.py).
         plans = None

@@ -1,7 +1,8 @@
 """The decision of the set-wise apply: each staged row judged against its version here (mode,
 the columns taken, the merged column map), the winners chosen, and the conflicts recorded.
 rules.py states the same rules in Python; tests/test_conflict_rules.py checks that the SQL
-fragments below (DECIDE_MODE, DECISION_COLUMNS, RESOLUTION, RECORDED) agree with it."""
+fragments below (DECIDE_MODE, DECISION_COLUMNS, RESOLUTION, RECORDED, RECORDED_WITHOUT_THE_ROW)
+agree with it."""
 
 from __future__ import annotations
 
@@ -177,6 +178,19 @@ RECORDED = """d.local_clock IS NOT NULL
                    > (d.previous_clock, d.previous_origin COLLATE "C"))
        END"""
 
+# RECORDED without what it asks of the row here: true wherever RECORDED is, and read from the
+# decision alone, so that the look-up of the local row (l) is made only for the few rows it
+# leaves, not for every row of the piece (tests/test_conflict_rules.py checks that it holds).
+RECORDED_WITHOUT_THE_ROW = """d.local_clock IS NOT NULL
+   AND CASE WHEN d.mode = 'merge' THEN cardinality(d.overlap) > 0
+       ELSE
+           (d.local_last_clock, d.local_last_origin)
+               IS DISTINCT FROM (d.previous_clock, d.previous_origin)
+           AND (d.previous_clock IS NULL
+                OR (d.local_last_clock, d.local_last_origin COLLATE "C")
+                   > (d.previous_clock, d.previous_origin COLLATE "C"))
+       END"""
+
 _RECORD_CONFLICTS = (
     """
 INSERT INTO pgconcord.conflict
@@ -195,7 +209,10 @@ SELECT %(schema)s, %(table)s, d.row_key, """
   LEFT JOIN LATERAL (SELECT to_jsonb(t.*) AS local_row
                        FROM {table} t, jsonb_populate_record(NULL::{table}, d.row_key) k
                       WHERE {key_match}) AS l ON true
- WHERE """
+ WHERE ("""
+    + RECORDED_WITHOUT_THE_ROW
+    + """)
+   AND """
     + RECORDED
     + """
 """
