@@ -20,6 +20,8 @@ from hypothesis import strategies as st
 
 from pgconcord.agent import Agent
 from pgconcord.agent.housekeeping import CAPTURED_TRUNCATE_PAGES
+from pgconcord.apply import Puller
+from pgconcord.catalog import STAMP_LOCK
 
 KEYS = st.integers(min_value=1, max_value=5)
 CLOCK = st.integers(min_value=-5, max_value=5)  # how far a write's wall clock strays
@@ -277,4 +279,41 @@ def test_the_agent_gives_back_the_pages_a_big_transaction_left_to_stamp(
         )
     finally:
         running.stop()
+    cluster.assert_identical()
+
+
+def test_a_pair_applies_what_is_stamped_while_another_session_stamps(
+    system_cluster: Cluster,
+) -> None:
+    """The agent's pairs take the window their first look finds (Puller settled=False): they
+    do not wait for a stamp in progress (the origin's watch, an apply there), whose commit
+    wakes them for the rest. sync still waits, and applies everything."""
+    cluster = system_cluster
+    origin, target = cluster.names[0], cluster.names[1]
+    for name in cluster.names:
+        cluster.execute(name, "CREATE TABLE items (id int PRIMARY KEY, note text)")
+    cluster.setup()
+    config = cluster.config
+    puller = Puller(config.node_by_name(origin), config.node_by_name(target), settled=False)
+    try:
+        cluster.execute(origin, "INSERT INTO items VALUES (0, 'first')")
+        puller.pull()  # the position and the plans
+        cluster.execute(
+            origin, "INSERT INTO items SELECT g, 'stamped' FROM generate_series(1, 5) g"
+        )
+        cluster.admin_execute(origin, "SELECT pgconcord.stamp_captured()")
+        cluster.execute(origin, "INSERT INTO items VALUES (6, 'captured')")
+        with cluster.admin_connect(origin) as stamper:
+            stamper.execute(f"SELECT pg_advisory_xact_lock({STAMP_LOCK})")  # stamping on
+            pulled = threading.Thread(target=lambda: puller.pull(until_current=True))
+            pulled.start()
+            pulled.join(timeout=20)
+            assert not pulled.is_alive(), "the pull waited for the other stamper"
+            assert cluster.query(target, "SELECT max(id) FROM items") == [(5,)]
+            stamper.rollback()
+        puller.pull(until_current=True)
+        assert cluster.query(target, "SELECT max(id) FROM items") == [(6,)]
+    finally:
+        puller.close()
+    cluster.sync()
     cluster.assert_identical()

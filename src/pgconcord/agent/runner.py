@@ -379,7 +379,8 @@ class Agent:
 
     def _pair_loop(self, pair: _Pair) -> None:
         origin, target, state = pair.origin, pair.target, pair.state
-        puller = Puller(origin, target)
+        # Changes a look finds are applied at once; the watch wakes the pair for the rest.
+        puller = Puller(origin, target, settled=False)
         backoff = 0.0
         waited = False  # the last failure was a node down: its return is logged by node
 

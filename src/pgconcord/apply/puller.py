@@ -106,11 +106,19 @@ class Puller:
     """Moves one origin's changes into one target. Not thread-safe: one per thread."""
 
     def __init__(
-        self, origin: NodeConfig, target: NodeConfig, *, piece_rows: int = DEFAULT_PIECE_ROWS
+        self,
+        origin: NodeConfig,
+        target: NodeConfig,
+        *,
+        piece_rows: int = DEFAULT_PIECE_ROWS,
+        settled: bool = True,
     ) -> None:
         self.origin = origin
         self.target = target
         self.piece_rows = piece_rows
+        # Whether a window holds everything the origin had captured when the pull began
+        # (sync, part), or is the first one a look finds (the agent: transport.postgres.poll).
+        self.settled = settled
         # Parked changes waiting, plans, rows waiting for their parents (see PairState).
         self._pair = PairState(origin.name, target.name)
         self._source = PostgresOrigin(origin)  # the origin, through its transport
@@ -236,7 +244,7 @@ class Puller:
         known = self._position
         if known is None or known.window_snapshot is not None:
             return None
-        polled = self._source.poll(known.applied_snapshot)
+        polled = self._source.poll(known.applied_snapshot, settled=self.settled)
         if not polled.has_changes:
             self._advance_idle(known, polled)
         return polled
@@ -328,7 +336,7 @@ class Puller:
         position = self._position = turn.position
         if position.window_snapshot is None:
             if polled is None or polled.applied_snapshot != position.applied_snapshot:
-                polled = origin.poll(position.applied_snapshot)
+                polled = origin.poll(position.applied_snapshot, settled=self.settled)
             if not polled.has_changes:
                 target.rollback()
                 self._advance_idle(position, polled)

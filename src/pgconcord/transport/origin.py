@@ -55,9 +55,10 @@ class Origin(Protocol):
 
     name: str
 
-    def poll(self, applied_snapshot: str) -> Poll:
+    def poll(self, applied_snapshot: str, *, settled: bool = True) -> Poll:
         """Whether the origin holds changes the position applied_snapshot has not applied, and
-        the snapshot a new window would end at."""
+        the snapshot a new window would end at: settled, one that holds every change the
+        origin had captured when the call began; else any that holds changes."""
         ...
 
     def stream_window(self, window: Window, horizons: Sequence[Horizon] = ()) -> Iterator[bytes]:

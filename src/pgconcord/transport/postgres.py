@@ -107,15 +107,20 @@ def _poll_query(applied_snapshot: str, *, wait: bool) -> sql.Composed:
     return sql.SQL(_POLL).format(applied=sql.Literal(applied_snapshot), wait=sql.Literal(wait))
 
 
-def poll(origin: psycopg.Connection[tuple[object, ...]], applied_snapshot: str) -> Poll:
+def poll(
+    origin: psycopg.Connection[tuple[object, ...]], applied_snapshot: str, *, settled: bool = True
+) -> Poll:
     """Look at the origin in one round trip, or two when that one stamped captured changes,
     which only the next statement sees, or found another session stamping (an apply there),
     whose end the second one waits for: a poll never says "nothing new" while captured
-    changes wait to be stamped (origin is an autocommit session, open_origin_session)."""
+    changes wait to be stamped (origin is an autocommit session, open_origin_session).
+    Unsettled (the agent's pairs), a first look that found changes is the window: what it
+    stamped, or found being stamped, is in the next one, which that stamp's commit wakes
+    them for; settled (sync, part), the window holds everything captured before the call."""
     row = origin.execute(_poll_query(applied_snapshot, wait=False)).fetchone()
     assert row is not None
     stamped = int(str(row[5]))
-    if stamped != 0:
+    if stamped != 0 and (settled or not row[1]):
         row = origin.execute(_poll_query(applied_snapshot, wait=stamped < 0)).fetchone()
         assert row is not None
     return Poll(
@@ -259,8 +264,8 @@ class PostgresOrigin:
             self._connection = open_origin_session(self.node)
         return self._connection
 
-    def poll(self, applied_snapshot: str) -> Poll:
-        return poll(self._session(), applied_snapshot)
+    def poll(self, applied_snapshot: str, *, settled: bool = True) -> Poll:
+        return poll(self._session(), applied_snapshot, settled=settled)
 
     def stream_window(self, window: Window, horizons: Sequence[Horizon] = ()) -> Iterator[bytes]:
         return stream_window(self._session(), window, horizons)
