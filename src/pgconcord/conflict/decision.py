@@ -46,8 +46,13 @@ DECISION_COLUMNS = """m.mode,
            ARRAY(SELECT e.key FROM jsonb_each_text(i.column_versions) e
                   WHERE e.value COLLATE "C"
                         > coalesce(l.column_versions ->> e.key, '') COLLATE "C") END,
-       CASE WHEN m.mode = 'merge'
-            THEN pgconcord.merge_versions(l.column_versions, i.column_versions) END,
+       CASE WHEN m.mode <> 'merge' THEN NULL
+            -- The incoming map holds every stamp of the one here (an origin's next write of a
+            -- row it wrote last, the usual case): it is the merge, without a call per row.
+            WHEN l.column_versions <@ i.column_versions
+                 AND i.column_versions <> jsonb_build_object()
+            THEN i.column_versions
+            ELSE pgconcord.merge_versions(l.column_versions, i.column_versions) END,
        CASE WHEN m.mode = 'merge' AND (l.last_clock, l.last_origin COLLATE "C")
                                       > (i.clock, %(origin)s COLLATE "C")
             THEN l.last_clock ELSE i.clock END,
@@ -137,11 +142,15 @@ WITH won AS (
            order_key = excluded.order_key,
            -- The same generation (a local write may have stamped columns meanwhile): merge.
            column_versions = CASE WHEN (v.order_key, v.clock, v.origin, v.deleted)
-                                       = (excluded.order_key, excluded.clock, excluded.origin,
-                                          excluded.deleted)
-                                  THEN pgconcord.merge_versions(v.column_versions,
-                                                                excluded.column_versions)
-                                  ELSE excluded.column_versions END,
+                                       IS DISTINCT FROM (excluded.order_key, excluded.clock,
+                                                         excluded.origin, excluded.deleted)
+                                  THEN excluded.column_versions
+                                  -- As in DECISION_COLUMNS: a map that holds the other.
+                                  WHEN v.column_versions <@ excluded.column_versions
+                                       AND excluded.column_versions <> jsonb_build_object()
+                                  THEN excluded.column_versions
+                                  ELSE pgconcord.merge_versions(v.column_versions,
+                                                                excluded.column_versions) END,
            last_clock = excluded.last_clock, last_origin = excluded.last_origin,
            previous_clock = NULL, previous_origin = NULL
      WHERE (v.order_key, v.clock, v.origin COLLATE "C")
