@@ -79,6 +79,16 @@ BEGIN
     ELSIF NOT pg_try_advisory_xact_lock(1885823843, 1937006960) THEN
         RETURN -1;
     END IF;
+    -- A look (the watch, a poll: wait is false) on a node without a slot commits its stamp
+    -- without waiting for the disk: no target applies a window before the origin's WAL is
+    -- flushed past it (transport.postgres.make_window_durable), and a stamp a crash loses
+    -- leaves its changes captured, stamped again later. A stamp that drained a slot must be
+    -- durable before the slot moves past it (drain_wal.sql), and others (an apply, a join,
+    -- sync) are left as their callers commit them.
+    IF NOT wait
+       AND NOT EXISTS (SELECT 1 FROM pgconcord.capture_state s WHERE s.slot_name IS NOT NULL) THEN
+        PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
     SELECT n.name, n.clock_offset_us INTO local_name, clock_offset FROM pgconcord.local_node n;
     -- Only now: a poll that finds nothing to stamp takes no transaction id (agents watch the
     -- snapshot for ended transactions, agent.runner._watch_loop).
