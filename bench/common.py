@@ -291,6 +291,18 @@ def pgbench_run(server: Server, dbname: str, *, clients: int, seconds: float) ->
     return pgbench_finish(pgbench_popen(server, dbname, clients=clients, seconds=seconds))
 
 
+def pgbench_transactions(server: Server, dbname: str, transactions: int) -> None:
+    """Run exactly this many pgbench tpcb-like transactions, one client."""
+    command = pgbench_command(server, dbname, clients=1, seconds=1)
+    at = command.index("-T")
+    command[at : at + 2] = ["-t", str(transactions)]
+    result = subprocess.run(
+        command, capture_output=True, text=True, env=_client_environment(), check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"pgbench failed: {result.stderr.strip()}")
+
+
 def pgbench_database(server: Server, dbname: str, scale: int) -> str:
     """A pgbench database of that scale whose pgbench_history has a primary key (hid)."""
     dsn = server.create_database(dbname)
