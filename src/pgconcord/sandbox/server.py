@@ -295,10 +295,15 @@ class Server:
                     " AND pid <> pg_backend_pid()",
                     (name,),
                 )
-                for _ in range(100):  # a terminated session lets go of its slot at once, nearly
+                # A terminated session lets go of its slot and its replication origin as it
+                # exits, which takes a moment: dropping either before that is refused.
+                for _ in range(200):
                     busy = connection.execute(
-                        "SELECT count(*) FROM pg_replication_slots WHERE database = %s AND active",
-                        (name,),
+                        "SELECT (SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
+                        " AND pid <> pg_backend_pid())"
+                        " + (SELECT count(*) FROM pg_replication_slots"
+                        " WHERE database = %s AND active)",
+                        (name, name),
                     ).fetchone()
                     if not busy or not busy[0]:
                         break
