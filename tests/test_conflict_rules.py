@@ -300,8 +300,7 @@ def jsonb(values: dict[str, Any]) -> Jsonb:
 
 
 def same_map(found: dict[str, str] | None, expected: dict[str, str] | None) -> bool:
-    """Column maps agree: None and {} mean the same (no column written since the generation).
-    The SQL merge of two empty maps is NULL (jsonb_object_agg of no rows), the rule's {}."""
+    """Column maps agree: None and {} mean the same (no column written since the generation)."""
     return (found or {}) == (expected or {})
 
 

@@ -52,7 +52,16 @@ DECISION_COLUMNS = """m.mode,
             WHEN l.column_versions <@ i.column_versions
                  AND i.column_versions <> jsonb_build_object()
             THEN i.column_versions
-            ELSE pgconcord.merge_versions(l.column_versions, i.column_versions) END,
+            -- Otherwise pgconcord.merge_versions, written out: a call of it is planned
+            -- each time (its subquery keeps it from being inlined), twice what it computes.
+            WHEN l.column_versions IS NULL THEN i.column_versions
+            WHEN i.column_versions IS NULL THEN l.column_versions
+            ELSE i.column_versions || coalesce(
+                (SELECT jsonb_object_agg(e.key, e.value)
+                   FROM jsonb_each_text(l.column_versions) AS e
+                  WHERE e.value COLLATE "C"
+                        > coalesce(i.column_versions ->> e.key, '') COLLATE "C"),
+                jsonb_build_object()) END,
        CASE WHEN m.mode = 'merge' AND (l.last_clock, l.last_origin COLLATE "C")
                                       > (i.clock, %(origin)s COLLATE "C")
             THEN l.last_clock ELSE i.clock END,
