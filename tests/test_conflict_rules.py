@@ -325,12 +325,19 @@ def test_merge_versions_agrees(
     local: dict[str, str] | None,
     incoming: dict[str, str] | None,
 ) -> None:
+    maps = {
+        "local": None if local is None else Jsonb(local),
+        "incoming": None if incoming is None else Jsonb(incoming),
+    }
+    # The function, and the apply's statements' copy of it (decision.merged_maps).
     row = catalog.execute(
-        "SELECT pgconcord.merge_versions(%s, %s)",
-        (None if local is None else Jsonb(local), None if incoming is None else Jsonb(incoming)),
+        "SELECT pgconcord.merge_versions(%(local)s, %(incoming)s), "
+        + decision.merged_maps("%(local)s::jsonb", "%(incoming)s::jsonb"),
+        maps,
     ).fetchone()
     assert row is not None
     assert same_map(row[0], rules.merge_versions(local, incoming))
+    assert same_map(row[1], rules.merge_versions(local, incoming))
 
 
 @st.composite

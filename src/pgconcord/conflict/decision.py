@@ -6,6 +6,23 @@ agree with it."""
 
 from __future__ import annotations
 
+
+def merged_maps(local: str, incoming: str) -> str:
+    """pgconcord.merge_versions(local, incoming) (020_merge_versions_by_local_entries.sql)
+    written out for the apply's statements: a call of the function is planned every time
+    (its subquery keeps it from being inlined), which costs twice what it computes. A local
+    map the incoming one holds (an origin's next write of a row it wrote last, the usual
+    case) is settled without the subquery."""
+    return f"""CASE WHEN {local} IS NULL THEN {incoming}
+            WHEN {incoming} IS NULL THEN {local}
+            WHEN {local} <@ {incoming} THEN {incoming}
+            ELSE {incoming} || coalesce(
+                (SELECT jsonb_object_agg(e.key, e.value)
+                   FROM jsonb_each_text({local}) AS e
+                  WHERE e.value COLLATE "C" > coalesce({incoming} ->> e.key, '') COLLATE "C"),
+                jsonb_build_object()) END"""
+
+
 _CONFLICT_TYPE_SQL = """
 CASE
     WHEN d.operation = 'I' AND NOT d.local_deleted THEN 'insert_exists'
@@ -41,27 +58,15 @@ DECIDE_MODE = """SELECT CASE
 
 # What the decision row holds besides the change and the local version: the mode, then for a
 # merge the columns taken, the merged column map and the latest write (rules.decide).
-DECISION_COLUMNS = """m.mode,
+DECISION_COLUMNS = (
+    """m.mode,
        CASE WHEN m.mode = 'merge' THEN
            ARRAY(SELECT e.key FROM jsonb_each_text(i.column_versions) e
                   WHERE e.value COLLATE "C"
                         > coalesce(l.column_versions ->> e.key, '') COLLATE "C") END,
-       CASE WHEN m.mode <> 'merge' THEN NULL
-            -- The incoming map holds every stamp of the one here (an origin's next write of a
-            -- row it wrote last, the usual case): it is the merge, without a call per row.
-            WHEN l.column_versions <@ i.column_versions
-                 AND i.column_versions <> jsonb_build_object()
-            THEN i.column_versions
-            -- Otherwise pgconcord.merge_versions, written out: a call of it is planned
-            -- each time (its subquery keeps it from being inlined), twice what it computes.
-            WHEN l.column_versions IS NULL THEN i.column_versions
-            WHEN i.column_versions IS NULL THEN l.column_versions
-            ELSE i.column_versions || coalesce(
-                (SELECT jsonb_object_agg(e.key, e.value)
-                   FROM jsonb_each_text(l.column_versions) AS e
-                  WHERE e.value COLLATE "C"
-                        > coalesce(i.column_versions ->> e.key, '') COLLATE "C"),
-                jsonb_build_object()) END,
+       CASE WHEN m.mode = 'merge' THEN """
+    + merged_maps("l.column_versions", "i.column_versions")
+    + """ END,
        CASE WHEN m.mode = 'merge' AND (l.last_clock, l.last_origin COLLATE "C")
                                       > (i.clock, %(origin)s COLLATE "C")
             THEN l.last_clock ELSE i.clock END,
@@ -74,6 +79,7 @@ DECISION_COLUMNS = """m.mode,
                   WHERE e.value COLLATE "C" > m.seen COLLATE "C"
                     AND l.column_versions ->> e.key COLLATE "C" > m.seen COLLATE "C"
                     AND l.column_versions ->> e.key <> e.value) END"""
+)
 
 # One decision per row: its last change in the piece (an update carries the whole row and its
 # column map, so the last change says everything), judged against the row's version here. The
@@ -133,7 +139,8 @@ _NOT_HELD = """
 
 # The rows locked above are decided; a row inserted here after that statement began is
 # checked again by the upsert's condition (and a merge decided without it is retried).
-_CHOOSE_WINNERS = """
+_CHOOSE_WINNERS = (
+    """
 WITH won AS (
     INSERT INTO pgconcord.row_version AS v
         (table_id, row_key, clock, origin, deleted, order_key, column_versions, last_clock,
@@ -154,12 +161,9 @@ WITH won AS (
                                        IS DISTINCT FROM (excluded.order_key, excluded.clock,
                                                          excluded.origin, excluded.deleted)
                                   THEN excluded.column_versions
-                                  -- As in DECISION_COLUMNS: a map that holds the other.
-                                  WHEN v.column_versions <@ excluded.column_versions
-                                       AND excluded.column_versions <> jsonb_build_object()
-                                  THEN excluded.column_versions
-                                  ELSE pgconcord.merge_versions(v.column_versions,
-                                                                excluded.column_versions) END,
+                                  ELSE """
+    + merged_maps("v.column_versions", "excluded.column_versions")
+    + """ END,
            last_clock = excluded.last_clock, last_origin = excluded.last_origin,
            previous_clock = NULL, previous_origin = NULL
      WHERE (v.order_key, v.clock, v.origin COLLATE "C")
@@ -174,6 +178,7 @@ winners AS (INSERT INTO pgconcord_winner SELECT row_key FROM won)
 SELECT count(*) FROM won JOIN pgconcord_decision d ON d.row_key = won.row_key
  WHERE won.updated AND d.mode = 'merge' AND d.local_clock IS NULL
 """
+)
 
 # How a recorded conflict was resolved (rules.resolution): w is the row's winner, if it won.
 RESOLUTION = """CASE WHEN w.row_key IS NULL THEN 'local'

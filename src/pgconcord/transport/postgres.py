@@ -110,10 +110,6 @@ SELECT current.snapshot::text, w.has_changes,
 _POLL_QUERY = _POLL.replace("{applied}", "%(applied)s").replace("{wait}", "%(wait)s")
 
 
-def _poll_parameters(applied_snapshot: str, *, wait: bool) -> dict[str, object]:
-    return {"applied": applied_snapshot, "wait": wait}
-
-
 def poll(
     origin: psycopg.Connection[tuple[object, ...]], applied_snapshot: str, *, settled: bool = True
 ) -> Poll:
@@ -125,13 +121,13 @@ def poll(
     stamped, or found being stamped, is in the next one, which that stamp's commit wakes
     them for; settled (sync, part), the window holds everything captured before the call."""
     row = origin.execute(
-        _POLL_QUERY, _poll_parameters(applied_snapshot, wait=False), prepare=True
+        _POLL_QUERY, {"applied": applied_snapshot, "wait": False}, prepare=True
     ).fetchone()
     assert row is not None
     stamped = int(str(row[5]))
     if stamped != 0 and (settled or not row[1]):
         row = origin.execute(
-            _POLL_QUERY, _poll_parameters(applied_snapshot, wait=stamped < 0), prepare=True
+            _POLL_QUERY, {"applied": applied_snapshot, "wait": stamped < 0}, prepare=True
         ).fetchone()
         assert row is not None
     return Poll(
