@@ -104,6 +104,13 @@ CAPTURED_DEAD_ROWS = 5_000
 # one holds the table and gives it up within about 20 ms when a writer asks for it; below
 # this size the pages are kept for the next rows.
 CAPTURED_TRUNCATE_PAGES = 1_280  # 10 MB
+# Pages of captured_change from which the agent also vacuums it whenever it has grown since the
+# last look. Counting dead rows is not enough: every scan of a page prunes most of its dead
+# rows (they leave the statistics' count) but leaves their line pointers, and the space comes
+# back only with a vacuum. Until then new rows go to new pages, and under pgbench the table
+# grew to some 1,000 pages while its dead rows stayed under CAPTURED_DEAD_ROWS: each stamp's
+# two scans of them were half of the stamps' CPU (bench/statement_costs.py).
+CAPTURED_VACUUM_PAGES = 16
 
 
 def captured_state(connection: psycopg.Connection[tuple[object, ...]]) -> tuple[int, int]:
@@ -137,6 +144,7 @@ def capture_loop(agent: Host, node: NodeConfig, stop: threading.Event) -> None:
     """Regenerate, on this agent's own node only, the capture of tables a schema change
     left on the generic capture (see catalog.regenerate_capture); never on a peer's."""
     connection: psycopg.Connection[tuple[object, ...]] | None = None
+    pages_seen = 0
     while not (stop.wait(CAPTURE_SECONDS) or agent.stopping.is_set()):
         tick()
         try:
@@ -147,8 +155,10 @@ def capture_loop(agent: Host, node: NodeConfig, stop: threading.Event) -> None:
             for name in catalog.regenerate_capture(connection):
                 log.info("%s: capture of %s regenerated after a schema change", node.name, name)
             large = pages >= CAPTURED_TRUNCATE_PAGES
-            if dead >= CAPTURED_DEAD_ROWS or (large and dead > 0):
+            grown = pages >= CAPTURED_VACUUM_PAGES and pages > pages_seen
+            if dead >= CAPTURED_DEAD_ROWS or grown or (large and dead > 0):
                 vacuum_captured(connection, truncate=large)
+            pages_seen = 0 if large else pages  # a truncated table is smaller now
         except (NodeUnavailable, psycopg.Error) as error:
             log.debug("%s: capture regeneration skipped: %s", node.name, error)
             if connection is not None:

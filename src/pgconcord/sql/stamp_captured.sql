@@ -42,19 +42,10 @@ DECLARE
     entry pgconcord.change_log;
     entries pgconcord.change_log[] := '{}';
     versions pgconcord.row_version[] := '{}';
-    -- The version of the row whose changes are being stamped (pgconcord.row_version).
-    current_table integer;
-    current_key jsonb;
+    -- The version of the row whose changes are being stamped (pgconcord.row_version), kept
+    -- in a row of that type so that a row done is appended as it is.
+    version pgconcord.row_version;
     row_exists boolean := false;
-    row_clock bigint;
-    row_origin text;
-    row_deleted boolean;
-    row_order_key bigint[];
-    row_versions jsonb;
-    row_last_clock bigint;
-    row_last_origin text;
-    row_previous_clock bigint;
-    row_previous_origin text;
 BEGIN
     -- A node in WAL mode: what its slot holds is captured first (drain_wal.sql), by the
     -- same stamper, under the same lock; or, while the node's agent streams it, what the
@@ -137,54 +128,51 @@ BEGIN
             entries := array_append(entries, entry);
             CONTINUE;
         END IF;
-        IF captured.table_id IS DISTINCT FROM current_table
-           OR captured.row_key IS DISTINCT FROM current_key THEN
-            IF current_key IS NOT NULL THEN
-                versions := array_append(versions, pgconcord.version_row(
-                    current_table, current_key, row_clock, row_origin, row_deleted,
-                    row_order_key, row_versions, row_last_clock, row_last_origin,
-                    row_previous_clock, row_previous_origin));
+        IF captured.table_id IS DISTINCT FROM version.table_id
+           OR captured.row_key IS DISTINCT FROM version.row_key THEN
+            IF version.row_key IS NOT NULL THEN
+                versions := array_append(versions, version);
             END IF;
-            current_table := captured.table_id;
-            current_key := captured.row_key;
+            version.table_id := captured.table_id;
+            version.row_key := captured.row_key;
             row_exists := captured.found;
-            row_clock := captured.found_clock;
-            row_origin := captured.found_origin;
-            row_deleted := captured.found_deleted;
-            row_order_key := captured.found_order_key;
-            row_versions := captured.found_versions;
-            row_last_clock := captured.found_last_clock;
-            row_last_origin := captured.found_last_origin;
+            version.clock := captured.found_clock;
+            version.origin := captured.found_origin;
+            version.deleted := captured.found_deleted;
+            version.order_key := captured.found_order_key;
+            version.column_versions := captured.found_versions;
+            version.last_clock := captured.found_last_clock;
+            version.last_origin := captured.found_last_origin;
         END IF;
         -- What the capture trigger's row-version upsert did (008_column_versions.sql): the
         -- previous version is the row's latest write; the new clock is one past it.
         IF row_exists THEN
-            row_previous_clock := coalesce(row_last_clock, row_clock);
-            row_previous_origin := coalesce(row_last_origin, row_origin);
-            next_clock := greatest(now_clock, row_previous_clock + 1);
-            order_clock := greatest(now_clock, row_clock + 1);
+            version.previous_clock := coalesce(version.last_clock, version.clock);
+            version.previous_origin := coalesce(version.last_origin, version.origin);
+            next_clock := greatest(now_clock, version.previous_clock + 1);
+            order_clock := greatest(now_clock, version.clock + 1);
         ELSE
-            row_previous_clock := NULL;
-            row_previous_origin := NULL;
+            version.previous_clock := NULL;
+            version.previous_origin := NULL;
             next_clock := now_clock;
             order_clock := now_clock;
         END IF;
         IF captured.policy IN ('node-priority', 'keep-existing') THEN
-            row_order_key := pgconcord.next_order_key(
+            version.order_key := pgconcord.next_order_key(
                 captured.policy, captured.level, captured.levels,
-                CASE WHEN row_exists THEN row_order_key END,
-                CASE WHEN row_exists THEN row_deleted END, captured.operation, order_clock);
+                CASE WHEN row_exists THEN version.order_key END,
+                CASE WHEN row_exists THEN version.deleted END, captured.operation, order_clock);
         ELSE
-            row_order_key := '{}';  -- what next_order_key gives every other policy
+            version.order_key := '{}';  -- what next_order_key gives every other policy
         END IF;
         IF captured.operation = 'D' THEN
-            row_clock := next_clock;
-            row_origin := local_name;
-            row_deleted := true;
-            row_versions := NULL;
-            row_last_clock := NULL;
-            row_last_origin := NULL;
-            entry.clock := row_clock;
+            version.clock := next_clock;
+            version.origin := local_name;
+            version.deleted := true;
+            version.column_versions := NULL;
+            version.last_clock := NULL;
+            version.last_origin := NULL;
+            entry.clock := version.clock;
             entry.new_row := NULL;
         ELSIF captured.operation = 'U' AND captured.changed_columns IS NOT NULL
               AND captured.policy IS DISTINCT FROM 'node-priority' THEN
@@ -193,46 +181,46 @@ BEGIN
             -- version on every node. A tombstone under a live row (written outside pgconcord)
             -- starts afresh.
             IF NOT row_exists THEN
-                row_clock := 0;
-                row_origin := '';
-                row_versions := jsonb_object(
+                version.clock := 0;
+                version.origin := '';
+                version.column_versions := jsonb_object(
                     captured.changed_columns,
                     array_fill(pgconcord.version_text(now_clock, local_name),
                                ARRAY[cardinality(captured.changed_columns)]));
-            ELSIF row_deleted THEN
-                row_clock := next_clock;
-                row_origin := '';
-                row_versions := NULL;
+            ELSIF version.deleted THEN
+                version.clock := next_clock;
+                version.origin := '';
+                version.column_versions := NULL;
             ELSE
-                row_versions := coalesce(row_versions, '{}') || jsonb_object(
+                version.column_versions := coalesce(version.column_versions, '{}') || jsonb_object(
                     captured.changed_columns,
                     array_fill(pgconcord.version_text(next_clock, local_name),
                                ARRAY[cardinality(captured.changed_columns)]));
             END IF;
-            row_deleted := false;
-            row_last_clock := next_clock;
-            row_last_origin := local_name;
-            entry.clock := row_last_clock;
+            version.deleted := false;
+            version.last_clock := next_clock;
+            version.last_origin := local_name;
+            entry.clock := version.last_clock;
             entry.old_values := captured.old_values;
-            entry.generation_clock := row_clock;
-            entry.generation_origin := row_origin;
-            entry.column_versions := row_versions;
+            entry.generation_clock := version.clock;
+            entry.generation_origin := version.origin;
+            entry.column_versions := version.column_versions;
         ELSE
             -- An insert, an update under node-priority (every write starts a generation), or
             -- the new key of an update that moved the row.
-            row_clock := next_clock;
-            row_origin := local_name;
-            row_deleted := false;
-            row_versions := NULL;
-            row_last_clock := NULL;
-            row_last_origin := NULL;
-            entry.clock := row_clock;
+            version.clock := next_clock;
+            version.origin := local_name;
+            version.deleted := false;
+            version.column_versions := NULL;
+            version.last_clock := NULL;
+            version.last_origin := NULL;
+            entry.clock := version.clock;
             entry.old_values := captured.old_values;
         END IF;
         row_exists := true;
-        entry.previous_clock := row_previous_clock;
-        entry.previous_origin := row_previous_origin;
-        entry.order_key := row_order_key;
+        entry.previous_clock := version.previous_clock;
+        entry.previous_origin := version.previous_origin;
+        entry.order_key := version.order_key;
         entries := array_append(entries, entry);
         IF captured.audited THEN
             -- The row history's record of this write (audit_trigger.sql) gets its clock: the
@@ -245,11 +233,8 @@ BEGIN
                               ORDER BY o.recorded_at LIMIT 1);
         END IF;
     END LOOP;
-    IF current_key IS NOT NULL THEN
-        versions := array_append(versions, pgconcord.version_row(
-            current_table, current_key, row_clock, row_origin, row_deleted, row_order_key,
-            row_versions, row_last_clock, row_last_origin, row_previous_clock,
-            row_previous_origin));
+    IF version.row_key IS NOT NULL THEN
+        versions := array_append(versions, version);
     END IF;
     INSERT INTO pgconcord.change_log SELECT * FROM unnest(entries);
     PERFORM pgconcord.store_versions(versions);
@@ -257,39 +242,22 @@ BEGIN
 END
 $body$;
 
--- A row's version as a row_version row, its fields by name whatever their order in the table.
-CREATE OR REPLACE FUNCTION pgconcord.version_row(
-    table_id integer, row_key jsonb, clock bigint, origin text, deleted boolean,
-    order_key bigint[], column_versions jsonb, last_clock bigint, last_origin text,
-    previous_clock bigint, previous_origin text
-) RETURNS pgconcord.row_version
-LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $body$
-DECLARE
-    version pgconcord.row_version;
-BEGIN
-    version.table_id := table_id;
-    version.row_key := row_key;
-    version.clock := clock;
-    version.origin := origin;
-    version.deleted := deleted;
-    version.order_key := order_key;
-    version.column_versions := column_versions;
-    version.last_clock := last_clock;
-    version.last_origin := last_origin;
-    version.previous_clock := previous_clock;
-    version.previous_origin := previous_origin;
-    RETURN version;
-END
-$body$;
-
--- The rows' versions as stamping left them (stamp_captured), each row once.
+-- The rows' versions as stamping left them (stamp_captured), each row once. PL/pgSQL, which
+-- keeps its plan for the session, and without a search_path of its own (it has its caller's),
+-- which would save and restore the settings at every call: an SQL function with one was
+-- planned at every stamp, a tenth of a small stamp's time. So was the function per row that
+-- once made the versions (version_row).
+DROP FUNCTION IF EXISTS pgconcord.version_row(integer, jsonb, bigint, text, boolean, bigint[],
+    jsonb, bigint, text, bigint, text);
 CREATE OR REPLACE FUNCTION pgconcord.store_versions(versions pgconcord.row_version[])
 RETURNS void
-LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $body$
+LANGUAGE plpgsql AS $body$
+BEGIN
     INSERT INTO pgconcord.row_version AS v SELECT * FROM unnest(versions)
         ON CONFLICT (table_id, row_key) DO UPDATE
        SET clock = excluded.clock, origin = excluded.origin, deleted = excluded.deleted,
            order_key = excluded.order_key, column_versions = excluded.column_versions,
            last_clock = excluded.last_clock, last_origin = excluded.last_origin,
-           previous_clock = excluded.previous_clock, previous_origin = excluded.previous_origin
+           previous_clock = excluded.previous_clock, previous_origin = excluded.previous_origin;
+END
 $body$;
