@@ -156,9 +156,11 @@ def capture_loop(agent: Host, node: NodeConfig, stop: threading.Event) -> None:
                 log.info("%s: capture of %s regenerated after a schema change", node.name, name)
             large = pages >= CAPTURED_TRUNCATE_PAGES
             grown = pages >= CAPTURED_VACUUM_PAGES and pages > pages_seen
+            pages_seen = pages
             if dead >= CAPTURED_DEAD_ROWS or grown or (large and dead > 0):
                 vacuum_captured(connection, truncate=large)
-            pages_seen = 0 if large else pages  # a truncated table is smaller now
+                if large:
+                    pages_seen = 0  # smaller now: the next look compares with what it finds
         except (NodeUnavailable, psycopg.Error) as error:
             log.debug("%s: capture regeneration skipped: %s", node.name, error)
             if connection is not None:
