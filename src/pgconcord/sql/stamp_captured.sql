@@ -165,16 +165,7 @@ BEGIN
         ELSE
             version.order_key := '{}';  -- what next_order_key gives every other policy
         END IF;
-        IF captured.operation = 'D' THEN
-            version.clock := next_clock;
-            version.origin := local_name;
-            version.deleted := true;
-            version.column_versions := NULL;
-            version.last_clock := NULL;
-            version.last_origin := NULL;
-            entry.clock := version.clock;
-            entry.new_row := NULL;
-        ELSIF captured.operation = 'U' AND captured.changed_columns IS NOT NULL
+        IF captured.operation = 'U' AND captured.changed_columns IS NOT NULL
               AND captured.policy IS DISTINCT FROM 'node-priority' THEN
             -- An update of the same key, under a policy that merges columns. A row without a
             -- version yet was there before replication began: its generation is the same zero
@@ -206,16 +197,21 @@ BEGIN
             entry.generation_origin := version.origin;
             entry.column_versions := version.column_versions;
         ELSE
-            -- An insert, an update under node-priority (every write starts a generation), or
-            -- the new key of an update that moved the row.
+            -- A delete ends the row's generation; an insert, an update under node-priority
+            -- (every write starts a generation), or the new key of an update that moved the
+            -- row starts one.
             version.clock := next_clock;
             version.origin := local_name;
-            version.deleted := false;
+            version.deleted := captured.operation = 'D';
             version.column_versions := NULL;
             version.last_clock := NULL;
             version.last_origin := NULL;
             entry.clock := version.clock;
-            entry.old_values := captured.old_values;
+            IF version.deleted THEN
+                entry.new_row := NULL;
+            ELSE
+                entry.old_values := captured.old_values;
+            END IF;
         END IF;
         row_exists := true;
         entry.previous_clock := version.previous_clock;
