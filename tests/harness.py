@@ -8,9 +8,10 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -24,6 +25,7 @@ from pgconcord.verify import verify
 
 NODE_NAMES = ("north", "south", "east", "west", "central")
 _database_numbers = itertools.count(1)
+_Result = TypeVar("_Result")
 
 
 def wait_for(condition: Callable[[], Any], *, timeout: float = 30.0, message: str = "") -> Any:
@@ -38,6 +40,19 @@ def wait_for(condition: Callable[[], Any], *, timeout: float = 30.0, message: st
             raise AssertionError(f"timed out after {timeout} s waiting for {message or condition}")
         time.sleep(delay)
         delay = min(0.5, delay * 1.5)
+
+
+def _each_node(
+    work: Callable[[str, Server], _Result], nodes: Iterable[tuple[str, Server]]
+) -> list[_Result]:
+    """work(name, server) for every node, at once when each is on a server of its own (a
+    cluster's databases are made and its schema created in the time of one node); results in
+    the nodes' order."""
+    nodes = list(nodes)
+    if len({str(server.data_directory) for _, server in nodes}) < len(nodes):
+        return [work(name, server) for name, server in nodes]
+    with ThreadPoolExecutor(max_workers=len(nodes) or 1) as pool:
+        return list(pool.map(lambda node: work(*node), nodes))
 
 
 APPLICATION_ROLE = "app"
@@ -102,29 +117,12 @@ class Cluster:
         self.names = list(NODE_NAMES[: len(servers)])
         database = f"test_{os.getpid()}_{next(_database_numbers)}"
         self.database = database
-        self.admin_dsns = {}
-        for name, server in zip(self.names, self.servers, strict=True):
-            ensure_roles(server)
-            self.admin_dsns[name] = server.create_database(database)
-            with psycopg.connect(self.admin_dsns[name], autocommit=True) as connection:
-                connection.execute(
-                    sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
-                        sql.Identifier(database), sql.Identifier(APPLICATION_ROLE)
-                    )
-                )
-                for agent_role in (AGENT_ROLE, WAL_AGENT_ROLE):
-                    connection.execute(
-                        sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
-                            sql.Identifier(database), sql.Identifier(agent_role)
-                        )
-                    )
-                # Functions are granted per database.
-                for function in wal_capture.ORIGIN_FUNCTIONS:
-                    connection.execute(
-                        sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(
-                            sql.SQL(function), sql.Identifier(WAL_AGENT_ROLE)
-                        )
-                    )
+        self.admin_dsns = dict(
+            _each_node(
+                lambda name, server: (name, self._create_database(server)),
+                zip(self.names, self.servers, strict=True),
+            )
+        )
         self.app_dsns = {
             name: server.dsn(database, user=APPLICATION_ROLE)
             for name, server in zip(self.names, self.servers, strict=True)
@@ -143,8 +141,33 @@ class Cluster:
         self.config_path = directory / f"{database}.toml"
         self.write_config()
         if schema_sql:
-            for name in self.names:
-                self.execute(name, schema_sql)
+            _each_node(lambda name, _server: self.execute(name, schema_sql), self.server_of.items())
+
+    def _create_database(self, server: Server) -> str:
+        """This cluster's database on one server, owned by the application, with what the
+        agent's roles need in it; its superuser DSN."""
+        ensure_roles(server)
+        dsn = server.create_database(self.database)
+        with psycopg.connect(dsn, autocommit=True) as connection:
+            connection.execute(
+                sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
+                    sql.Identifier(self.database), sql.Identifier(APPLICATION_ROLE)
+                )
+            )
+            for agent_role in (AGENT_ROLE, WAL_AGENT_ROLE):
+                connection.execute(
+                    sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
+                        sql.Identifier(self.database), sql.Identifier(agent_role)
+                    )
+                )
+            # Functions are granted per database.
+            for function in wal_capture.ORIGIN_FUNCTIONS:
+                connection.execute(
+                    sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(
+                        sql.SQL(function), sql.Identifier(WAL_AGENT_ROLE)
+                    )
+                )
+        return dsn
 
     def write_config(self, extra: str = "") -> None:
         nodes = "".join(
@@ -299,6 +322,8 @@ class Cluster:
         return records
 
     def drop(self) -> None:
-        for server in self.servers:
+        def drop_here(_name: str, server: Server) -> None:
             if server.is_running:
                 server.drop_database(self.database)
+
+        _each_node(drop_here, self.server_of.items())

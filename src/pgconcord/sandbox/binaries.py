@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,52 @@ def _run_as_server_user(
             stdout.read().decode(errors="replace"),
             stderr.read().decode(errors="replace"),
         )
+
+
+class _ServerCommand:
+    """A command run as the server user in the background (_run_as_server_user's way, output
+    to files): the caller polls something faster than the command's own wait, and either
+    takes its result or leaves it to finish by itself (reaped by a thread of its own)."""
+
+    def __init__(self, arguments: Sequence[str | Path], *, cwd: Path | None = None) -> None:
+        account = _server_account()
+        # Closed by result() or by leave()'s thread, once the command has exited.
+        self._stdout = tempfile.TemporaryFile()  # noqa: SIM115
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [str(argument) for argument in arguments],
+            stdin=subprocess.DEVNULL,
+            stdout=self._stdout,
+            stderr=self._stderr,
+            cwd=cwd if cwd is not None else Path(SANDBOX_PARENT.anchor),
+            env=_server_environment(),
+            user=account.uid if account else None,
+            group=account.gid if account else None,
+            extra_groups=[] if account else None,
+        )
+
+    def poll(self) -> int | None:
+        return self.process.poll()
+
+    def result(self) -> subprocess.CompletedProcess[str]:
+        """Once poll() gave its exit code: what it printed."""
+        returncode = self.process.wait()
+        outputs = []
+        for file in (self._stdout, self._stderr):
+            file.seek(0)
+            outputs.append(file.read().decode(errors="replace"))
+            file.close()
+        return subprocess.CompletedProcess(self.process.args, returncode, *outputs)
+
+    def leave(self) -> None:
+        """Let it finish by itself: its exit and output are of no more interest."""
+
+        def reap() -> None:
+            self.process.wait()
+            self._stdout.close()
+            self._stderr.close()
+
+        threading.Thread(target=reap, name="pg_ctl reaper", daemon=True).start()
 
 
 def _probe_binaries(bindir: Path) -> PostgresBinaries | None:

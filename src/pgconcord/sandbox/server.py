@@ -30,6 +30,7 @@ from pgconcord.sandbox.binaries import (
     PostgresBinaries,
     _run_as_server_user,
     _server_account,
+    _ServerCommand,
     find_binaries,
 )
 
@@ -57,6 +58,7 @@ def _port_range() -> range:
 _PORT_ATTEMPTS = 200
 _LOG_TAIL_LINES = 30
 _SERVER_TIMEOUT_SECONDS = 60
+_POLL_SECONDS = 0.005  # how often start and stop look whether the server is there (gone)
 
 # The watchdog is kept to the standard library and run with `python -I -S` so that it starts in a
 # few milliseconds and does not depend on pgconcord being importable, nor on what the package
@@ -214,7 +216,11 @@ class Server:
         if not (self.data_directory / "PG_VERSION").exists():
             self._initialize()
             self._password_login_role_missing = True
-        result = _run_as_server_user(
+        # pg_ctl's own wait looks at the server every 100 ms: ready is seen here within a few
+        # (the tests start servers again after each crash, hundreds of times), and pg_ctl,
+        # still waiting, reports a server that did not start.
+        launched = time.time()
+        command = _ServerCommand(
             [
                 self.binaries.program("pg_ctl"),
                 "start",
@@ -229,12 +235,19 @@ class Server:
             ],
             cwd=self.sandbox_directory,
         )
-        if result.returncode != 0:
-            raise FatalError(
-                f"PostgreSQL {self.binaries.major_version} server {self.name!r} did not start "
-                f"on port {self.port}: {(result.stderr or result.stdout).strip()}\n"
-                f"last lines of {self.log_file}:\n{self._log_tail()}"
-            )
+        while command.poll() is None:
+            if self._ready_since(launched):
+                command.leave()
+                break
+            time.sleep(_POLL_SECONDS)
+        else:
+            result = command.result()
+            if result.returncode != 0:
+                raise FatalError(
+                    f"PostgreSQL {self.binaries.major_version} server {self.name!r} did not"
+                    f" start on port {self.port}: {(result.stderr or result.stdout).strip()}\n"
+                    f"last lines of {self.log_file}:\n{self._log_tail()}"
+                )
         if self._password_login_role_missing:
             with psycopg.connect(self.dsn(), autocommit=True) as connection:
                 connection.execute(
@@ -434,6 +447,8 @@ class Server:
     def _stop(self, mode: str) -> None:
         if not self.is_running:
             return
+        # Signalled without pg_ctl's wait (it looks every 100 ms): the postmaster's lock file
+        # is gone a few milliseconds after an immediate stop.
         result = _run_as_server_user(
             [
                 self.binaries.program("pg_ctl"),
@@ -442,19 +457,42 @@ class Server:
                 self.data_directory,
                 "-m",
                 mode,
-                "-w",
-                "-t",
-                str(_SERVER_TIMEOUT_SECONDS),
+                "-W",
                 "-s",
             ],
             cwd=self.sandbox_directory,
         )
-        if result.returncode != 0:
+        if result.returncode != 0 and self.is_running:
             raise FatalError(
                 f"could not stop PostgreSQL server {self.name!r} ({mode}): "
                 f"{(result.stderr or result.stdout).strip()}\n"
                 f"last lines of {self.log_file}:\n{self._log_tail()}"
             )
+        deadline = time.monotonic() + _SERVER_TIMEOUT_SECONDS
+        while self.is_running:
+            if time.monotonic() > deadline:
+                raise FatalError(
+                    f"PostgreSQL server {self.name!r} did not stop ({mode}) within"
+                    f" {_SERVER_TIMEOUT_SECONDS} s\nlast lines of {self.log_file}:\n"
+                    f"{self._log_tail()}"
+                )
+            time.sleep(_POLL_SECONDS)
+
+    def _ready_since(self, launched: float) -> bool:
+        """The postmaster's lock file says it accepts connections, and is that of a postmaster
+        started since `launched` (as pg_ctl tells its server from a stale file's)."""
+        try:
+            lines = (self.data_directory / "postmaster.pid").read_text().splitlines()
+        except OSError:
+            return False
+        # Lines 1, 3 and 8: its process id, start time and status (PostgreSQL's pidfile.h).
+        if len(lines) < 8 or lines[7].strip() != "ready":
+            return False
+        try:
+            started = int(lines[2])
+        except ValueError:
+            return False
+        return started >= int(launched) - 2 and self.is_running
 
     def _log_tail(self) -> str:
         try:
