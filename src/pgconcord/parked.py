@@ -19,6 +19,7 @@ from pgconcord import catalog, resolver, schema
 
 # The apply parks changes (apply/parking.py); retry applies them again with the apply's one
 # set-wise step (apply/setwise.py), never the Puller, and the apply never imports this module.
+from pgconcord.apply.draining import stamp_local_changes
 from pgconcord.apply.errors import (
     RacedWithLocalWrite,
     first_line,
@@ -26,7 +27,7 @@ from pgconcord.apply.errors import (
     is_target_problem,
 )
 from pgconcord.apply.plan import TablePlan
-from pgconcord.apply.setwise import STAMP_LOCAL_CHANGES, apply_table
+from pgconcord.apply.setwise import apply_table
 from pgconcord.apply.stage import open_target
 from pgconcord.config import ClusterConfig, NodeConfig
 from pgconcord.conflict import change_object, recorded_conflicts
@@ -223,7 +224,7 @@ def _retry_group(target: Connection, identifiers: list[int]) -> str | None:
         )
         target.execute("TRUNCATE pgconcord_stage")
         # Before the savepoint: the stamp lock stays held through its rollback.
-        target.execute(STAMP_LOCAL_CHANGES)
+        stamp_local_changes(target)
         target.execute(
             "INSERT INTO pgconcord_stage SELECT 0, id, schema_name, table_name, operation,"
             " row_key, clock, previous_clock, previous_origin, new_row, old_values, order_key,"

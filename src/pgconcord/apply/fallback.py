@@ -15,6 +15,7 @@ from psycopg import sql
 
 from pgconcord import conflict, resolver, schema
 from pgconcord.apply import parking
+from pgconcord.apply.draining import stamp_local_changes
 from pgconcord.apply.errors import (
     TableDropped,
     TargetProblem,
@@ -25,7 +26,7 @@ from pgconcord.apply.errors import (
 from pgconcord.apply.pair import PairState
 from pgconcord.apply.plan import TablePlan
 from pgconcord.apply.position import Position, advance, check_position
-from pgconcord.apply.setwise import STAMP_LOCAL_CHANGES, apply_window_table
+from pgconcord.apply.setwise import apply_window_table
 from pgconcord.transport import Window
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def apply_one_by_one(
     with target.transaction():
         check_position(target, pair.origin, pair.target, expected)
         # Before any savepoint: the stamp lock stays held through their rollbacks.
-        target.execute(STAMP_LOCAL_CHANGES)
+        stamp_local_changes(target)
         # Each change is picked by its id: without an index that is quadratic.
         target.execute("CREATE INDEX IF NOT EXISTS pgconcord_stage_id ON pgconcord_stage (id)")
         target.execute("ANALYZE pgconcord_stage")
@@ -177,7 +178,7 @@ def _lock_rows_ahead(
             plan.table, plan.columns, plan.delta_columns, plan.audited
         )
         target.execute(statements.lock_rows(piece), {"schema": schema_name, "table": table_name})
-    target.execute(STAMP_LOCAL_CHANGES)
+    stamp_local_changes(target)
     return True
 
 
@@ -236,7 +237,7 @@ def _apply_change(
         with target.transaction():
             # The local holders' versions must be stamped before they are judged (the
             # savepoint rolled back what the apply had stamped).
-            target.execute(STAMP_LOCAL_CHANGES)
+            stamp_local_changes(target)
             apply_now = conflict.resolve_unique_collision(
                 target, plan.table, plan.table_id, pair.origin, change_id
             )

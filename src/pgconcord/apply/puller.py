@@ -15,6 +15,7 @@ from psycopg import errors as pg_errors
 from psycopg import pq
 
 from pgconcord import resolver, schema
+from pgconcord.apply.draining import stamp_local_changes
 from pgconcord.apply.errors import (
     ApplyError,
     RacedWithLocalWrite,
@@ -38,7 +39,6 @@ from pgconcord.apply.position import (
     position_of,
 )
 from pgconcord.apply.setwise import (
-    STAMP_LOCAL_CHANGES,
     apply_window_table,
     describe_target_problem,
 )
@@ -515,7 +515,7 @@ class Puller:
         try:
             with target.transaction():
                 check_position(target, pair.origin, pair.target, expected)
-                target.execute(STAMP_LOCAL_CHANGES)
+                stamp_local_changes(target)
                 hold_followers(pair, target, piece)
                 conflicts = sum(
                     apply_window_table(

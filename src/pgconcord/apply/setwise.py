@@ -11,6 +11,7 @@ from psycopg import errors as pg_errors
 from psycopg import sql
 
 from pgconcord import conflict, resolver
+from pgconcord.apply.draining import stamp_local_changes
 from pgconcord.apply.errors import (
     ApplyError,
     RacedWithLocalWrite,
@@ -31,8 +32,7 @@ Connection = psycopg.Connection[tuple[object, ...]]
 # versions without locking them, trusting that nobody else writes them meanwhile. So it comes
 # first in each applying transaction, before any savepoint (Puller._apply_piece,
 # steady.apply_pipelined, fallback.apply_one_by_one, parked._retry_group); later calls stamp
-# what committed since, if anything did.
-STAMP_LOCAL_CHANGES = f"SELECT pg_advisory_xact_lock({STAMP_LOCK}), pgconcord.stamp_captured(true)"
+# what committed since, if anything did (draining.stamp_local_changes).
 # Only the lock, where the rows are locked and stamped after it (lock_rows).
 TAKE_STAMP_LOCK = f"SELECT pg_advisory_xact_lock({STAMP_LOCK})"
 
@@ -72,7 +72,7 @@ def apply_table(
 ) -> int:
     """Apply the staged changes the selection picks for one table; the number of conflicts.
     Runs inside the caller's transaction, which stamped this node's own changes first
-    (STAMP_LOCAL_CHANGES). With parked_waiting, the changes of transactions
+    (draining.stamp_local_changes). With parked_waiting, the changes of transactions
     parking.hold_followers held are left out; with lock_rows, the rows here are locked before
     they are judged (RACED_LOCAL_WRITE); with locked_ahead, the caller locked them. Rows
     applied to a table with foreign keys are noted for ParentCheck.record_missing (parents.py)."""
@@ -108,7 +108,7 @@ def apply_table(
     # The caller's transaction stamped first; with the rows here locked, once more.
     if lock_rows:
         target.execute(statements.lock_rows(selection), parameters)
-        target.execute(STAMP_LOCAL_CHANGES)
+        stamp_local_changes(target)
     # DELETE, not TRUNCATE: truncating gives the temporary tables new files and costs
     # catalog work each time, too much for the small pieces of a busy steady state.
     target.execute("DELETE FROM pgconcord_decision")

@@ -12,7 +12,7 @@ from psycopg import errors as pg_errors
 from psycopg import sql
 
 from pgconcord import schema
-from pgconcord.apply import parking
+from pgconcord.apply import draining, parking
 from pgconcord.apply.errors import ApplyError
 from pgconcord.apply.pair import PairState
 from pgconcord.apply.plan import columns_of
@@ -106,6 +106,8 @@ def open_target(node: NodeConfig) -> Connection:
     )
     connection.execute(_TEMPORARY_TABLES)
     connection.commit()
+    # Any node may be moved to WAL mode while this session is open.
+    draining.applies_to(connection, node)
     return connection
 
 

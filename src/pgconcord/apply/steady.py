@@ -16,15 +16,12 @@ import psycopg
 from psycopg import sql
 
 from pgconcord import conflict
+from pgconcord.apply.draining import STAMP_LOCAL_CHANGES, flushing_when_stuck
 from pgconcord.apply.errors import RacedWithLocalWrite
 from pgconcord.apply.pair import PairState
 from pgconcord.apply.plan import TablePlan
 from pgconcord.apply.position import Position, advance, require_replica_mode
-from pgconcord.apply.setwise import (
-    STAMP_LOCAL_CHANGES,
-    TAKE_STAMP_LOCK,
-    write_winners,
-)
+from pgconcord.apply.setwise import TAKE_STAMP_LOCK, write_winners
 from pgconcord.transport import Window
 
 Connection = psycopg.Connection[tuple[object, ...]]
@@ -79,7 +76,8 @@ def apply_pipelined(
     bounds = {"after": after, "last": last_order}
     recorded: list[psycopg.Cursor[tuple[object, ...]]] = []
     raced: list[psycopg.Cursor[tuple[object, ...]]] = []
-    with target.pipeline():
+    # The stamps are in the pipeline: its sync is what waits for them.
+    with flushing_when_stuck(target), target.pipeline():
         # Every applying transaction reads the mode it runs in (position.POSITION_QUERY).
         mode = target.execute("SELECT current_setting('session_replication_role')")
         # With lock_rows, every table's rows are locked first and stamped once after.

@@ -15,7 +15,7 @@
 -- they committed (the second waited for the first's row lock), so a stamper never sees the
 -- second without the first; and every change of a transaction becomes visible at once, so a
 -- transaction is stamped whole. Every transaction that writes row_version here takes that
--- lock too, first (the apply: apply.setwise.STAMP_LOCAL_CHANGES), so a row's version is read
+-- lock too, first (the apply: apply.draining.STAMP_LOCAL_CHANGES), so a row's version is read
 -- without locking it: nobody changes it until the stamp commits.
 --
 -- Rows are taken row by row, each row's changes in capture order from its version, which is
