@@ -14,8 +14,8 @@ rotating from round to round; before each run the same tables are vacuumed and b
 checkpoint, after each run the script waits until the peer has every pgbench_history row (the
 "catch-up" time), so that one system's backlog never runs into another's measurement.
 
-With --decompose, two more databases separate the costs: `capture_only` (pgconcord capture
-installed, no agent) and `capture_no_notify` (the same minus its statement-level NOTIFY trigger).
+With --decompose, one more database separates the costs: `capture_only` (pgconcord capture
+installed, no agent: what the capture triggers cost the writers by themselves).
 
 Reported: TPS per round, median, and the ratio to bare (median of the per-round ratios);
 catch-up times; pgconcord.change_log growth and purge; the agent's CPU use and warnings.
@@ -34,8 +34,8 @@ import common
 from common import AgentProcess, progress
 
 BARE, CONCORD, LOGICAL = "bare", "pgconcord", "logical"
-# --decompose: where pgconcord's cost comes from (no agent runs for these two)
-CAPTURE, CAPTURE_NO_NOTIFY = "capture_only", "capture_no_notify"
+# --decompose: where pgconcord's cost comes from (no agent runs for it)
+CAPTURE = "capture_only"
 REPLICATED = (CONCORD, LOGICAL)
 MB = 1024 * 1024
 
@@ -83,7 +83,7 @@ def main() -> int:
     )
     systems = [BARE, CONCORD] if arguments.no_logical else [BARE, CONCORD, LOGICAL]
     if arguments.decompose:
-        systems += [CAPTURE, CAPTURE_NO_NOTIFY]
+        systems += [CAPTURE]
 
     load_at_start = common.load_note()
     source_at_start = common.source_note()
@@ -106,24 +106,10 @@ def main() -> int:
         agent = AgentProcess(config, label="overhead").start(
             ready_dsns=[a.dsn(CONCORD), b.dsn(CONCORD)]
         )
-        for system in (CAPTURE, CAPTURE_NO_NOTIFY):
-            if system in systems:
-                # Capture installed as for a cluster of A and B, but no agent ever runs.
-                common.concord_setup(
-                    common.concord_config_text([("a", a.dsn(system)), ("b", b.dsn(system))])
-                )
-        if CAPTURE_NO_NOTIFY in systems:
-            common.execute(
-                a.dsn(CAPTURE_NO_NOTIFY),
-                *[
-                    f"DROP TRIGGER pgconcord_notify ON {table}"
-                    for table in (
-                        "pgbench_accounts",
-                        "pgbench_branches",
-                        "pgbench_tellers",
-                        "pgbench_history",
-                    )
-                ],
+        if CAPTURE in systems:
+            # Capture installed as for a cluster of A and B, but no agent ever runs.
+            common.concord_setup(
+                common.concord_config_text([("a", a.dsn(CAPTURE)), ("b", b.dsn(CAPTURE))])
             )
         if LOGICAL in systems:
             progress("publication on A/logical, subscription on B/logical")
@@ -227,10 +213,7 @@ def report(
         "TPS (ratio = median over rounds of TPS / bare TPS in the same round)", headers, rows
     )
     if CAPTURE in systems:
-        print(
-            f"  {CAPTURE}: pgconcord capture installed, no agent running;"
-            f" {CAPTURE_NO_NOTIFY}: the same without its pgconcord_notify triggers"
-        )
+        print(f"  {CAPTURE}: pgconcord capture installed, no agent running")
     if catch_up:
         common.print_table(
             "peer catch-up after pgbench ended (s)",
