@@ -47,13 +47,17 @@ WATCH_IDLE_SECONDS = 0.25
 # nodes is not kept busy by its agents' looks (bench/goals.py idle).
 QUIET_AFTER_SECONDS = 30.0
 QUIET_SECONDS = 0.5
-# At most one pull per pair in this time, however busy the origin. A window's statements cost
-# the origin, the target and the agent about the same however many rows it has, and under load
-# one window follows another as soon as the last is applied: measured under pgbench on two
-# cores (bench/goals.py), windows at most every 100 ms instead of 10 halved the CPU per
-# replicated row of all three and let pgbench keep 0.49-0.54 of its throughput instead of
-# 0.41, for a lag p50 of 145-160 ms instead of 123 (p95 unchanged, about 210-240 ms: the
-# CPU the machine lacks is most of the lag).
+# Between the starts of two pulls of a pair: COALESCE_FACTOR times what the last one took,
+# within COALESCE_MIN_SECONDS and COALESCE_SECONDS. A window's statements cost the origin, the
+# target and the agent about the same however many rows it has (some 20 ms of CPU in all,
+# measured under pgbench), and under load one window would follow another as soon as the last
+# is applied. Measured under pgbench on two cores (bench/goals.py), windows at most every
+# 100 ms instead of every 10 halved the CPU per replicated row of all three and let pgbench
+# keep 0.49-0.70 of its throughput instead of 0.41, for a lag p50 of 145-177 ms instead of 123
+# (the CPU the machine lacks is most of the lag). A pull that took a few milliseconds (a
+# lightly written origin) is followed as soon as the next commit is seen.
+COALESCE_MIN_SECONDS = 0.01
+COALESCE_FACTOR = 3.0
 COALESCE_SECONDS = 0.1
 # A pair that fails waits longer after each failure, up to: the same work would fail again...
 MAX_BACKOFF_SECONDS = 30.0
@@ -472,10 +476,14 @@ class Agent:
                 if backoff:
                     pair.retry.wait(backoff)
                 else:
+                    took = time.monotonic() - pulled_at
                     pair.wake.wait(self.poll_seconds)
-                    # Let the commits of the next few milliseconds join this pull: one pull
+                    # Let the commits of the next few milliseconds join the next pull: one pull
                     # per commit would cost the origin more than the changes themselves.
-                    pair.stop.wait(max(0.0, pulled_at + COALESCE_SECONDS - time.monotonic()))
+                    spacing = min(
+                        COALESCE_SECONDS, max(COALESCE_MIN_SECONDS, COALESCE_FACTOR * took)
+                    )
+                    pair.stop.wait(max(0.0, pulled_at + spacing - time.monotonic()))
         finally:
             puller.close()
 
