@@ -31,17 +31,25 @@ Connection = psycopg.Connection[tuple[object, ...]]
 
 # The stamp of this node's own changes in an applying transaction (see apply.setwise).
 STAMP_LOCAL_CHANGES = f"SELECT pg_advisory_xact_lock({STAMP_LOCK}), pgconcord.stamp_captured(true)"
+# Only the lock, where the rows are locked and stamped after it (lock_rows).
+TAKE_STAMP_LOCK = f"SELECT pg_advisory_xact_lock({STAMP_LOCK})"
 # Past drain_wal's own wait for a flush at the end of a record (20 ms, flushed_boundary), and
 # short next to the seconds a stuck drain would wait.
 STUCK_SECONDS = 0.05
 
-# The node each applying session (stage.open_target) is connected to, for the aside.
+# The node of each applying session into a node in WAL mode, for the aside; sessions into a
+# node in trigger mode never drain, and are not watched.
 _nodes: weakref.WeakKeyDictionary[Connection, NodeConfig] = weakref.WeakKeyDictionary()
 
 
-def applies_to(target: Connection, node: NodeConfig) -> None:
-    """Note that target is an applying session on node."""
-    _nodes[target] = node
+def drains_on(target: Connection, node: NodeConfig | None) -> None:
+    """Note that the applying session target is on node, a node in WAL mode; None: a node in
+    trigger mode (stage.open_target, then each turn of a Puller, as setup may move the node
+    between the modes)."""
+    if node is None:
+        _nodes.pop(target, None)
+    else:
+        _nodes[target] = node
 
 
 def stamp_local_changes(target: Connection) -> None:

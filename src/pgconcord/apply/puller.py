@@ -15,7 +15,7 @@ from psycopg import errors as pg_errors
 from psycopg import pq
 
 from pgconcord import resolver, schema
-from pgconcord.apply.draining import stamp_local_changes
+from pgconcord.apply.draining import drains_on, stamp_local_changes
 from pgconcord.apply.errors import (
     ApplyError,
     RacedWithLocalWrite,
@@ -292,6 +292,7 @@ class Puller:
             return None
         wal = captures.fetchone()
         self._pair.wal_target = bool(wal and wal[0])
+        drains_on(target, self.target if self._pair.wal_target else None)
         return _Turn(
             position_of(position.fetchone(), self.origin.name, self.target.name),
             horizons_of(horizons.fetchall()),

@@ -22,7 +22,6 @@ from pgconcord.apply.errors import (
 )
 from pgconcord.apply.parents import ParentCheck
 from pgconcord.apply.plan import TablePlan
-from pgconcord.catalog import STAMP_LOCK
 
 Connection = psycopg.Connection[tuple[object, ...]]
 
@@ -33,8 +32,6 @@ Connection = psycopg.Connection[tuple[object, ...]]
 # first in each applying transaction, before any savepoint (Puller._apply_piece,
 # steady.apply_pipelined, fallback.apply_one_by_one, parked._retry_group); later calls stamp
 # what committed since, if anything did (draining.stamp_local_changes).
-# Only the lock, where the rows are locked and stamped after it (lock_rows).
-TAKE_STAMP_LOCK = f"SELECT pg_advisory_xact_lock({STAMP_LOCK})"
 
 # A local write that committed after the stamp and before the apply wrote its row is still
 # captured, not stamped: the apply overwrote it without judging it. The piece is applied again
@@ -42,8 +39,8 @@ TAKE_STAMP_LOCK = f"SELECT pg_advisory_xact_lock({STAMP_LOCK})"
 # are here before it stamps for the last time and judges them (TableStatements.lock_rows), so
 # that only a new row inserted meanwhile can race again.
 #
-# On a node in WAL mode this sees only what was drained: draining here, after this transaction
-# wrote WAL, would wait for that WAL to be flushed. Stamped later, such a write would carry the
+# On a node in WAL mode this sees only what was drained, and draining once more here would
+# wait again for the node's WAL to be read. Stamped later, such a write would carry the
 # versions of the columns the apply wrote with the row as it was before them, and a node that
 # got it first would keep the old values under the new versions. So a pair into a node in WAL
 # mode always locks the rows first (PairState.lock_rows): a local write either committed

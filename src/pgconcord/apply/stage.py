@@ -106,8 +106,7 @@ def open_target(node: NodeConfig) -> Connection:
     )
     connection.execute(_TEMPORARY_TABLES)
     connection.commit()
-    # Any node may be moved to WAL mode while this session is open.
-    draining.applies_to(connection, node)
+    draining.drains_on(connection, node if wal_node else None)
     return connection
 
 

@@ -16,12 +16,12 @@ import psycopg
 from psycopg import sql
 
 from pgconcord import conflict
-from pgconcord.apply.draining import STAMP_LOCAL_CHANGES, flushing_when_stuck
+from pgconcord.apply.draining import STAMP_LOCAL_CHANGES, TAKE_STAMP_LOCK, flushing_when_stuck
 from pgconcord.apply.errors import RacedWithLocalWrite
 from pgconcord.apply.pair import PairState
 from pgconcord.apply.plan import TablePlan
 from pgconcord.apply.position import Position, advance, require_replica_mode
-from pgconcord.apply.setwise import TAKE_STAMP_LOCK, write_winners
+from pgconcord.apply.setwise import write_winners
 from pgconcord.transport import Window
 
 Connection = psycopg.Connection[tuple[object, ...]]
