@@ -115,8 +115,9 @@ def poll(
 ) -> Poll:
     """Look at the origin in one round trip, or two when that one stamped captured changes,
     which only the next statement sees, or found another session stamping (an apply there),
-    whose end the second one waits for: a poll never says "nothing new" while captured
-    changes wait to be stamped (origin is an autocommit session, open_origin_session).
+    whose end the second one waits for (settled, a third then sees that stamp): a poll never
+    says "nothing new" while captured changes wait to be stamped (origin is an autocommit
+    session, open_origin_session).
     Unsettled (the agent's pairs), a first look that found changes is the window: what it
     stamped, or found being stamped, is in the next one, which that stamp's commit wakes
     them for; settled (sync, part), the window holds everything captured before the call."""
@@ -130,6 +131,13 @@ def poll(
             _POLL_QUERY, {"applied": applied_snapshot, "wait": stamped < 0}, prepare=True
         ).fetchone()
         assert row is not None
+        if stamped < 0 and settled:
+            # That look's snapshot was taken before it waited: it sees neither the stamp it
+            # waited for nor its own. This one sees both.
+            row = origin.execute(
+                _POLL_QUERY, {"applied": applied_snapshot, "wait": False}, prepare=True
+            ).fetchone()
+            assert row is not None
     return Poll(
         applied_snapshot,
         str(row[0]),
