@@ -53,6 +53,36 @@ def test_an_update_of_a_column_dropped_meanwhile_does_not_stall_the_stream(
     assert len(set(got.values())) == 1, got
 
 
+def test_an_update_pulled_in_while_another_origin_drops_its_column_is_not_parked(
+    cluster: Cluster,
+) -> None:
+    """As the agent's pair loops do: north's DROP COLUMN and south's update of that column
+    are pulled into east at the same time. The update's plan, made before the drop committed
+    there, fails; it is planned again (and waits for the drop to reach south), not parked."""
+    for name in cluster.names:
+        cluster.execute(name, "CREATE TABLE items (id int PRIMARY KEY, name text, price int)")
+        cluster.execute(name, "CREATE TABLE other (id int PRIMARY KEY)")
+    cluster.setup()
+    cluster.execute("north", "INSERT INTO items VALUES (1, 'pen', 2)")
+    cluster.sync()
+    cluster.execute("north", "ALTER TABLE items DROP COLUMN price")
+    cluster.execute("south", "UPDATE items SET price = 3, name = 'pencil' WHERE id = 1")
+    cluster.execute("south", "CREATE INDEX other_id ON other (id)")
+    pulls = [
+        threading.Thread(target=cluster.pull, args=(origin, "east"))
+        for origin in ("north", "south")
+    ]
+    for pull in pulls:
+        pull.start()
+    for pull in pulls:
+        pull.join()
+    reports = [sync(cluster.config) for _ in range(3)]
+    got = values(cluster, "SELECT * FROM items ORDER BY id")
+    assert reports[-1].ok, (reports[-1], got)
+    assert set(got.values()) == {((1, "pencil"),)}, got
+    assert cluster.admin_value("east", "SELECT count(*) FROM pgconcord.parked_change") == 0
+
+
 def test_rows_written_before_a_concurrent_add_column_get_its_default(
     cluster: Cluster,
 ) -> None:

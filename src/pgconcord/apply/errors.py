@@ -20,6 +20,12 @@ class RacedWithLocalWrite(PgconcordError):
     (like a deadlock), now seeing that write."""
 
 
+class PlansOutdated(PgconcordError):
+    """A piece could not be applied with plans made before the target's tables changed (a
+    schema change another pull applied meanwhile): the window is staged and planned again,
+    not parked."""
+
+
 class TableDropped(PgconcordError):
     """Changes for a table that was replicated here and has been dropped since: parked (a
     DROP TABLE replicated while another node still wrote to the table), never waited for."""

@@ -14,10 +14,11 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg import pq
 
-from pgconcord import resolver, schema
+from pgconcord import catalog, resolver, schema
 from pgconcord.apply.draining import drains_on, stamp_local_changes
 from pgconcord.apply.errors import (
     ApplyError,
+    PlansOutdated,
     RacedWithLocalWrite,
     TableDropped,
     TargetProblem,
@@ -128,6 +129,8 @@ class Puller:
         self._position: Position | None = None
         self._idle_advanced_at = 0.0
         self._turn_held = False  # the turn as a session lock (_hold_turn)
+        # The target's catalog fingerprint when the window's plans were made (_pull_window).
+        self._planned_fingerprint: int | None = None
         # Whether the step-by-step way may have indexed the stage since it was last emptied.
         self._stage_indexed = True
         # The last window's pipelined apply gave up: apply the next one step by step.
@@ -183,11 +186,13 @@ class Puller:
                         self.target.name,
                     )
                     continue
-                except (pg_errors.DeadlockDetected, RacedWithLocalWrite) as again:
+                except (pg_errors.DeadlockDetected, RacedWithLocalWrite, PlansOutdated) as again:
                     self._rollback()
                     self._position = None
                     if isinstance(again, RacedWithLocalWrite):
                         self._pair.raced()
+                    if isinstance(again, PlansOutdated):
+                        self._pair.plans.forget()
                     log.debug(
                         "%s -> %s: window taken again (%s)",
                         self.origin.name,
@@ -374,6 +379,7 @@ class Puller:
             plans = self._pair.plans.for_known(
                 origin, target, staged.carried, (origin_fingerprint, staged.fingerprint)
             )
+            self._planned_fingerprint = staged.fingerprint
         if polled is not None:
             origin.make_durable(polled)
         if (
@@ -483,6 +489,7 @@ class Puller:
                 self._pair.plans.forget()
                 return conflicts
             if plans is None:
+                self._planned_fingerprint = catalog.fingerprint(target)
                 plans = self._pair.plans.for_selection(self._source, target, selection)
                 target.commit()
             return self._apply_piece(
@@ -536,6 +543,12 @@ class Puller:
         except psycopg.DatabaseError as error:
             if not is_data_problem(error):
                 raise
+            # Another pull may have changed the table here since the plans were made (its
+            # schema change waited for no one): planned again, the piece may well apply.
+            now = catalog.fingerprint(target)
+            target.rollback()  # the look's own transaction: the way below begins its own
+            if now != self._planned_fingerprint:
+                raise PlansOutdated(first_line(error)) from error
         except (resolver.Parked, TableDropped):
             pass
         # Some change cannot be applied (or the user's resolver asked to park one), or the
