@@ -22,6 +22,7 @@ PUBLICATION = "pgconcord"
 # Replication origins are per server, not per database: one name space per database, and a
 # few per database, since each applying session needs one of its own.
 _ORIGINS_PER_DATABASE = 64
+_ORIGIN_LOCK_CLASS = 0x70676F72  # advisory lock class of "this session has origin number n"
 ORIGIN_FUNCTIONS = (
     "pg_replication_origin_create(text)",
     "pg_replication_origin_session_setup(text)",
@@ -269,33 +270,51 @@ def is_published(connection: Connection, identifier: sql.Identifier) -> bool:
 def mark_applying_session(connection: Connection) -> bool:
     """Give an applying session a replication origin of its own, so that what it commits is
     not drained as a local change; whether it has one. A role without the right gets none
-    (then this node must capture with triggers). Autocommit or not; leaves no transaction."""
+    (then this node must capture with triggers). Autocommit or not; leaves no transaction.
+
+    The applying sessions of a database share out the origins by a session lock on each
+    number (_ORIGIN_LOCK_CLASS): a session sets up only an origin whose lock it took, and
+    makes only one the catalog lacks. Trying them instead logged an error on the server for
+    every origin found missing or in use, several at every sync."""
     row = connection.execute(
         "SELECT has_function_privilege('pg_replication_origin_session_setup(text)', 'EXECUTE')"
         " AND has_function_privilege('pg_replication_origin_create(text)', 'EXECUTE'),"
-        " (SELECT oid FROM pg_database WHERE datname = current_database())"
+        " (SELECT oid FROM pg_database WHERE datname = current_database()),"
+        " ARRAY(SELECT roname FROM pg_replication_origin)"
     ).fetchone()
     _finish(connection)
     if not row or not row[0]:
         return False
+    existing = set(row[2])  # type: ignore[call-overload]
     for number in range(1, _ORIGINS_PER_DATABASE + 1):
         name = f"pgconcord_{row[1]}_{number}"
-        for attempt in ("set up", "create"):
-            try:
-                if attempt == "create":
-                    connection.execute("SELECT pg_replication_origin_create(%s)", (name,))
-                connection.execute("SELECT pg_replication_origin_session_setup(%s)", (name,))
-                _finish(connection)
-                return True
-            except pg_errors.UndefinedObject:
-                _abandon(connection)  # not made yet: make it
-            except (pg_errors.ObjectInUse, pg_errors.UniqueViolation):
-                _abandon(connection)  # another session's (or made by one just now)
-                break
-            except pg_errors.ConfigurationLimitExceeded:
-                _abandon(connection)
-                return False
+        taken = connection.execute(
+            "SELECT pg_try_advisory_lock(%s, %s)", (_ORIGIN_LOCK_CLASS, number)
+        ).fetchone()
+        _finish(connection)
+        if not (taken and taken[0]):
+            continue
+        try:
+            if name not in existing:
+                connection.execute("SELECT pg_replication_origin_create(%s)", (name,))
+            connection.execute("SELECT pg_replication_origin_session_setup(%s)", (name,))
+            _finish(connection)
+            return True
+        except (pg_errors.UndefinedObject, pg_errors.UniqueViolation, pg_errors.ObjectInUse):
+            # Dropped, made or set up meanwhile by someone who does not take the locks (an
+            # older agent, an operator): the next number.
+            _abandon(connection)
+        except pg_errors.ConfigurationLimitExceeded:
+            _abandon(connection)
+            _unlock_origin(connection, number)
+            return False
+        _unlock_origin(connection, number)
     return False
+
+
+def _unlock_origin(connection: Connection, number: int) -> None:
+    connection.execute("SELECT pg_advisory_unlock(%s, %s)", (_ORIGIN_LOCK_CLASS, number))
+    _finish(connection)
 
 
 def _finish(connection: Connection) -> None:
