@@ -317,3 +317,43 @@ def test_a_pair_applies_what_is_stamped_while_another_session_stamps(
         puller.close()
     cluster.sync()
     cluster.assert_identical()
+
+
+def test_a_settled_pull_applies_what_another_session_stamps_while_it_looks(
+    system_cluster: Cluster,
+) -> None:
+    """sync and part (settled) wait for a stamp in progress at the origin (an apply there,
+    the agent's watch) and apply what it stamped: a look's snapshot, taken before it waits,
+    would not see it."""
+    cluster = system_cluster
+    origin, target = cluster.names[0], cluster.names[1]
+    for name in cluster.names:
+        cluster.execute(name, "CREATE TABLE items (id int PRIMARY KEY, note text)")
+    cluster.setup()
+    config = cluster.config
+    puller = Puller(config.node_by_name(origin), config.node_by_name(target))
+    try:
+        cluster.execute(origin, "INSERT INTO items VALUES (0, 'first')")
+        puller.pull()  # the position and the plans
+        cluster.execute(origin, "INSERT INTO items VALUES (1, 'stamped meanwhile')")
+        with cluster.admin_connect(origin, autocommit=False) as stamper:
+            stamper.execute("SELECT pgconcord.stamp_captured()")  # holds the stamp lock
+            pulled = threading.Thread(target=lambda: puller.pull(until_current=True))
+            pulled.start()
+            wait_for(
+                lambda: (
+                    cluster.admin_value(
+                        origin,
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE application_name = 'pgconcord' AND wait_event = 'advisory'",
+                    )
+                    == 1
+                ),
+                message="the pull waits for the other stamper",
+            )
+            stamper.commit()
+            pulled.join(timeout=30)
+            assert not pulled.is_alive()
+        assert cluster.query(target, "SELECT id FROM items ORDER BY id") == [(0,), (1,)]
+    finally:
+        puller.close()

@@ -113,31 +113,29 @@ _POLL_QUERY = _POLL.replace("{applied}", "%(applied)s").replace("{wait}", "%(wai
 def poll(
     origin: psycopg.Connection[tuple[object, ...]], applied_snapshot: str, *, settled: bool = True
 ) -> Poll:
-    """Look at the origin in one round trip, or two when that one stamped captured changes,
-    which only the next statement sees, or found another session stamping (an apply there),
-    whose end the second one waits for (settled, a third then sees that stamp): a poll never
-    says "nothing new" while captured changes wait to be stamped (origin is an autocommit
-    session, open_origin_session).
-    Unsettled (the agent's pairs), a first look that found changes is the window: what it
-    stamped, or found being stamped, is in the next one, which that stamp's commit wakes
-    them for; settled (sync, part), the window holds everything captured before the call."""
+    """Look at the origin (an autocommit session, open_origin_session).
+    Unsettled (the agent's pairs): in one round trip, or two when that one stamped captured
+    changes, which only the next statement sees, or found another session stamping (an apply
+    there), whose end the second one waits for. A first look that found changes is the
+    window: what it stamped, or found being stamped, is in the next one, which that stamp's
+    commit wakes them for.
+    Settled (sync, part): the window holds everything captured before the call. A look's
+    snapshot is taken as it begins, so it sees neither what it stamps, nor a stamp it waits
+    for, nor one another session commits just then, nor what a streaming agent has not yet
+    written from the WAL: everything is stamped first, waiting for other stampers and the
+    stream, and the look after it sees all that (two round trips)."""
+    if settled:
+        origin.execute("SELECT pgconcord.stamp_captured(true)")
     row = origin.execute(
         _POLL_QUERY, {"applied": applied_snapshot, "wait": False}, prepare=True
     ).fetchone()
     assert row is not None
     stamped = int(str(row[5]))
-    if stamped != 0 and (settled or not row[1]):
+    if not settled and stamped != 0 and not row[1]:
         row = origin.execute(
             _POLL_QUERY, {"applied": applied_snapshot, "wait": stamped < 0}, prepare=True
         ).fetchone()
         assert row is not None
-        if stamped < 0 and settled:
-            # That look's snapshot was taken before it waited: it sees neither the stamp it
-            # waited for nor its own. This one sees both.
-            row = origin.execute(
-                _POLL_QUERY, {"applied": applied_snapshot, "wait": False}, prepare=True
-            ).fetchone()
-            assert row is not None
     return Poll(
         applied_snapshot,
         str(row[0]),
