@@ -34,9 +34,7 @@ def test_counters_under_node_priority_add_up(cluster: Cluster) -> None:
     assert set(got.values()) == {((111,),)}, got
 
 
-def test_an_update_of_a_column_dropped_meanwhile_does_not_stall_the_stream(
-    cluster: Cluster,
-) -> None:
+def drop_a_column_on_north_while_south_writes_it(cluster: Cluster) -> None:
     for name in cluster.names:
         cluster.execute(name, "CREATE TABLE items (id int PRIMARY KEY, name text, price int)")
         cluster.execute(name, "CREATE TABLE other (id int PRIMARY KEY)")
@@ -47,6 +45,12 @@ def test_an_update_of_a_column_dropped_meanwhile_does_not_stall_the_stream(
     # Concurrently south writes the column, then makes an unrelated schema change.
     cluster.execute("south", "UPDATE items SET price = 3, name = 'pencil' WHERE id = 1")
     cluster.execute("south", "CREATE INDEX other_id ON other (id)")
+
+
+def test_an_update_of_a_column_dropped_meanwhile_does_not_stall_the_stream(
+    cluster: Cluster,
+) -> None:
+    drop_a_column_on_north_while_south_writes_it(cluster)
     reports = [sync(cluster.config) for _ in range(3)]
     got = values(cluster, "SELECT * FROM items ORDER BY id")
     assert reports[-1].ok, (reports[-1], got)
@@ -59,15 +63,7 @@ def test_an_update_pulled_in_while_another_origin_drops_its_column_is_not_parked
     """As the agent's pair loops do: north's DROP COLUMN and south's update of that column
     are pulled into east at the same time. The update's plan, made before the drop committed
     there, fails; it is planned again (and waits for the drop to reach south), not parked."""
-    for name in cluster.names:
-        cluster.execute(name, "CREATE TABLE items (id int PRIMARY KEY, name text, price int)")
-        cluster.execute(name, "CREATE TABLE other (id int PRIMARY KEY)")
-    cluster.setup()
-    cluster.execute("north", "INSERT INTO items VALUES (1, 'pen', 2)")
-    cluster.sync()
-    cluster.execute("north", "ALTER TABLE items DROP COLUMN price")
-    cluster.execute("south", "UPDATE items SET price = 3, name = 'pencil' WHERE id = 1")
-    cluster.execute("south", "CREATE INDEX other_id ON other (id)")
+    drop_a_column_on_north_while_south_writes_it(cluster)
     pulls = [
         threading.Thread(target=cluster.pull, args=(origin, "east"))
         for origin in ("north", "south")
