@@ -42,7 +42,7 @@ def process_is_alive(process_id: int) -> bool:
     # Orphans are re-parented to an init that may not reap them: a zombie counts as gone.
     try:
         status = Path(f"/proc/{process_id}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone before, or while, it was read
         return False
     return status.rsplit(")", 1)[1].split()[0] != "Z"
 
